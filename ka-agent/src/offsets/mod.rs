@@ -1,0 +1,1 @@
+//! Offsets of tracepoint fields and kernel struct members, read at start-up.

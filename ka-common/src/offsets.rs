@@ -1,0 +1,254 @@
+//! Offset tables handed to the kernel programs as globals.
+//!
+//! Rust eBPF has no CO-RE relocations, so the agent resolves every field the
+//! programs read (tracepoint record fields from tracefs `format` files, kernel
+//! struct members from BTF) at start-up. A field the running kernel does not
+//! have is [`ABSENT`]; the programs test for it and degrade instead of
+//! guessing.
+
+/// Marks a field the running kernel does not have.
+pub const ABSENT: u16 = u16::MAX;
+
+/// Returns whether `offset` names a field that exists on this kernel.
+#[inline(always)]
+pub const fn present(offset: u16) -> bool {
+    offset != ABSENT
+}
+
+/// Record fields of `sock:inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetStateFields {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub protocol: u16,
+}
+
+impl SetStateFields {
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        oldstate: ABSENT,
+        newstate: ABSENT,
+        protocol: ABSENT,
+    };
+}
+
+/// Record fields of `tcp:tcp_retransmit_skb`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetransmitFields {
+    pub skaddr: u16,
+    pub skbaddr: u16,
+    /// Added in 6.17; absent before.
+    pub err: u16,
+    pub _pad: u16,
+}
+
+impl RetransmitFields {
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        skbaddr: ABSENT,
+        err: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Record fields of `tcp:tcp_send_reset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendResetFields {
+    pub skaddr: u16,
+    pub skbaddr: u16,
+    /// `enum sk_rst_reason`, 6.10+; absent before.
+    pub reason: u16,
+    /// 6.10+; absent before.
+    pub state: u16,
+}
+
+impl SendResetFields {
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        skbaddr: ABSENT,
+        reason: ABSENT,
+        state: ABSENT,
+    };
+}
+
+/// Record fields of `tcp:tcp_receive_reset` and `tcp:tcp_destroy_sock`
+/// (both use the `tcp_event_sk` class).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkRecordFields {
+    pub skaddr: u16,
+    pub _pad: [u16; 3],
+}
+
+impl SkRecordFields {
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        _pad: [0; 3],
+    };
+}
+
+/// Record fields of `sock:inet_sk_error_report` (it carries no socket pointer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorReportFields {
+    pub error: u16,
+    pub protocol: u16,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub _pad: [u16; 3],
+}
+
+impl ErrorReportFields {
+    pub const ABSENT: Self = Self {
+        error: ABSENT,
+        protocol: ABSENT,
+        family: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        saddr: ABSENT,
+        daddr: ABSENT,
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+        _pad: [0; 3],
+    };
+}
+
+/// Record fields of `timer:timer_start` and `timer:timer_expire_entry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimerFields {
+    pub timer: u16,
+    pub function: u16,
+    /// Only `timer_start` has it.
+    pub expires: u16,
+    pub _pad: u16,
+}
+
+impl TimerFields {
+    pub const ABSENT: Self = Self {
+        timer: ABSENT,
+        function: ABSENT,
+        expires: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Members of the kernel's socket structures, all relative to the
+/// `struct sock *` (`inet_connection_sock` and `tcp_sock` embed `sock` at
+/// offset 0), plus the few other structures the programs walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    // struct sock_common
+    pub skc_family: u16,
+    pub skc_state: u16,
+    pub skc_num: u16,
+    pub skc_dport: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_net: u16,
+    pub skc_cookie: u16,
+    // struct sock
+    pub sk_flags: u16,
+    pub sk_err: u16,
+    /// The keepalive `timer_list`: `sock.sk_timer` before 6.19,
+    /// `inet_connection_sock.icsk_keepalive_timer` from 6.19.
+    pub keepalive_timer: u16,
+    // struct inet_connection_sock
+    pub icsk_probes_out: u16,
+    pub icsk_retransmits: u16,
+    pub icsk_user_timeout: u16,
+    pub icsk_ack_lrcvtime: u16,
+    // struct tcp_sock
+    pub tp_keepalive_time: u16,
+    pub tp_keepalive_intvl: u16,
+    pub tp_keepalive_probes: u16,
+    pub tp_rcv_tstamp: u16,
+    pub tp_lsndtime: u16,
+    pub tp_packets_out: u16,
+    // struct net (relative to the `struct net *`)
+    pub net_ns_inum: u16,
+    pub net_keepalive_time: u16,
+    pub net_keepalive_intvl: u16,
+    pub net_keepalive_probes: u16,
+    // struct sk_buff / net_device: the netns of a reset sent without a socket
+    pub skb_dev: u16,
+    pub dev_nd_net: u16,
+    /// Bit number of `SOCK_KEEPOPEN` in `sk_flags` (`enum sock_flags`).
+    pub sock_keepopen_bit: u16,
+    pub _pad: [u16; 2],
+}
+
+impl SockOffsets {
+    pub const ABSENT: Self = Self {
+        skc_family: ABSENT,
+        skc_state: ABSENT,
+        skc_num: ABSENT,
+        skc_dport: ABSENT,
+        skc_rcv_saddr: ABSENT,
+        skc_daddr: ABSENT,
+        skc_v6_rcv_saddr: ABSENT,
+        skc_v6_daddr: ABSENT,
+        skc_net: ABSENT,
+        skc_cookie: ABSENT,
+        sk_flags: ABSENT,
+        sk_err: ABSENT,
+        keepalive_timer: ABSENT,
+        icsk_probes_out: ABSENT,
+        icsk_retransmits: ABSENT,
+        icsk_user_timeout: ABSENT,
+        icsk_ack_lrcvtime: ABSENT,
+        tp_keepalive_time: ABSENT,
+        tp_keepalive_intvl: ABSENT,
+        tp_keepalive_probes: ABSENT,
+        tp_rcv_tstamp: ABSENT,
+        tp_lsndtime: ABSENT,
+        tp_packets_out: ABSENT,
+        net_ns_inum: ABSENT,
+        net_keepalive_time: ABSENT,
+        net_keepalive_intvl: ABSENT,
+        net_keepalive_probes: ABSENT,
+        skb_dev: ABSENT,
+        dev_nd_net: ABSENT,
+        sock_keepopen_bit: ABSENT,
+        _pad: [0; 2],
+    };
+}
+
+const _: () = assert!(size_of::<SetStateFields>() == 8);
+const _: () = assert!(size_of::<RetransmitFields>() == 8);
+const _: () = assert!(size_of::<SendResetFields>() == 8);
+const _: () = assert!(size_of::<SkRecordFields>() == 8);
+const _: () = assert!(size_of::<ErrorReportFields>() == 24);
+const _: () = assert!(size_of::<TimerFields>() == 8);
+const _: () = assert!(size_of::<SockOffsets>() == 64);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, made only of `u16`s with no implicit
+    // padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::SetStateFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RetransmitFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SendResetFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SkRecordFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ErrorReportFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TimerFields {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockOffsets {}
+}

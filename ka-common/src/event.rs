@@ -235,14 +235,14 @@ pub struct RcvStateProcessEvent {
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 16);
-const _: () = assert!(size_of::<SockSnapshot>() == 112);
+const _: () = assert!(size_of::<SockSnapshot>() == 104);
 const _: () = assert!(align_of::<SockSnapshot>() == 8);
-const _: () = assert!(size_of::<StateChangeEvent>() == 136);
-const _: () = assert!(size_of::<RetransmitEvent>() == 136);
-const _: () = assert!(size_of::<SendResetEvent>() == 136);
-const _: () = assert!(size_of::<ReceiveResetEvent>() == 128);
-const _: () = assert!(size_of::<DestroySockEvent>() == 128);
+const _: () = assert!(size_of::<StateChangeEvent>() == 128);
+const _: () = assert!(size_of::<RetransmitEvent>() == 128);
+const _: () = assert!(size_of::<SendResetEvent>() == 128);
+const _: () = assert!(size_of::<ReceiveResetEvent>() == 120);
+const _: () = assert!(size_of::<DestroySockEvent>() == 120);
 const _: () = assert!(size_of::<ErrorReportEvent>() == 64);
-const _: () = assert!(size_of::<KeepaliveArmedEvent>() == 136);
-const _: () = assert!(size_of::<KeepaliveFiredEvent>() == 128);
-const _: () = assert!(size_of::<RcvStateProcessEvent>() == 128);
+const _: () = assert!(size_of::<KeepaliveArmedEvent>() == 128);
+const _: () = assert!(size_of::<KeepaliveFiredEvent>() == 120);
+const _: () = assert!(size_of::<RcvStateProcessEvent>() == 120);

@@ -1,0 +1,42 @@
+//! Reserving events in the ring buffer and counting in place.
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    maps::ring_buf::RingBufEntry,
+};
+use ka_common::{EventHeader, EventKind, Stat};
+
+use crate::{EVENTS, STATS};
+
+/// Adds one to a `STATS` slot on this CPU.
+#[inline(always)]
+pub fn count(slot: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup and
+        // is only touched by this CPU while the program runs (no preemption
+        // inside a BPF program on one CPU).
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Reserves an event of type `T` or counts it as lost.
+#[inline(always)]
+pub fn reserve<T: 'static>(kind: EventKind) -> Option<RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(Stat::lost(kind));
+    }
+    entry
+}
+
+/// The header every event starts with.
+#[inline(always)]
+pub fn header(kind: EventKind) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        // SAFETY: helper without preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: helper without preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}

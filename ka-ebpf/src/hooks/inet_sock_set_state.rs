@@ -1,0 +1,42 @@
+//! `sock:inet_sock_set_state`: every TCP state transition.
+
+use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent};
+
+use super::record;
+use crate::{emit, sock};
+
+#[unsafe(no_mangle)]
+static SET_STATE_FIELDS: Global<SetStateFields> = Global::new(SetStateFields::ABSENT);
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
+    let fields = SET_STATE_FIELDS.load();
+    if record::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+        return None;
+    }
+    let sk = record::<u64>(ctx, fields.skaddr)?;
+    let oldstate = record::<i32>(ctx, fields.oldstate)?;
+    let newstate = record::<i32>(ctx, fields.newstate)?;
+    let mut entry = emit::reserve::<StateChangeEvent>(EventKind::StateChange)?;
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring-buffer slot of the right size
+    // and alignment that only this program writes until it is submitted.
+    unsafe {
+        (*event).header = emit::header(EventKind::StateChange);
+        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        #[expect(clippy::cast_possible_truncation, reason = "TCP states are < 256")]
+        {
+            (*event).oldstate = oldstate as u8;
+            (*event).newstate = newstate as u8;
+        }
+        (*event)._pad = [0; 6];
+    }
+    entry.submit(0);
+    Some(())
+}

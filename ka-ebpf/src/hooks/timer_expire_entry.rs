@@ -1,0 +1,40 @@
+//! `timer:timer_expire_entry`, kept only for a socket's keepalive timer: the
+//! snapshot is the state `tcp_keepalive_timer` is about to act on (probe,
+//! kill, or re-arm), which the agent pairs with what follows on that CPU.
+
+use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use ka_common::{EventKind, KeepaliveFiredEvent, Stat, TimerFields};
+
+use super::record;
+use crate::{KEEPALIVE_TIMER_FN, SOCK_OFFSETS, emit, sock};
+
+#[unsafe(no_mangle)]
+static TIMER_EXPIRE_FIELDS: Global<TimerFields> = Global::new(TimerFields::ABSENT);
+
+#[tracepoint]
+pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
+    let _ = try_timer_expire_entry(&ctx);
+    0
+}
+
+fn try_timer_expire_entry(ctx: &TracePointContext) -> Option<()> {
+    let fields = TIMER_EXPIRE_FIELDS.load();
+    let function = record::<u64>(ctx, fields.function)?;
+    let keepalive_fn = KEEPALIVE_TIMER_FN.load();
+    if function != keepalive_fn || keepalive_fn == 0 {
+        return None;
+    }
+    emit::count(Stat::KeepaliveTimerHits as u32);
+    let timer = record::<u64>(ctx, fields.timer)?;
+    let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
+    let mut entry = emit::reserve::<KeepaliveFiredEvent>(EventKind::KeepaliveFired)?;
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring-buffer slot of the right size
+    // and alignment that only this program writes until it is submitted.
+    unsafe {
+        (*event).header = emit::header(EventKind::KeepaliveFired);
+        sock::snapshot(sk as *const u8, &mut (*event).sock);
+    }
+    entry.submit(0);
+    Some(())
+}

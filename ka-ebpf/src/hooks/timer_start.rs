@@ -1,0 +1,43 @@
+//! `timer:timer_start`, kept only for a socket's keepalive timer being armed.
+//!
+//! This tracepoint fires for every timer in the kernel (tens of thousands a
+//! second under churn), so the function comparison comes first and alone.
+
+use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use ka_common::{EventKind, KeepaliveArmedEvent, Stat, TimerFields};
+
+use super::record;
+use crate::{KEEPALIVE_TIMER_FN, SOCK_OFFSETS, emit, sock};
+
+#[unsafe(no_mangle)]
+static TIMER_START_FIELDS: Global<TimerFields> = Global::new(TimerFields::ABSENT);
+
+#[tracepoint]
+pub fn timer_start(ctx: TracePointContext) -> u32 {
+    let _ = try_timer_start(&ctx);
+    0
+}
+
+fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
+    let fields = TIMER_START_FIELDS.load();
+    let function = record::<u64>(ctx, fields.function)?;
+    let keepalive_fn = KEEPALIVE_TIMER_FN.load();
+    if function != keepalive_fn || keepalive_fn == 0 {
+        return None;
+    }
+    emit::count(Stat::KeepaliveTimerHits as u32);
+    let timer = record::<u64>(ctx, fields.timer)?;
+    let expires = record::<u64>(ctx, fields.expires).unwrap_or(0);
+    let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
+    let mut entry = emit::reserve::<KeepaliveArmedEvent>(EventKind::KeepaliveArmed)?;
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring-buffer slot of the right size
+    // and alignment that only this program writes until it is submitted.
+    unsafe {
+        (*event).header = emit::header(EventKind::KeepaliveArmed);
+        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        (*event).expires = expires;
+    }
+    entry.submit(0);
+    Some(())
+}

@@ -1,0 +1,51 @@
+//! ka's kernel programs: one file per hook under `hooks/`.
+//!
+//! Each program reads only what user space cannot get later, at offsets the
+//! agent resolved at start-up (`OFFSETS`-style globals, see `ka-common`),
+//! filters what the agent does not need, and reserves its event directly in
+//! the ring buffer. A failed reservation is counted in `STATS`, never dropped
+//! silently. No program panics: every fallible step returns early.
+#![no_std]
+#![no_main]
+
+mod emit;
+mod hooks;
+mod sock;
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use ka_common::{DEFAULT_RING_BYTES, STAT_SLOTS, SockOffsets};
+
+/// Every event, in the order the hooks reserved them. The agent resizes it at
+/// load time (`--ring-buffer-bytes`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Counters kept in place (`ka_common::Stat` slots): lost events per kind,
+/// failed reads, keepalive timer hits.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
+
+/// Socket structure offsets from BTF, set by the agent before load.
+#[unsafe(no_mangle)]
+static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets::ABSENT);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that
+    // could get here, and no code in this crate panics.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Address of `tcp_keepalive_timer` from /proc/kallsyms: the timer hooks keep
+/// only timers with this callback.
+#[unsafe(no_mangle)]
+static KEEPALIVE_TIMER_FN: Global<u64> = Global::new(0);

@@ -1,5 +1,17 @@
-//! ka's agent: the user-space half of the data path (see docs/architecture.md).
+//! ka's agent: the user-space half of the data path.
 //!
-//! kernel programs → [`loader`] → [`decode`] → [`conntrack`] → [`classify`] → [`export`]
+//! kernel programs → [`loader`] (with [`offsets`]) → [`decode`] → [`track`]
+//! (→ [`classify`]) → [`metrics`] / [`http`], wired by [`run`].
 
+pub mod check;
+pub mod classify;
+pub mod cli;
+pub mod decode;
+pub mod http;
+pub mod idle_timeout;
+pub mod loader;
+pub mod metrics;
+pub mod model;
 pub mod offsets;
+pub mod run;
+pub mod track;

@@ -1,1 +1,51 @@
-fn main() {}
+//! `ka-agent`: see `ka-agent --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ka_agent::cli::{Cli, Command, LogFormat};
+
+fn init_tracing(cli: &Cli) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .map_err(|e| format!("invalid --log filter {:?}: {e}", cli.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match cli.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| format!("cannot initialise logging: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(message) = init_tracing(&cli) {
+        eprintln!("ka-agent: {message}");
+        return ExitCode::from(2);
+    }
+    let code = match cli.command {
+        Command::Check(args) => ka_agent::check::check(&args),
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("ka-agent: cannot start the runtime: {error}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(ka_agent::run::run(args)) {
+                Ok(()) => 0,
+                Err(error) => {
+                    eprintln!("ka-agent: {error}");
+                    error.exit_code()
+                }
+            }
+        }
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

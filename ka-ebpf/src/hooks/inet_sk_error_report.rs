@@ -26,15 +26,19 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
     let family = record::<u16>(ctx, fields.family)?;
     let sport = record::<u16>(ctx, fields.sport)?;
     let dport = record::<u16>(ctx, fields.dport)?;
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET {
-        saddr[..4].copy_from_slice(&record::<[u8; 4]>(ctx, fields.saddr).unwrap_or([0; 4]));
-        daddr[..4].copy_from_slice(&record::<[u8; 4]>(ctx, fields.daddr).unwrap_or([0; 4]));
+    let (saddr, daddr) = if family == AF_INET {
+        let s = record::<u32>(ctx, fields.saddr).unwrap_or(0).to_ne_bytes();
+        let d = record::<u32>(ctx, fields.daddr).unwrap_or(0).to_ne_bytes();
+        (
+            [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        )
     } else {
-        saddr = record::<[u8; 16]>(ctx, fields.saddr_v6).unwrap_or([0; 16]);
-        daddr = record::<[u8; 16]>(ctx, fields.daddr_v6).unwrap_or([0; 16]);
-    }
+        (
+            record::<[u8; 16]>(ctx, fields.saddr_v6).unwrap_or([0; 16]),
+            record::<[u8; 16]>(ctx, fields.daddr_v6).unwrap_or([0; 16]),
+        )
+    };
     let mut entry = emit::reserve::<ErrorReportEvent>(EventKind::ErrorReport)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size

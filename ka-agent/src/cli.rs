@@ -1,0 +1,96 @@
+//! The command line (docs/cli.md). Every option also reads `KA_<OPTION>`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::idle_timeout::IdleTimeout;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ka-agent",
+    version,
+    about = "Finds zombie TCP connections from the kernel and exports them to Prometheus",
+    after_help = "Examples:\n  ka-agent run                                 # defaults: 127.0.0.1:9977, idle timeout aws-nlb\n  ka-agent run --idle-timeout seed-dsr --idle-timeout 5m\n  ka-agent check                               # what this kernel allows"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "KA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info`, `ka_agent=debug`).
+    #[arg(long, global = true, env = "KA_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: load the kernel programs, serve /metrics and the API
+    /// until SIGINT/SIGTERM, then detach everything.
+    #[command(after_help = "Examples:\n  ka-agent run --listen 0.0.0.0:9977\n  ka-agent run --idle-timeout aws-nlb --idle-timeout 90s\n  KA_IDLE_TIMEOUT=seed-dsr ka-agent run")]
+    Run(RunArgs),
+    /// Report, hook by hook, what this kernel and these privileges allow.
+    /// Exit 0 when the agent can run.
+    #[command(after_help = "Examples:\n  ka-agent check\n  ka-agent check --btf /path/to/vmlinux.btf")]
+    Check(KernelArgs),
+}
+
+/// Where the kernel facts come from.
+#[derive(Clone, Debug, Args)]
+pub struct KernelArgs {
+    /// BTF of the running kernel.
+    #[arg(long, env = "KA_BTF", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+    /// tracefs mount point (mounted there if missing).
+    #[arg(long, env = "KA_TRACEFS", default_value = "/sys/kernel/tracing")]
+    pub tracefs: PathBuf,
+    /// Symbol table of the running kernel.
+    #[arg(long, env = "KA_KALLSYMS", default_value = "/proc/kallsyms")]
+    pub kallsyms: PathBuf,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Address of the HTTP server (/metrics, /healthz, /readyz, /api/v1).
+    #[arg(long, env = "KA_LISTEN", default_value = "127.0.0.1:9977")]
+    pub listen: SocketAddr,
+    /// Middlebox idle timeout: a duration (90s, 5m) or a preset (aws-nlb,
+    /// aws-alb, aws-nat-gateway, azure-lb, gcp-nat, gcp-firewall, ipvs,
+    /// conntrack, kube-proxy, seed-dsr). Repeatable; comma-separated in the
+    /// environment.
+    #[arg(long = "idle-timeout", env = "KA_IDLE_TIMEOUT", value_delimiter = ',', default_value = "aws-nlb")]
+    pub idle_timeouts: Vec<IdleTimeout>,
+    /// A connection in CLOSE_WAIT longer than this is a close_wait_leak.
+    #[arg(long, env = "KA_CLOSE_WAIT_THRESHOLD", default_value = "60s", value_parser = parse_seconds)]
+    pub close_wait_threshold: u64,
+    /// Most connections tracked at once (oldest evicted, counted).
+    #[arg(long, env = "KA_MAX_CONNECTIONS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Size of the kernel→agent ring buffer in bytes (a power of two, at
+    /// least 4096).
+    #[arg(long, env = "KA_RING_BUFFER_BYTES", default_value_t = ka_common::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_buffer_bytes: u32,
+    #[command(flatten)]
+    pub kernel: KernelArgs,
+}
+
+fn parse_seconds(text: &str) -> Result<u64, String> {
+    crate::idle_timeout::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn parse_ring_bytes(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("{bytes} is not a power of two of at least 4096"));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,144 @@
+//! The HTTP server: /metrics, /healthz, /readyz, /api/v1/connections.
+//! Handlers read only atomics and the last published snapshot, so a scrape
+//! never waits for event processing, and event processing never waits for it.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+
+use crate::{metrics::Metrics, model::ZombieKind, track::Connection};
+
+/// A connection as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionView {
+    #[serde(flatten)]
+    pub connection: Connection,
+    pub idle_secs: f64,
+    pub class: &'static str,
+    pub at_risk: Vec<AtRisk>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AtRisk {
+    pub reason: &'static str,
+    pub idle_timeout: String,
+}
+
+/// What the handlers share.
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+    pub connections: RwLock<Arc<Vec<ConnectionView>>>,
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/connections", get(connections))
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+const CLASSES: [&str; 5] = ["zombie", "probing", "at_risk", "ok", "closing"];
+
+async fn connections(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let mut class = None;
+    let mut at_risk = None;
+    let mut port = None;
+    let mut limit = None;
+    for (key, value) in &params {
+        match key.as_str() {
+            "class" if CLASSES.contains(&value.as_str()) => class = Some(value.clone()),
+            "class" => {
+                return bad_request(format!(
+                    "invalid class {value:?}: expected one of {}",
+                    CLASSES.join(", ")
+                ));
+            }
+            "at_risk" => match value.as_str() {
+                "true" => at_risk = Some(true),
+                "false" => at_risk = Some(false),
+                _ => return bad_request(format!("invalid at_risk {value:?}: expected true or false")),
+            },
+            "port" => match value.parse::<u16>() {
+                Ok(p) => port = Some(p),
+                Err(_) => return bad_request(format!("invalid port {value:?}: expected 0-65535")),
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(l) => limit = Some(l),
+                Err(_) => return bad_request(format!("invalid limit {value:?}: expected a non-negative integer")),
+            },
+            other => return bad_request(format!("unknown query parameter {other:?}")),
+        }
+    }
+    let snapshot = shared
+        .connections
+        .read()
+        .map(|guard| Arc::clone(&guard))
+        .unwrap_or_default();
+    let selected: Vec<&ConnectionView> = snapshot
+        .iter()
+        .filter(|c| class.as_ref().is_none_or(|k| c.class == k.as_str()))
+        .filter(|c| at_risk.is_none_or(|want| want == !c.at_risk.is_empty()))
+        .filter(|c| port.is_none_or(|p| c.connection.local.port() == p || c.connection.remote.port() == p))
+        .take(limit.unwrap_or(usize::MAX))
+        .collect();
+    Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
+}
+
+/// The API class of a connection, worst first.
+pub fn class_of(connection: &Connection, at_risk: bool) -> &'static str {
+    use crate::model::TcpState;
+    if connection.zombie.is_some_and(|k| k == ZombieKind::CloseWaitLeak) || connection.zombie.is_some() {
+        "zombie"
+    } else if connection.keepalive.unanswered > 0 && connection.state == TcpState::Established {
+        "probing"
+    } else if at_risk {
+        "at_risk"
+    } else if connection.state == TcpState::Established {
+        "ok"
+    } else {
+        "closing"
+    }
+}

@@ -1,0 +1,342 @@
+//! Loading the kernel programs with this kernel's offsets, attaching every
+//! hook the kernel allows, and reporting hook by hook what it did not.
+
+use std::fmt;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{KProbe, TracePoint},
+};
+use ka_common::{EventKind, STAT_SLOTS, Stat};
+
+use crate::offsets::KernelLayout;
+
+/// The kernel programs, embedded at build time.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ka"));
+
+/// Where a hook attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    Kprobe {
+        function: &'static str,
+    },
+}
+
+/// A kernel hook of ka: one program in `ka-ebpf/src/hooks/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    InetSockSetState,
+    TcpRetransmitSkb,
+    TcpSendReset,
+    TcpReceiveReset,
+    TcpDestroySock,
+    InetSkErrorReport,
+    TimerStart,
+    TimerExpireEntry,
+    TcpRcvStateProcess,
+}
+
+impl Hook {
+    pub const ALL: [Self; 9] = [
+        Self::InetSockSetState,
+        Self::TcpRetransmitSkb,
+        Self::TcpSendReset,
+        Self::TcpReceiveReset,
+        Self::TcpDestroySock,
+        Self::InetSkErrorReport,
+        Self::TimerStart,
+        Self::TimerExpireEntry,
+        Self::TcpRcvStateProcess,
+    ];
+
+    /// The program's name in the object, also the `hook` label.
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::InetSockSetState => "inet_sock_set_state",
+            Self::TcpRetransmitSkb => "tcp_retransmit_skb",
+            Self::TcpSendReset => "tcp_send_reset",
+            Self::TcpReceiveReset => "tcp_receive_reset",
+            Self::TcpDestroySock => "tcp_destroy_sock",
+            Self::InetSkErrorReport => "inet_sk_error_report",
+            Self::TimerStart => "timer_start",
+            Self::TimerExpireEntry => "timer_expire_entry",
+            Self::TcpRcvStateProcess => "tcp_rcv_state_process",
+        }
+    }
+
+    pub const fn attachment(self) -> Attachment {
+        const fn tp(category: &'static str, name: &'static str) -> Attachment {
+            Attachment::Tracepoint { category, name }
+        }
+        match self {
+            Self::InetSockSetState => tp("sock", "inet_sock_set_state"),
+            Self::TcpRetransmitSkb => tp("tcp", "tcp_retransmit_skb"),
+            Self::TcpSendReset => tp("tcp", "tcp_send_reset"),
+            Self::TcpReceiveReset => tp("tcp", "tcp_receive_reset"),
+            Self::TcpDestroySock => tp("tcp", "tcp_destroy_sock"),
+            Self::InetSkErrorReport => tp("sock", "inet_sk_error_report"),
+            Self::TimerStart => tp("timer", "timer_start"),
+            Self::TimerExpireEntry => tp("timer", "timer_expire_entry"),
+            Self::TcpRcvStateProcess => Attachment::Kprobe {
+                function: "tcp_rcv_state_process",
+            },
+        }
+    }
+
+    /// What is lost without it.
+    pub const fn feature(self) -> &'static str {
+        match self {
+            Self::InetSockSetState => "connection lifecycle (required)",
+            Self::TcpRetransmitSkb => "retransmission counts",
+            Self::TcpSendReset => "resets sent and their reasons",
+            Self::TcpReceiveReset => "resets received, reset_after_idle",
+            Self::TcpDestroySock => "socket reuse cleanup",
+            Self::InetSkErrorReport => "error reports (debug log)",
+            Self::TimerStart | Self::TimerExpireEntry => "keepalive probes and keepalive deaths",
+            Self::TcpRcvStateProcess => "peer liveness while closing",
+        }
+    }
+
+    /// Without it the agent cannot do its main job.
+    pub const fn required(self) -> bool {
+        matches!(self, Self::InetSockSetState)
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.attachment() {
+            Attachment::Tracepoint { category, name } => write!(f, "{category}:{name}"),
+            Attachment::Kprobe { function } => write!(f, "kprobe:{function}"),
+        }
+    }
+}
+
+/// What happened to one hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookStatus {
+    Attached,
+    /// This kernel lacks what the hook needs (tracepoint, field, symbol).
+    Unavailable(String),
+    /// The kernel refused to load or attach it.
+    Failed(String),
+}
+
+impl HookStatus {
+    pub fn is_attached(&self) -> bool {
+        matches!(self, Self::Attached)
+    }
+}
+
+/// Why the programs could not be loaded at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the kernel programs were not built into this binary (built with AYA_BUILD_SKIP)")]
+    NotBuilt,
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the required hook {hook} is not attached: {why}")]
+    Required { hook: Hook, why: String },
+    #[error("opening map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub hooks: Vec<(Hook, HookStatus)>,
+}
+
+/// Options of the load.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub ring_buffer_bytes: u32,
+}
+
+impl Probes {
+    /// Loads the programs with `layout`'s offsets and attaches every hook
+    /// this kernel supports.
+    pub fn load(layout: &KernelLayout, options: LoadOptions) -> Result<Self, LoadError> {
+        if PROGRAMS.is_empty() {
+            return Err(LoadError::NotBuilt);
+        }
+        let keepalive_fn = layout.keepalive_timer_fn.unwrap_or(0);
+        let set_state = layout.set_state.unwrap_or(ka_common::SetStateFields::ABSENT);
+        let retransmit = layout.retransmit.unwrap_or(ka_common::RetransmitFields::ABSENT);
+        let send_reset = layout.send_reset.unwrap_or(ka_common::SendResetFields::ABSENT);
+        let receive_reset = layout.receive_reset.unwrap_or(ka_common::SkRecordFields::ABSENT);
+        let destroy_sock = layout.destroy_sock.unwrap_or(ka_common::SkRecordFields::ABSENT);
+        let error_report = layout.error_report.unwrap_or(ka_common::ErrorReportFields::ABSENT);
+        let timer_start = layout.timer_start.unwrap_or(ka_common::TimerFields::ABSENT);
+        let timer_expire = layout.timer_expire_entry.unwrap_or(ka_common::TimerFields::ABSENT);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SOCK_OFFSETS", &layout.sock, true)
+            .override_global("KEEPALIVE_TIMER_FN", &keepalive_fn, true)
+            .override_global("SET_STATE_FIELDS", &set_state, true)
+            .override_global("RETRANSMIT_FIELDS", &retransmit, true)
+            .override_global("SEND_RESET_FIELDS", &send_reset, true)
+            .override_global("RECEIVE_RESET_FIELDS", &receive_reset, true)
+            .override_global("DESTROY_SOCK_FIELDS", &destroy_sock, true)
+            .override_global("ERROR_REPORT_FIELDS", &error_report, true)
+            .override_global("TIMER_START_FIELDS", &timer_start, true)
+            .override_global("TIMER_EXPIRE_FIELDS", &timer_expire, true)
+            .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .load(PROGRAMS)?;
+        let mut hooks = Vec::new();
+        for hook in Hook::ALL {
+            let status = match unavailable_reason(layout, hook) {
+                Some(why) => HookStatus::Unavailable(why),
+                None => match attach(&mut ebpf, hook) {
+                    Ok(()) => HookStatus::Attached,
+                    Err(why) => HookStatus::Failed(why),
+                },
+            };
+            if hook.required()
+                && let HookStatus::Unavailable(why) | HookStatus::Failed(why) = &status
+            {
+                return Err(LoadError::Required {
+                    hook,
+                    why: why.clone(),
+                });
+            }
+            hooks.push((hook, status));
+        }
+        Ok(Self { ebpf, hooks })
+    }
+
+    /// The event ring buffer (taken once by the reader).
+    pub fn take_events(&mut self) -> Result<RingBuf<aya::maps::MapData>, LoadError> {
+        let map = self.ebpf.take_map("EVENTS").ok_or(LoadError::Map {
+            name: "EVENTS",
+            source: aya::maps::MapError::InvalidName {
+                name: "EVENTS".into(),
+            },
+        })?;
+        RingBuf::try_from(map).map_err(|source| LoadError::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The in-kernel counters.
+    pub fn take_stats(&mut self) -> Result<KernelStats, LoadError> {
+        let map = self.ebpf.take_map("STATS").ok_or(LoadError::Map {
+            name: "STATS",
+            source: aya::maps::MapError::InvalidName {
+                name: "STATS".into(),
+            },
+        })?;
+        let array = PerCpuArray::try_from(map).map_err(|source| LoadError::Map {
+            name: "STATS",
+            source,
+        })?;
+        Ok(KernelStats { array })
+    }
+}
+
+/// The `STATS` per-CPU array.
+pub struct KernelStats {
+    array: PerCpuArray<MapData, u64>,
+}
+
+impl KernelStats {
+    fn slot(&self, slot: u32) -> u64 {
+        self.array
+            .get(&slot, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Events lost in the kernel, all kinds.
+    pub fn lost(&self) -> u64 {
+        EventKind::ALL
+            .iter()
+            .map(|kind| self.slot(Stat::lost(*kind)))
+            .sum()
+    }
+
+    pub fn read_failures(&self) -> u64 {
+        self.slot(Stat::ReadFailures as u32)
+    }
+
+    pub fn keepalive_timer_hits(&self) -> u64 {
+        self.slot(Stat::KeepaliveTimerHits as u32)
+    }
+}
+
+const _: () = assert!(Stat::KeepaliveTimerHits as u32 <= STAT_SLOTS);
+
+/// Why this kernel cannot support `hook`, judged from the layout alone.
+fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
+    let missing = |what: &str| Some(format!("{what} not available on this kernel"));
+    match hook {
+        Hook::InetSockSetState => layout.set_state.is_none().then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
+        Hook::TcpRetransmitSkb => layout.retransmit.is_none().then(|| "tracepoint tcp:tcp_retransmit_skb missing".to_owned()),
+        Hook::TcpSendReset => layout.send_reset.is_none().then(|| "tracepoint tcp:tcp_send_reset missing".to_owned()),
+        Hook::TcpReceiveReset => layout.receive_reset.is_none().then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
+        Hook::TcpDestroySock => layout.destroy_sock.is_none().then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),
+        Hook::InetSkErrorReport => layout.error_report.is_none().then(|| "tracepoint sock:inet_sk_error_report missing (kernel < 5.14)".to_owned()),
+        Hook::TimerStart | Hook::TimerExpireEntry => {
+            if layout.keepalive_timer_fn.is_none() {
+                missing("the address of tcp_keepalive_timer (/proc/kallsyms)")
+            } else if layout.sock.keepalive_timer == ka_common::ABSENT {
+                missing("the keepalive timer's offset in struct sock (BTF)")
+            } else if hook == Hook::TimerStart && layout.timer_start.is_none() {
+                missing("tracepoint timer:timer_start")
+            } else if hook == Hook::TimerExpireEntry && layout.timer_expire_entry.is_none() {
+                missing("tracepoint timer:timer_expire_entry")
+            } else {
+                None
+            }
+        }
+        Hook::TcpRcvStateProcess => None,
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, hook: Hook) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(hook.program())
+        .ok_or_else(|| format!("program {} missing from the object", hook.program()))?;
+    match hook.attachment() {
+        Attachment::Tracepoint { category, name } => {
+            let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            program.load().map_err(|e| describe(&e))?;
+            program.attach(category, name).map_err(|e| describe(&e))?;
+        }
+        Attachment::Kprobe { function } => {
+            let program: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
+            program.load().map_err(|e| describe(&e))?;
+            program.attach(function, 0).map_err(|e| {
+                let text = describe(&e);
+                if std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists() {
+                    text
+                } else {
+                    format!("kernel has no kprobes (CONFIG_KPROBES off): {text}")
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The error with its whole cause chain on one line.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tracing::debug!(error = %text, "kernel refused a program");
+    text.lines().next().unwrap_or_default().to_owned()
+}

@@ -1,0 +1,348 @@
+//! `ka-agent run`: wires the data path together.
+//!
+//! ring buffer → decode → tracker → observations → metrics; once a second the
+//! tracker is swept (CLOSE_WAIT leaks, gauges, at-risk audit) and a snapshot
+//! is published for the API.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
+
+use crate::{
+    cli::RunArgs,
+    decode,
+    http::{self, AtRisk, ConnectionView, Shared},
+    idle_timeout::IdleTimeout,
+    loader::{LoadOptions, Probes},
+    metrics::{Metrics, values},
+    model::TcpState,
+    track::{Connection, Tracker, TrackerConfig},
+};
+
+/// Why the agent stopped with an error; `exit_code` tells the status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Preflight(#[from] crate::check::PreflightError),
+    #[error(transparent)]
+    Load(#[from] crate::loader::LoadError),
+    #[error("reading kernel events: {0}")]
+    Events(std::io::Error),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+impl RunError {
+    /// 2 for bad input (the operator can fix the command line), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Listen { .. } => 2,
+            Self::Preflight(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is the
+    // clock of bpf_ktime_get_ns, so kernel and agent times compare.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    // Bind first: a port in use must fail before anything is attached.
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let layout = crate::check::preflight(&args.kernel)?;
+    tracing::info!(
+        kernel = %layout.kernel_release,
+        hz = layout.hz,
+        reset_reasons = layout.reset_reasons.len(),
+        "kernel layout resolved from BTF and tracefs"
+    );
+    for note in &layout.notes {
+        tracing::info!(note = %note, "kernel layout");
+    }
+    let mut probes = Probes::load(
+        &layout,
+        LoadOptions {
+            ring_buffer_bytes: args.ring_buffer_bytes,
+        },
+    )?;
+    let metrics = Arc::new(Metrics::new()?);
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), layout.kernel_release.as_str()])
+        .set(1);
+    for (hook, status) in &probes.hooks {
+        metrics
+            .hook_attached
+            .with_label_values(&[hook.program()])
+            .set(i64::from(status.is_attached()));
+        match status {
+            crate::loader::HookStatus::Attached => tracing::info!(hook = %hook, "attached"),
+            crate::loader::HookStatus::Unavailable(why) | crate::loader::HookStatus::Failed(why) => {
+                tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
+            }
+        }
+    }
+    spawn_kernel_logger(&mut probes);
+    let ring = probes.take_events()?;
+    let stats = probes.take_stats()?;
+
+    let shared = Arc::new(Shared {
+        metrics: Arc::clone(&metrics),
+        ready: AtomicBool::new(false),
+        connections: RwLock::new(Arc::new(Vec::new())),
+    });
+    let server = axum::serve(listener, http::router(Arc::clone(&shared)));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut server_stop = stop_tx.subscribe();
+    let server = tokio::spawn(async move {
+        server
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.changed().await;
+            })
+            .await
+    });
+    tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/connections");
+
+    let min_idle = args.idle_timeouts.iter().map(|t| t.seconds).min().unwrap_or(350);
+    let mut tracker = Tracker::new(TrackerConfig {
+        hz: layout.hz,
+        reset_after_idle_secs: min_idle,
+        close_wait_leak_secs: args.close_wait_threshold,
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        reset_reasons: layout.reset_reasons.clone(),
+        ephemeral_ports: ephemeral_ports(),
+    });
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same
+    // for as long as the AsyncFd that owns the ring buffer lives.
+    let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut gauges = GaugeState::default();
+    let mut lost_seen = 0u64;
+    let mut evictions_seen = 0u64;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(RunError::Events)?;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(RunError::Events)?;
+                let ring = guard.get_inner_mut();
+                while let Some(record) = ring.next() {
+                    match decode::decode(&record) {
+                        Ok(event) => {
+                            metrics.events.with_label_values(&[event.kind().name()]).inc();
+                            tracker.handle(&event);
+                        }
+                        Err(error) => {
+                            metrics.decode_errors.inc();
+                            tracing::debug!(%error, "undecodable record");
+                        }
+                    }
+                }
+                for observation in tracker.drain_observations() {
+                    metrics.apply(&observation);
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let now = monotonic_ns();
+                tracker.sweep(now);
+                for observation in tracker.drain_observations() {
+                    metrics.apply(&observation);
+                }
+                let lost = stats.lost();
+                metrics.events_lost.inc_by(lost.saturating_sub(lost_seen));
+                lost_seen = lost_seen.max(lost);
+                metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
+                evictions_seen = tracker.evictions();
+                let views = publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
+                if let Ok(mut slot) = shared.connections.write() {
+                    *slot = Arc::new(views);
+                }
+                shared.ready.store(true, Ordering::Release);
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = stop_rx.changed() => break,
+        }
+    }
+    tracing::info!("stopping: detaching all programs");
+    let _ = stop_tx.send(true);
+    drop(ring);
+    drop(stats);
+    drop(probes);
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Http(e)),
+        Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+    }
+}
+
+/// Bridges aya-log records of the kernel programs into `tracing` (through
+/// the `log` facade, which tracing-subscriber captures).
+fn spawn_kernel_logger(probes: &mut Probes) {
+    match aya_log::EbpfLogger::init(&mut probes.ebpf) {
+        // SAFETY: the logger owns its ring-buffer fd for as long as the
+        // AsyncFd that owns the logger lives.
+        Ok(logger) => match unsafe { AsyncFd::register(logger) }.map_err(std::io::Error::from) {
+            Ok(mut logger) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = logger.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(error) => tracing::debug!(%error, "kernel log reader unavailable"),
+        },
+        Err(error) => tracing::debug!(%error, "no kernel-side log records in this build"),
+    }
+}
+
+/// `net.ipv4.ip_local_port_range` of the agent's namespace.
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(str::parse::<u16>);
+            Some((parts.next()?.ok()?, parts.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// Label sets set on each gauge last time, to remove the ones that vanish.
+#[derive(Default)]
+struct GaugeState {
+    connections: HashSet<Vec<String>>,
+    probing: HashSet<Vec<String>>,
+    at_risk: HashSet<Vec<String>>,
+}
+
+/// Which idle timeouts a connection is at risk of, and why.
+pub fn at_risk_of(connection: &Connection, idle_secs: f64, timeouts: &[IdleTimeout]) -> Vec<AtRisk> {
+    if connection.state != TcpState::Established {
+        return Vec::new();
+    }
+    timeouts
+        .iter()
+        .filter_map(|timeout| {
+            #[expect(clippy::cast_precision_loss, reason = "timeouts are far below 2^52 s")]
+            let limit = timeout.seconds as f64;
+            if idle_secs < limit {
+                return None;
+            }
+            let reason = if !connection.keepalive.enabled {
+                "keepalive_disabled"
+            } else if connection.keepalive.idle_secs >= limit {
+                "keepalive_slower_than_idle_timeout"
+            } else {
+                return None;
+            };
+            Some(AtRisk {
+                reason,
+                idle_timeout: timeout.name.clone(),
+            })
+        })
+        .collect()
+}
+
+fn publish(
+    tracker: &Tracker,
+    timeouts: &[IdleTimeout],
+    now: u64,
+    metrics: &Metrics,
+    gauges: &mut GaugeState,
+) -> Vec<ConnectionView> {
+    let mut by_state: HashMap<Vec<String>, i64> = HashMap::new();
+    let mut probing: HashMap<Vec<String>, i64> = HashMap::new();
+    let mut at_risk: HashMap<Vec<String>, f64> = HashMap::new();
+    let mut views = Vec::with_capacity(tracker.len());
+    for connection in tracker.connections() {
+        let labels = connection.labels();
+        *by_state
+            .entry(values(&[connection.state.name()], &labels))
+            .or_default() += 1;
+        if connection.state == TcpState::Established && connection.keepalive.unanswered > 0 {
+            *probing.entry(values(&[], &labels)).or_default() += 1;
+        }
+        let idle_secs = connection.idle_secs(now);
+        let risks = at_risk_of(connection, idle_secs, timeouts);
+        for risk in &risks {
+            *at_risk
+                .entry(values(&[risk.reason, &risk.idle_timeout], &labels))
+                .or_default() += 1.0;
+        }
+        views.push(ConnectionView {
+            class: http::class_of(connection, !risks.is_empty()),
+            connection: connection.clone(),
+            idle_secs,
+            at_risk: risks,
+        });
+    }
+    sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
+    sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
+    let keys: HashSet<Vec<String>> = at_risk.keys().cloned().collect();
+    for (key, value) in &at_risk {
+        metrics.at_risk.with_label_values(key).set(*value);
+    }
+    for gone in gauges.at_risk.difference(&keys) {
+        let _ = metrics.at_risk.remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    gauges.at_risk = keys;
+    metrics.tracked.set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
+    views.sort_by(|a, b| rank(a).cmp(&rank(b)).then(b.idle_secs.total_cmp(&a.idle_secs)));
+    views
+}
+
+fn rank(view: &ConnectionView) -> u8 {
+    match view.class {
+        "zombie" => 0,
+        "probing" => 1,
+        "at_risk" => 2,
+        "ok" => 3,
+        _ => 4,
+    }
+}
+
+fn sync_int_gauge(
+    gauge: &prometheus::IntGaugeVec,
+    values: &HashMap<Vec<String>, i64>,
+    previous: &mut HashSet<Vec<String>>,
+) {
+    let keys: HashSet<Vec<String>> = values.keys().cloned().collect();
+    for (key, value) in values {
+        gauge.with_label_values(key).set(*value);
+    }
+    for gone in previous.difference(&keys) {
+        let _ = gauge.remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    *previous = keys;
+}
+

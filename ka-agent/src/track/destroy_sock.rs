@@ -1,0 +1,12 @@
+//! Interprets `tcp:tcp_destroy_sock`: the socket is freed, so its address
+//! may be reused; forget any record still keyed by it.
+
+use ka_common::DestroySockEvent;
+
+use super::Tracker;
+
+impl Tracker {
+    pub(super) fn on_destroy_sock(&mut self, event: &DestroySockEvent) {
+        self.connections.remove(&event.sock.sk);
+    }
+}

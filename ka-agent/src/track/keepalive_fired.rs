@@ -1,0 +1,28 @@
+//! Interprets `timer:timer_expire_entry` for the keepalive timer: remembers
+//! the probe count `tcp_keepalive_timer` is about to act on. What it did is
+//! known from the next event on that CPU (re-arm after a probe, or a death).
+
+use ka_common::KeepaliveFiredEvent;
+
+use super::{PendingFire, Tracker};
+
+impl Tracker {
+    pub(super) fn on_keepalive_fired(&mut self, event: &KeepaliveFiredEvent) {
+        let Some(conn) = self.adopt(&event.sock, event.header.ktime_ns) else {
+            return;
+        };
+        let ka = &mut conn.keepalive;
+        // Every acceptable ACK resets icsk_probes_out: a streak that went
+        // back to zero was answered.
+        if ka.unanswered > 0 && event.sock.probes_out == 0 {
+            ka.probes_answered += u64::from(ka.unanswered);
+        }
+        ka.unanswered = event.sock.probes_out;
+        conn.pending_fire = Some(PendingFire {
+            cpu: event.header.cpu,
+            ktime_ns: event.header.ktime_ns,
+            probes_out: event.sock.probes_out,
+        });
+        conn.last_fire = Some((event.header.cpu, event.header.ktime_ns));
+    }
+}

@@ -1,0 +1,414 @@
+//! The connection table: one record per live TCP socket, updated by the
+//! interpreter of each hook (one file per hook here), emitting
+//! [`Observation`]s that the exporter turns into metrics.
+
+mod destroy_sock;
+mod error_report;
+mod keepalive_armed;
+mod keepalive_fired;
+mod rcv_state_process;
+mod receive_reset;
+mod retransmit;
+mod send_reset;
+mod state_change;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use ka_common::{
+    AF_INET6, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET, SNAP_INTVL_FROM_SOCKET,
+    SNAP_KEEPALIVE_ON, SockSnapshot,
+};
+use serde::Serialize;
+
+use crate::{
+    decode::Event,
+    model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
+};
+
+/// How the tracker is tuned.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// Kernel `HZ`: jiffies per second.
+    pub hz: u32,
+    /// Smallest configured middlebox idle timeout (seconds): the silence
+    /// after which an RST counts as `reset_after_idle`.
+    pub reset_after_idle_secs: u64,
+    /// CLOSE_WAIT older than this is a `close_wait_leak`.
+    pub close_wait_leak_secs: u64,
+    /// Most connections tracked at once; the oldest-touched are evicted.
+    pub max_connections: usize,
+    /// `enum sk_rst_reason` value → name, empty before 6.10.
+    pub reset_reasons: BTreeMap<u32, String>,
+    /// `net.ipv4.ip_local_port_range`: tells the direction of connections
+    /// first seen already established.
+    pub ephemeral_ports: (u16, u16),
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            hz: 250,
+            reset_after_idle_secs: 350,
+            close_wait_leak_secs: 60,
+            max_connections: 262_144,
+            reset_reasons: BTreeMap::new(),
+            ephemeral_ports: (32768, 60999),
+        }
+    }
+}
+
+/// Aggregation labels of a connection (never the ephemeral port).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Labels {
+    pub netns: u32,
+    pub direction: Direction,
+    /// Service port: local for inbound, remote for outbound.
+    pub port: u16,
+    pub comm: String,
+}
+
+/// Something the exporter counts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observation {
+    Opened(Labels),
+    Closed {
+        labels: Labels,
+        cause: CloseCause,
+        /// Idle time before a normal close, and who closed first.
+        idle_before_close: Option<(Closer, f64)>,
+    },
+    ProbeSent(Labels),
+    Retransmit(Labels),
+    ResetReceived(Labels),
+    ResetSent {
+        /// `None` for a reset answering a packet that had no socket.
+        labels: Option<Labels>,
+        netns: u32,
+        reason: String,
+    },
+    Zombie {
+        labels: Labels,
+        kind: ZombieKind,
+    },
+}
+
+/// Keepalive configuration and activity of one connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Keepalive {
+    pub enabled: bool,
+    /// Effective idle time before the first probe (seconds).
+    pub idle_secs: f64,
+    pub interval_secs: f64,
+    pub probes: u8,
+    /// Which of the three come from the socket (`TCP_KEEP*`), not the sysctl.
+    pub idle_from_socket: bool,
+    pub interval_from_socket: bool,
+    pub probes_from_socket: bool,
+    pub user_timeout_ms: u32,
+    /// Unanswered probes right now (`icsk_probes_out`).
+    pub unanswered: u8,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+    /// Seconds until the keepalive timer fires, at the last time it was armed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub armed_in_secs: Option<f64>,
+}
+
+/// A keepalive timer expiry whose outcome is not known yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PendingFire {
+    cpu: u32,
+    ktime_ns: u64,
+    probes_out: u8,
+}
+
+/// One tracked connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct Connection {
+    #[serde(skip)]
+    pub sk: u64,
+    pub cookie: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub state: TcpState,
+    pub comm: String,
+    /// Was it seen reaching ESTABLISHED (or found established)?
+    #[serde(skip)]
+    pub was_established: bool,
+    /// CLOCK_MONOTONIC ns of the last state change (0: before we started).
+    #[serde(skip)]
+    pub state_since_ns: u64,
+    /// CLOCK_MONOTONIC ns of the last event for it.
+    #[serde(skip)]
+    pub last_event_ns: u64,
+    /// Idle seconds as of the last event (min of data received / ACK
+    /// received / data sent).
+    #[serde(skip)]
+    pub idle_at_event_secs: f64,
+    pub keepalive: Keepalive,
+    pub retransmits: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zombie: Option<ZombieKind>,
+    #[serde(skip)]
+    closer: Option<(Closer, f64)>,
+    #[serde(skip)]
+    reset_received: bool,
+    #[serde(skip)]
+    reset_sent: Option<u32>,
+    #[serde(skip)]
+    pending_fire: Option<PendingFire>,
+    #[serde(skip)]
+    last_fire: Option<(u32, u64)>,
+    #[serde(skip)]
+    close_wait_counted: bool,
+}
+
+impl Connection {
+    pub fn labels(&self) -> Labels {
+        let port = match self.direction {
+            Direction::Inbound => self.local.port(),
+            Direction::Outbound => self.remote.port(),
+        };
+        Labels {
+            netns: self.netns,
+            direction: self.direction,
+            port,
+            comm: self.comm.clone(),
+        }
+    }
+
+    /// Idle seconds now, extrapolated from the last event.
+    pub fn idle_secs(&self, now_ns: u64) -> f64 {
+        self.idle_at_event_secs + ns_to_secs(now_ns.saturating_sub(self.last_event_ns))
+    }
+}
+
+#[expect(clippy::cast_precision_loss, reason = "durations far below 2^52 ns")]
+fn ns_to_secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// The connection table.
+pub struct Tracker {
+    config: TrackerConfig,
+    connections: HashMap<u64, Connection>,
+    observations: Vec<Observation>,
+    evictions: u64,
+}
+
+impl Tracker {
+    pub fn new(config: TrackerConfig) -> Self {
+        Self {
+            config,
+            connections: HashMap::new(),
+            observations: Vec::new(),
+            evictions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &TrackerConfig {
+        &self.config
+    }
+
+    /// Interprets one event.
+    pub fn handle(&mut self, event: &Event) {
+        match event {
+            Event::StateChange(e) => self.on_state_change(e),
+            Event::Retransmit(e) => self.on_retransmit(e),
+            Event::SendReset(e) => self.on_send_reset(e),
+            Event::ReceiveReset(e) => self.on_receive_reset(e),
+            Event::DestroySock(e) => self.on_destroy_sock(e),
+            Event::ErrorReport(e) => self.on_error_report(e),
+            Event::KeepaliveArmed(e) => self.on_keepalive_armed(e),
+            Event::KeepaliveFired(e) => self.on_keepalive_fired(e),
+            Event::RcvStateProcess(e) => self.on_rcv_state_process(e),
+        }
+    }
+
+    /// Takes what happened since the last call.
+    pub fn drain_observations(&mut self) -> Vec<Observation> {
+        std::mem::take(&mut self.observations)
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.connections.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// Connections dropped because the table was full.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Periodic work: CLOSE_WAIT leaks.
+    pub fn sweep(&mut self, now_ns: u64) {
+        let threshold_ns = self.config.close_wait_leak_secs.saturating_mul(1_000_000_000);
+        for conn in self.connections.values_mut() {
+            if conn.state == TcpState::CloseWait
+                && !conn.close_wait_counted
+                && conn.state_since_ns != 0
+                && now_ns.saturating_sub(conn.state_since_ns) >= threshold_ns
+            {
+                conn.close_wait_counted = true;
+                conn.zombie = Some(ZombieKind::CloseWaitLeak);
+                let labels = conn.labels();
+                tracing::warn!(
+                    kind = ZombieKind::CloseWaitLeak.name(),
+                    local = %conn.local,
+                    remote = %conn.remote,
+                    netns = conn.netns,
+                    comm = %conn.comm,
+                    close_wait_secs = ns_to_secs(now_ns.saturating_sub(conn.state_since_ns)),
+                    "zombie: the peer closed, the local application never did"
+                );
+                self.observations.push(Observation::Zombie {
+                    labels,
+                    kind: ZombieKind::CloseWaitLeak,
+                });
+            }
+        }
+    }
+
+    /// The record for a socket, created from the snapshot when the socket
+    /// was not known (it existed before the agent started). `None` for
+    /// sockets that are not connections (listeners, closed, time-wait).
+    fn adopt(&mut self, snap: &SockSnapshot, ktime_ns: u64) -> Option<&mut Connection> {
+        if !self.connections.contains_key(&snap.sk) {
+            let state = TcpState::from_raw(snap.state);
+            if matches!(
+                state,
+                TcpState::Listen
+                    | TcpState::Close
+                    | TcpState::TimeWait
+                    | TcpState::NewSynRecv
+                    | TcpState::Unknown
+            ) {
+                return None;
+            }
+            let direction = self.guess_direction(snap);
+            let mut conn = self.new_connection(snap, direction, ktime_ns);
+            conn.state_since_ns = 0;
+            conn.was_established = !matches!(state, TcpState::SynSent | TcpState::SynRecv);
+            self.insert(conn);
+        }
+        let hz = self.config.hz;
+        let conn = self.connections.get_mut(&snap.sk)?;
+        refresh(conn, snap, ktime_ns, hz);
+        Some(conn)
+    }
+
+    fn insert(&mut self, conn: Connection) {
+        if self.connections.len() >= self.config.max_connections
+            && !self.connections.contains_key(&conn.sk)
+        {
+            // Evict the least recently touched record: O(n), but only when
+            // full, which the exporter reports as an overload.
+            if let Some(oldest) = self
+                .connections
+                .values()
+                .min_by_key(|c| c.last_event_ns)
+                .map(|c| c.sk)
+            {
+                self.connections.remove(&oldest);
+                self.evictions += 1;
+            }
+        }
+        self.connections.insert(conn.sk, conn);
+    }
+
+    fn new_connection(&self, snap: &SockSnapshot, direction: Direction, ktime_ns: u64) -> Connection {
+        let mut conn = Connection {
+            sk: snap.sk,
+            cookie: snap.cookie,
+            netns: snap.netns,
+            local: socket_addr(snap.family, snap.saddr, snap.sport),
+            remote: socket_addr(snap.family, snap.daddr, snap.dport),
+            direction,
+            state: TcpState::from_raw(snap.state),
+            comm: String::new(),
+            was_established: false,
+            state_since_ns: ktime_ns,
+            last_event_ns: ktime_ns,
+            idle_at_event_secs: 0.0,
+            keepalive: Keepalive::default(),
+            retransmits: 0,
+            zombie: None,
+            closer: None,
+            reset_received: false,
+            reset_sent: None,
+            pending_fire: None,
+            last_fire: None,
+            close_wait_counted: false,
+        };
+        refresh(&mut conn, snap, ktime_ns, self.config.hz);
+        conn
+    }
+
+    fn guess_direction(&self, snap: &SockSnapshot) -> Direction {
+        let (low, high) = self.config.ephemeral_ports;
+        let ephemeral = |port: u16| (low..=high).contains(&port);
+        match (ephemeral(snap.sport), ephemeral(snap.dport)) {
+            (true, false) => Direction::Outbound,
+            (false, true) => Direction::Inbound,
+            _ if snap.sport < snap.dport => Direction::Inbound,
+            _ => Direction::Outbound,
+        }
+    }
+
+    fn reset_reason_name(&self, reason: u32) -> String {
+        if reason == ka_common::RESET_REASON_UNKNOWN {
+            return "unknown".to_owned();
+        }
+        self.config
+            .reset_reasons
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{reason}"))
+    }
+}
+
+/// Updates what the socket itself says: keepalive settings, probes, idle.
+fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) {
+    let hz = f64::from(hz.max(1));
+    conn.last_event_ns = ktime_ns;
+    if snap.cookie != 0 {
+        conn.cookie = snap.cookie;
+    }
+    let ka = &mut conn.keepalive;
+    ka.enabled = snap.flags & SNAP_KEEPALIVE_ON != 0;
+    ka.idle_secs = f64::from(snap.keepalive_time) / hz;
+    ka.interval_secs = f64::from(snap.keepalive_intvl) / hz;
+    ka.probes = snap.keepalive_probes;
+    ka.idle_from_socket = snap.flags & SNAP_IDLE_FROM_SOCKET != 0;
+    ka.interval_from_socket = snap.flags & SNAP_INTVL_FROM_SOCKET != 0;
+    ka.probes_from_socket = snap.flags & SNAP_CNT_FROM_SOCKET != 0;
+    ka.user_timeout_ms = snap.user_timeout_ms;
+    #[expect(clippy::cast_possible_truncation, reason = "jiffies64 low bits")]
+    let now = snap.jiffies as u32;
+    let since = |t: u32| now.wrapping_sub(t);
+    let idle = since(snap.lrcvtime)
+        .min(since(snap.rcv_tstamp))
+        .min(since(snap.lsndtime));
+    conn.idle_at_event_secs = f64::from(idle) / hz;
+}
+
+fn socket_addr(family: u16, addr: [u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    };
+    SocketAddr::new(ip, port)
+}

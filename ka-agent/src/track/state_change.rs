@@ -1,0 +1,131 @@
+//! Interprets `sock:inet_sock_set_state`.
+
+use ka_common::StateChangeEvent;
+
+use super::{Connection, Observation, Tracker};
+use crate::{
+    classify::{self, DeathEvidence},
+    model::{Closer, Direction, TcpState},
+};
+
+/// A death inside the keepalive timer follows its expiry on the same CPU
+/// within the same softirq: microseconds. The bound only has to exclude the
+/// next expiry, which is at least a jiffy away.
+const SAME_TIMER_CALLBACK_NS: u64 = 2_000_000;
+
+impl Tracker {
+    pub(super) fn on_state_change(&mut self, event: &StateChangeEvent) {
+        let snap = &event.sock;
+        let ktime = event.header.ktime_ns;
+        let old = TcpState::from_raw(event.oldstate);
+        let new = TcpState::from_raw(event.newstate);
+        match new {
+            TcpState::Listen => return,
+            TcpState::SynSent | TcpState::SynRecv => {
+                // A new connection, possibly on a reused socket address.
+                let direction = if new == TcpState::SynSent {
+                    Direction::Outbound
+                } else {
+                    Direction::Inbound
+                };
+                let conn = self.new_connection(snap, direction, ktime);
+                self.connections.remove(&snap.sk);
+                self.insert(conn);
+            }
+            _ => {}
+        }
+        if old == TcpState::Listen && new == TcpState::Close {
+            return;
+        }
+        let hz = self.config.hz;
+        let Some(conn) = self.adopt(snap, ktime) else {
+            return;
+        };
+        conn.state = new;
+        conn.state_since_ns = ktime;
+        match (old, new) {
+            (TcpState::SynSent | TcpState::SynRecv, TcpState::Established) => {
+                conn.was_established = true;
+                let labels = conn.labels();
+                self.observations.push(Observation::Opened(labels));
+            }
+            (TcpState::Established, TcpState::FinWait1 | TcpState::CloseWait) => {
+                let closer = if new == TcpState::FinWait1 {
+                    Closer::Local
+                } else {
+                    Closer::Peer
+                };
+                conn.closer = Some((closer, idle_before_close(snap, hz)));
+            }
+            (_, TcpState::Close) => {
+                let conn = conn.clone();
+                self.connections.remove(&snap.sk);
+                self.finish(&conn, old, event);
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, conn: &Connection, old: TcpState, event: &StateChangeEvent) {
+        let snap = &event.sock;
+        let in_keepalive_timer = conn.last_fire.is_some_and(|(cpu, ktime)| {
+            cpu == event.header.cpu
+                && event.header.ktime_ns.saturating_sub(ktime) <= SAME_TIMER_CALLBACK_NS
+        });
+        let reset_reason_keepalive = conn
+            .reset_sent
+            .is_some_and(|reason| self.reset_reason_name(reason) == "tcp_keepalive_timeout");
+        let evidence = DeathEvidence {
+            old_state: Some(old),
+            sk_err: snap.sk_err,
+            retransmits: snap.retransmits,
+            probes_out: snap.probes_out,
+            reset_received: conn.reset_received,
+            reset_sent: conn.reset_sent.is_some(),
+            reset_reason_keepalive,
+            in_keepalive_timer,
+            closer: conn.closer.map(|(closer, _)| closer),
+        };
+        let cause = classify::close_cause(&evidence);
+        let labels = conn.labels();
+        let idle_before_close = match cause {
+            crate::model::CloseCause::Normal => conn.closer,
+            _ => None,
+        };
+        if let Some(kind) = classify::zombie_of_death(cause, conn.was_established) {
+            tracing::warn!(
+                kind = kind.name(),
+                cause = cause.name(),
+                local = %conn.local,
+                remote = %conn.remote,
+                netns = conn.netns,
+                comm = %conn.comm,
+                sk_err = snap.sk_err,
+                probes_unanswered = snap.probes_out,
+                retransmits = snap.retransmits,
+                keepalive_probes_sent = conn.keepalive.probes_sent,
+                "zombie: the peer is gone"
+            );
+            self.observations.push(Observation::Zombie {
+                labels: labels.clone(),
+                kind,
+            });
+        }
+        tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
+        self.observations.push(Observation::Closed {
+            labels,
+            cause,
+            idle_before_close,
+        });
+    }
+}
+
+/// Idle seconds at the first FIN: since the last data in either direction.
+fn idle_before_close(snap: &ka_common::SockSnapshot, hz: u32) -> f64 {
+    #[expect(clippy::cast_possible_truncation, reason = "jiffies64 low bits")]
+    let now = snap.jiffies as u32;
+    let idle = now
+        .wrapping_sub(snap.lrcvtime)
+        .min(now.wrapping_sub(snap.lsndtime));
+    f64::from(idle) / f64::from(hz.max(1))
+}

@@ -1,0 +1,236 @@
+//! Shared by the integration tests: a real `ka-agent run` process and a
+//! reader for its /metrics.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant},
+};
+
+/// A running agent; stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    stderr_path: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.fetch_add(1, Ordering::Relaxed);
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Agent {
+    /// Starts `ka-agent run` with `args` and waits until /readyz says ready.
+    pub fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let stderr_path = std::env::temp_dir().join(format!("ka-agent-test-{}-{port}.log", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+            .arg("run")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(args)
+            .env("KA_LOG", "info,ka_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn ka-agent");
+        let mut agent = Self {
+            child: Some(child),
+            addr,
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ka-agent exited early with {status}:\n{}", agent.log());
+            }
+            if http_get(addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return agent;
+            }
+            assert!(Instant::now() < deadline, "ka-agent not ready in 30 s:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (code, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path).expect("GET")
+    }
+
+    /// Waits (bounded) until `predicate` holds for the metrics; returns them.
+    pub fn wait_metrics(&self, timeout: Duration, what: &str, predicate: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let metrics = self.metrics();
+            if predicate(&metrics) {
+                return metrics;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- metrics ---\n{}\n--- log ---\n{}",
+                metrics.text,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, wait; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(i32::try_from(child.id()).ok()?, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the agent's server; no client crate needed).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // The server may use chunked encoding.
+    let body = if response.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Parsed Prometheus text exposition.
+pub struct Metrics {
+    pub text: String,
+    samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = value.parse().unwrap_or(f64::NAN);
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let rest = rest.trim_end_matches('}');
+                    let labels = rest
+                        .split("\",")
+                        .filter(|kv| !kv.is_empty())
+                        .filter_map(|kv| {
+                            let (k, v) = kv.split_once('=')?;
+                            Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+                None => (series.to_owned(), Vec::new()),
+            };
+            samples.push((name, labels, value));
+        }
+        Self {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    /// Sum of `name` over the series whose labels include all of `filter`.
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, ..)| n == name)
+    }
+}
+
+/// True when the test may run (root); a loud skip otherwise, a failure in CI.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: needs root, and CI=true forbids skipping"
+    );
+    eprintln!("SKIPPED (not root): {test}");
+    false
+}

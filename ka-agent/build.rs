@@ -15,8 +15,11 @@ fn main() -> anyhow::Result<()> {
     // The sub-build runs under the same rustup toolchain as this build; the
     // BPF target is tier 3, so it needs `-Z build-std=core`, which stable
     // rustc allows only with RUSTC_BOOTSTRAP (set for that sub-build only).
-    let toolchain: &'static str =
-        Box::leak(env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into()).into_boxed_str());
+    let toolchain: &'static str = Box::leak(
+        env::var("RUSTUP_TOOLCHAIN")
+            .unwrap_or_else(|_| "stable".into())
+            .into_boxed_str(),
+    );
     // SAFETY: build scripts are single-threaded; nothing else reads the
     // environment concurrently.
     unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };

@@ -70,7 +70,6 @@ pub fn preflight(args: &KernelArgs) -> Result<KernelLayout, PreflightError> {
         tracefs,
         btf: args.btf.clone(),
         kallsyms: args.kallsyms.clone(),
-        ..LayoutSources::default()
     };
     Ok(KernelLayout::discover(&sources)?)
 }
@@ -95,7 +94,11 @@ pub fn check(args: &KernelArgs) -> i32 {
         out,
         "BTF         {} ({})",
         args.btf.display(),
-        if args.btf.exists() { "present" } else { "MISSING" }
+        if args.btf.exists() {
+            "present"
+        } else {
+            "MISSING"
+        }
     );
     let layout = match preflight(args) {
         Ok(layout) => layout,
@@ -110,9 +113,13 @@ pub fn check(args: &KernelArgs) -> i32 {
     let _ = writeln!(
         out,
         "keepalive timer  {}",
-        layout
-            .keepalive_timer_fn
-            .map_or_else(|| "tcp_keepalive_timer NOT found in kallsyms".to_owned(), |a| format!("tcp_keepalive_timer at {a:#x}, timer at sock+{:#x}", layout.sock.keepalive_timer))
+        layout.keepalive_timer_fn.map_or_else(
+            || "tcp_keepalive_timer NOT found in kallsyms".to_owned(),
+            |a| format!(
+                "tcp_keepalive_timer at {a:#x}, timer at sock+{:#x}",
+                layout.sock.keepalive_timer
+            )
+        )
     );
     let _ = writeln!(
         out,
@@ -120,21 +127,34 @@ pub fn check(args: &KernelArgs) -> i32 {
         if layout.reset_reasons.is_empty() {
             "absent (kernel < 6.10: resets_sent reason=unknown; keepalive deaths from timer evidence)".to_owned()
         } else {
-            format!("present ({} reasons from BTF enum sk_rst_reason)", layout.reset_reasons.len())
+            format!(
+                "present ({} reasons from BTF enum sk_rst_reason)",
+                layout.reset_reasons.len()
+            )
         }
     );
     for note in &layout.notes {
         let _ = writeln!(out, "note        {note}");
     }
-    let probes = Probes::load(&layout, LoadOptions { ring_buffer_bytes: 64 * 1024 });
-    let _ = writeln!(out, "\n{:<34} {:<11} {}", "HOOK", "STATUS", "DETAIL");
+    let probes = Probes::load(
+        &layout,
+        LoadOptions {
+            ring_buffer_bytes: 64 * 1024,
+        },
+    );
+    let _ = writeln!(out, "\n{:<34} {:<11} DETAIL", "HOOK", "STATUS");
     let code = match &probes {
         Ok(probes) => {
             for (hook, status) in &probes.hooks {
                 let (word, detail) = match status {
                     HookStatus::Attached => ("attached", hook.feature().to_owned()),
-                    HookStatus::Unavailable(why) => ("unavailable", format!("{why}; degrades: {}", hook.feature())),
-                    HookStatus::Failed(why) => ("failed", format!("{why}; degrades: {}", hook.feature())),
+                    HookStatus::Unavailable(why) => (
+                        "unavailable",
+                        format!("{why}; degrades: {}", hook.feature()),
+                    ),
+                    HookStatus::Failed(why) => {
+                        ("failed", format!("{why}; degrades: {}", hook.feature()))
+                    }
                 };
                 let _ = writeln!(out, "{:<34} {:<11} {}", hook.to_string(), word, detail);
             }

@@ -10,6 +10,10 @@ const ECONNREFUSED: i32 = 111;
 
 /// What was known about a connection at the moment it reached CLOSE.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent pieces of kernel evidence"
+)]
 pub struct DeathEvidence {
     /// State it left for CLOSE.
     pub old_state: Option<TcpState>,
@@ -191,6 +195,6 @@ mod tests {
     fn silence_handles_wraparound() {
         assert_eq!(silence_before_last_send(1000, 500, 400), Some(500));
         assert_eq!(silence_before_last_send(400, 500, 400), None);
-        assert_eq!(silence_before_last_send(10, u32::MAX - 9, 0), Some(20));
+        assert_eq!(silence_before_last_send(10, u32::MAX - 9, u32::MAX - 20), Some(20));
     }
 }

@@ -17,7 +17,7 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "KA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Log filter (tracing's EnvFilter syntax, e.g. `info`, `ka_agent=debug`).
+    /// Log filter (tracing's `EnvFilter` syntax, e.g. `info`, `ka_agent=debug`).
     #[arg(long, global = true, env = "KA_LOG", default_value = "info")]
     pub log: String,
     #[command(subcommand)]
@@ -34,11 +34,15 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the agent: load the kernel programs, serve /metrics and the API
     /// until SIGINT/SIGTERM, then detach everything.
-    #[command(after_help = "Examples:\n  ka-agent run --listen 0.0.0.0:9977\n  ka-agent run --idle-timeout aws-nlb --idle-timeout 90s\n  KA_IDLE_TIMEOUT=seed-dsr ka-agent run")]
+    #[command(
+        after_help = "Examples:\n  ka-agent run --listen 0.0.0.0:9977\n  ka-agent run --idle-timeout aws-nlb --idle-timeout 90s\n  KA_IDLE_TIMEOUT=seed-dsr ka-agent run"
+    )]
     Run(RunArgs),
     /// Report, hook by hook, what this kernel and these privileges allow.
     /// Exit 0 when the agent can run.
-    #[command(after_help = "Examples:\n  ka-agent check\n  ka-agent check --btf /path/to/vmlinux.btf")]
+    #[command(
+        after_help = "Examples:\n  ka-agent check\n  ka-agent check --btf /path/to/vmlinux.btf"
+    )]
     Check(KernelArgs),
 }
 
@@ -65,9 +69,14 @@ pub struct RunArgs {
     /// aws-alb, aws-nat-gateway, azure-lb, gcp-nat, gcp-firewall, ipvs,
     /// conntrack, kube-proxy, seed-dsr). Repeatable; comma-separated in the
     /// environment.
-    #[arg(long = "idle-timeout", env = "KA_IDLE_TIMEOUT", value_delimiter = ',', default_value = "aws-nlb")]
+    #[arg(
+        long = "idle-timeout",
+        env = "KA_IDLE_TIMEOUT",
+        value_delimiter = ',',
+        default_value = "aws-nlb"
+    )]
     pub idle_timeouts: Vec<IdleTimeout>,
-    /// A connection in CLOSE_WAIT longer than this is a close_wait_leak.
+    /// A connection in `CLOSE_WAIT` longer than this is a `close_wait_leak`.
     #[arg(long, env = "KA_CLOSE_WAIT_THRESHOLD", default_value = "60s", value_parser = parse_seconds)]
     pub close_wait_threshold: u64,
     /// Most connections tracked at once (oldest evicted, counted).

@@ -2,8 +2,8 @@
 
 use ka_common::{
     DestroySockEvent, ErrorReportEvent, EventHeader, EventKind, KeepaliveArmedEvent,
-    KeepaliveFiredEvent, RcvStateProcessEvent, ReceiveResetEvent, RetransmitEvent,
-    SendResetEvent, StateChangeEvent,
+    KeepaliveFiredEvent, RcvStateProcessEvent, ReceiveResetEvent, RetransmitEvent, SendResetEvent,
+    StateChangeEvent,
 };
 
 /// One decoded kernel event.
@@ -109,7 +109,10 @@ mod tests {
         let bytes = encode(&event);
         assert_eq!(decode(&bytes), Ok(Event::StateChange(event)));
         assert_eq!(decode(&bytes[..4]), Err(DecodeError::Short(4)));
-        assert!(matches!(decode(&bytes[..40]), Err(DecodeError::Size { .. })));
+        assert!(matches!(
+            decode(&bytes[..40]),
+            Err(DecodeError::Size { .. })
+        ));
         let mut bad = bytes;
         bad[0] = 99;
         assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(99)));

@@ -55,7 +55,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         shared.metrics.render(),
     )
         .into_response()
@@ -69,7 +72,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-fn bad_request(message: String) -> Response {
+fn bad_request(message: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         Json(serde_json::json!({ "error": message })),
@@ -91,7 +94,7 @@ async fn connections(
         match key.as_str() {
             "class" if CLASSES.contains(&value.as_str()) => class = Some(value.clone()),
             "class" => {
-                return bad_request(format!(
+                return bad_request(&format!(
                     "invalid class {value:?}: expected one of {}",
                     CLASSES.join(", ")
                 ));
@@ -99,17 +102,25 @@ async fn connections(
             "at_risk" => match value.as_str() {
                 "true" => at_risk = Some(true),
                 "false" => at_risk = Some(false),
-                _ => return bad_request(format!("invalid at_risk {value:?}: expected true or false")),
+                _ => {
+                    return bad_request(&format!(
+                        "invalid at_risk {value:?}: expected true or false"
+                    ));
+                }
             },
             "port" => match value.parse::<u16>() {
                 Ok(p) => port = Some(p),
-                Err(_) => return bad_request(format!("invalid port {value:?}: expected 0-65535")),
+                Err(_) => return bad_request(&format!("invalid port {value:?}: expected 0-65535")),
             },
             "limit" => match value.parse::<usize>() {
                 Ok(l) => limit = Some(l),
-                Err(_) => return bad_request(format!("invalid limit {value:?}: expected a non-negative integer")),
+                Err(_) => {
+                    return bad_request(&format!(
+                        "invalid limit {value:?}: expected a non-negative integer"
+                    ));
+                }
             },
-            other => return bad_request(format!("unknown query parameter {other:?}")),
+            other => return bad_request(&format!("unknown query parameter {other:?}")),
         }
     }
     let snapshot = shared
@@ -120,8 +131,10 @@ async fn connections(
     let selected: Vec<&ConnectionView> = snapshot
         .iter()
         .filter(|c| class.as_ref().is_none_or(|k| c.class == k.as_str()))
-        .filter(|c| at_risk.is_none_or(|want| want == !c.at_risk.is_empty()))
-        .filter(|c| port.is_none_or(|p| c.connection.local.port() == p || c.connection.remote.port() == p))
+        .filter(|c| at_risk.is_none_or(|want| want != c.at_risk.is_empty()))
+        .filter(|c| {
+            port.is_none_or(|p| c.connection.local.port() == p || c.connection.remote.port() == p)
+        })
         .take(limit.unwrap_or(usize::MAX))
         .collect();
     Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
@@ -130,7 +143,11 @@ async fn connections(
 /// The API class of a connection, worst first.
 pub fn class_of(connection: &Connection, at_risk: bool) -> &'static str {
     use crate::model::TcpState;
-    if connection.zombie.is_some_and(|k| k == ZombieKind::CloseWaitLeak) || connection.zombie.is_some() {
+    if connection
+        .zombie
+        .is_some_and(|k| k == ZombieKind::CloseWaitLeak)
+        || connection.zombie.is_some()
+    {
         "zombie"
     } else if connection.keepalive.unanswered > 0 && connection.state == TcpState::Established {
         "probing"

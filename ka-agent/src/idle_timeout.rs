@@ -21,10 +21,22 @@ impl IdleTimeout {
 
 /// Presets: name, seconds, what it is.
 pub const PRESETS: &[(&str, u64, &str)] = &[
-    ("aws-nlb", 350, "AWS Network Load Balancer (default; RST on next packet)"),
+    (
+        "aws-nlb",
+        350,
+        "AWS Network Load Balancer (default; RST on next packet)",
+    ),
     ("aws-alb", 60, "AWS Application Load Balancer"),
-    ("aws-nat-gateway", 350, "AWS NAT Gateway (RST on next packet)"),
-    ("azure-lb", 240, "Azure Load Balancer (silent drop by default)"),
+    (
+        "aws-nat-gateway",
+        350,
+        "AWS NAT Gateway (RST on next packet)",
+    ),
+    (
+        "azure-lb",
+        240,
+        "Azure Load Balancer (silent drop by default)",
+    ),
     ("gcp-nat", 1200, "GCP Cloud NAT, established TCP"),
     ("gcp-firewall", 600, "GCP VPC firewall connection tracking"),
     ("ipvs", 900, "Linux IPVS / kube-proxy ipvs mode"),

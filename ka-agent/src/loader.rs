@@ -170,14 +170,28 @@ impl Probes {
             return Err(LoadError::NotBuilt);
         }
         let keepalive_fn = layout.keepalive_timer_fn.unwrap_or(0);
-        let set_state = layout.set_state.unwrap_or(ka_common::SetStateFields::ABSENT);
-        let retransmit = layout.retransmit.unwrap_or(ka_common::RetransmitFields::ABSENT);
-        let send_reset = layout.send_reset.unwrap_or(ka_common::SendResetFields::ABSENT);
-        let receive_reset = layout.receive_reset.unwrap_or(ka_common::SkRecordFields::ABSENT);
-        let destroy_sock = layout.destroy_sock.unwrap_or(ka_common::SkRecordFields::ABSENT);
-        let error_report = layout.error_report.unwrap_or(ka_common::ErrorReportFields::ABSENT);
+        let set_state = layout
+            .set_state
+            .unwrap_or(ka_common::SetStateFields::ABSENT);
+        let retransmit = layout
+            .retransmit
+            .unwrap_or(ka_common::RetransmitFields::ABSENT);
+        let send_reset = layout
+            .send_reset
+            .unwrap_or(ka_common::SendResetFields::ABSENT);
+        let receive_reset = layout
+            .receive_reset
+            .unwrap_or(ka_common::SkRecordFields::ABSENT);
+        let destroy_sock = layout
+            .destroy_sock
+            .unwrap_or(ka_common::SkRecordFields::ABSENT);
+        let error_report = layout
+            .error_report
+            .unwrap_or(ka_common::ErrorReportFields::ABSENT);
         let timer_start = layout.timer_start.unwrap_or(ka_common::TimerFields::ABSENT);
-        let timer_expire = layout.timer_expire_entry.unwrap_or(ka_common::TimerFields::ABSENT);
+        let timer_expire = layout
+            .timer_expire_entry
+            .unwrap_or(ka_common::TimerFields::ABSENT);
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", &layout.sock, true)
             .override_global("KEEPALIVE_TIMER_FN", &keepalive_fn, true)
@@ -252,8 +266,7 @@ impl KernelStats {
     fn slot(&self, slot: u32) -> u64 {
         self.array
             .get(&slot, 0)
-            .map(|values| values.iter().sum())
-            .unwrap_or(0)
+            .map_or(0, |values| values.iter().sum())
     }
 
     /// Events lost in the kernel, all kinds.
@@ -279,12 +292,30 @@ const _: () = assert!(Stat::KeepaliveTimerHits as u32 <= STAT_SLOTS);
 fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
     let missing = |what: &str| Some(format!("{what} not available on this kernel"));
     match hook {
-        Hook::InetSockSetState => layout.set_state.is_none().then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
-        Hook::TcpRetransmitSkb => layout.retransmit.is_none().then(|| "tracepoint tcp:tcp_retransmit_skb missing".to_owned()),
-        Hook::TcpSendReset => layout.send_reset.is_none().then(|| "tracepoint tcp:tcp_send_reset missing".to_owned()),
-        Hook::TcpReceiveReset => layout.receive_reset.is_none().then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
-        Hook::TcpDestroySock => layout.destroy_sock.is_none().then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),
-        Hook::InetSkErrorReport => layout.error_report.is_none().then(|| "tracepoint sock:inet_sk_error_report missing (kernel < 5.14)".to_owned()),
+        Hook::InetSockSetState => layout
+            .set_state
+            .is_none()
+            .then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
+        Hook::TcpRetransmitSkb => layout
+            .retransmit
+            .is_none()
+            .then(|| "tracepoint tcp:tcp_retransmit_skb missing".to_owned()),
+        Hook::TcpSendReset => layout
+            .send_reset
+            .is_none()
+            .then(|| "tracepoint tcp:tcp_send_reset missing".to_owned()),
+        Hook::TcpReceiveReset => layout
+            .receive_reset
+            .is_none()
+            .then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
+        Hook::TcpDestroySock => layout
+            .destroy_sock
+            .is_none()
+            .then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),
+        Hook::InetSkErrorReport => layout
+            .error_report
+            .is_none()
+            .then(|| "tracepoint sock:inet_sk_error_report missing (kernel < 5.14)".to_owned()),
         Hook::TimerStart | Hook::TimerExpireEntry => {
             if layout.keepalive_timer_fn.is_none() {
                 missing("the address of tcp_keepalive_timer (/proc/kallsyms)")

@@ -1,8 +1,8 @@
 //! The Prometheus metrics of the public contract (docs/metrics.md).
 
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::track::{Labels, Observation};
@@ -55,11 +55,12 @@ fn with_connection_labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, extra: &[&str]| -> Result<IntCounterVec, MetricsError> {
-            let m = IntCounterVec::new(Opts::new(name, help), &with_connection_labels(extra))?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        };
+        let counter =
+            |name: &str, help: &str, extra: &[&str]| -> Result<IntCounterVec, MetricsError> {
+                let m = IntCounterVec::new(Opts::new(name, help), &with_connection_labels(extra))?;
+                registry.register(Box::new(m.clone()))?;
+                Ok(m)
+            };
         let metrics = Self {
             build_info: IntGaugeVec::new(
                 Opts::new("ka_build_info", "Always 1: the agent's version and the kernel it runs on."),
@@ -152,7 +153,9 @@ impl Metrics {
     /// Counts one observation of the tracker.
     pub fn apply(&self, observation: &Observation) {
         match observation {
-            Observation::Opened(labels) => self.opened.with_label_values(&values(&[], labels)).inc(),
+            Observation::Opened(labels) => {
+                self.opened.with_label_values(&values(&[], labels)).inc();
+            }
             Observation::Closed {
                 labels,
                 cause,
@@ -172,7 +175,9 @@ impl Metrics {
                 .with_label_values(&values(&[], labels))
                 .inc(),
             Observation::Retransmit(labels) => {
-                self.retransmits.with_label_values(&values(&[], labels)).inc();
+                self.retransmits
+                    .with_label_values(&values(&[], labels))
+                    .inc();
             }
             Observation::ResetReceived(labels) => self
                 .resets_received
@@ -185,7 +190,13 @@ impl Metrics {
             } => {
                 let values = match labels {
                     Some(labels) => values(&[reason], labels),
-                    None => vec![reason.clone(), netns.to_string(), "inbound".into(), String::new(), String::new()],
+                    None => vec![
+                        reason.clone(),
+                        netns.to_string(),
+                        "inbound".into(),
+                        String::new(),
+                        String::new(),
+                    ],
                 };
                 self.resets_sent.with_label_values(&values).inc();
             }
@@ -196,7 +207,7 @@ impl Metrics {
         }
     }
 
-    /// The text exposition (or OpenMetrics when `open_metrics`).
+    /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let encoder = prometheus::TextEncoder::new();
         encoder

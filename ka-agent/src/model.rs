@@ -134,7 +134,7 @@ impl CloseCause {
         }
     }
 
-    /// Deaths the kernel counts in TcpExt `TCPAbortOnTimeout`.
+    /// Deaths the kernel counts in `TcpExt` `TCPAbortOnTimeout`.
     pub const fn is_timeout(self) -> bool {
         matches!(
             self,

@@ -1,7 +1,7 @@
 //! `ka-agent run`: wires the data path together.
 //!
 //! ring buffer → decode → tracker → observations → metrics; once a second the
-//! tracker is swept (CLOSE_WAIT leaks, gauges, at-risk audit) and a snapshot
+//! tracker is swept (`CLOSE_WAIT` leaks, gauges, at-risk audit) and a snapshot
 //! is published for the API.
 
 use std::{
@@ -69,6 +69,10 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the wiring of the whole data path reads best in one place"
+)]
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Bind first: a port in use must fail before anything is attached.
     let listener = TcpListener::bind(args.listen)
@@ -98,18 +102,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION"), layout.kernel_release.as_str()])
         .set(1);
-    for (hook, status) in &probes.hooks {
-        metrics
-            .hook_attached
-            .with_label_values(&[hook.program()])
-            .set(i64::from(status.is_attached()));
-        match status {
-            crate::loader::HookStatus::Attached => tracing::info!(hook = %hook, "attached"),
-            crate::loader::HookStatus::Unavailable(why) | crate::loader::HookStatus::Failed(why) => {
-                tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
-            }
-        }
-    }
+    report_hooks(&probes, &metrics);
     spawn_kernel_logger(&mut probes);
     let ring = probes.take_events()?;
     let stats = probes.take_stats()?;
@@ -131,7 +124,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     });
     tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz, /api/v1/connections");
 
-    let min_idle = args.idle_timeouts.iter().map(|t| t.seconds).min().unwrap_or(350);
+    let min_idle = args
+        .idle_timeouts
+        .iter()
+        .map(|t| t.seconds)
+        .min()
+        .unwrap_or(350);
     let mut tracker = Tracker::new(TrackerConfig {
         hz: layout.hz,
         reset_after_idle_secs: min_idle,
@@ -147,28 +145,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut gauges = GaugeState::default();
     let mut lost_seen = 0u64;
     let mut evictions_seen = 0u64;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(RunError::Events)?;
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Events)?;
-                let ring = guard.get_inner_mut();
-                while let Some(record) = ring.next() {
-                    match decode::decode(&record) {
-                        Ok(event) => {
-                            metrics.events.with_label_values(&[event.kind().name()]).inc();
-                            tracker.handle(&event);
-                        }
-                        Err(error) => {
-                            metrics.decode_errors.inc();
-                            tracing::debug!(%error, "undecodable record");
-                        }
-                    }
-                }
-                for observation in tracker.drain_observations() {
-                    metrics.apply(&observation);
-                }
+                drain(guard.get_inner_mut(), &mut tracker, &metrics);
                 guard.clear_ready();
             }
             _ = tick.tick() => {
@@ -202,6 +187,48 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RunError::Http(e)),
         Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+    }
+}
+
+fn report_hooks(probes: &Probes, metrics: &Metrics) {
+    for (hook, status) in &probes.hooks {
+        metrics
+            .hook_attached
+            .with_label_values(&[hook.program()])
+            .set(i64::from(status.is_attached()));
+        match status {
+            crate::loader::HookStatus::Attached => tracing::info!(hook = %hook, "attached"),
+            crate::loader::HookStatus::Unavailable(why)
+            | crate::loader::HookStatus::Failed(why) => {
+                tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
+            }
+        }
+    }
+}
+
+/// Interprets every record waiting in the ring buffer.
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tracker: &mut Tracker,
+    metrics: &Metrics,
+) {
+    while let Some(record) = ring.next() {
+        match decode::decode(&record) {
+            Ok(event) => {
+                metrics
+                    .events
+                    .with_label_values(&[event.kind().name()])
+                    .inc();
+                tracker.handle(&event);
+            }
+            Err(error) => {
+                metrics.decode_errors.inc();
+                tracing::debug!(%error, "undecodable record");
+            }
+        }
+    }
+    for observation in tracker.drain_observations() {
+        metrics.apply(&observation);
     }
 }
 
@@ -246,7 +273,11 @@ struct GaugeState {
 }
 
 /// Which idle timeouts a connection is at risk of, and why.
-pub fn at_risk_of(connection: &Connection, idle_secs: f64, timeouts: &[IdleTimeout]) -> Vec<AtRisk> {
+pub fn at_risk_of(
+    connection: &Connection,
+    idle_secs: f64,
+    timeouts: &[IdleTimeout],
+) -> Vec<AtRisk> {
     if connection.state != TcpState::Established {
         return Vec::new();
     }
@@ -313,11 +344,19 @@ fn publish(
         metrics.at_risk.with_label_values(key).set(*value);
     }
     for gone in gauges.at_risk.difference(&keys) {
-        let _ = metrics.at_risk.remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
+        let _ = metrics
+            .at_risk
+            .remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
     }
     gauges.at_risk = keys;
-    metrics.tracked.set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
-    views.sort_by(|a, b| rank(a).cmp(&rank(b)).then(b.idle_secs.total_cmp(&a.idle_secs)));
+    metrics
+        .tracked
+        .set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
+    views.sort_by(|a, b| {
+        rank(a)
+            .cmp(&rank(b))
+            .then(b.idle_secs.total_cmp(&a.idle_secs))
+    });
     views
 }
 
@@ -345,4 +384,3 @@ fn sync_int_gauge(
     }
     *previous = keys;
 }
-

@@ -70,7 +70,7 @@ pub struct EventHeader {
     pub kind: u32,
     /// CPU the hook ran on: events of one timer callback share it.
     pub cpu: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`).
     pub ktime_ns: u64,
 }
 
@@ -135,7 +135,7 @@ pub struct SockSnapshot {
     pub retransmits: u8,
     /// `SNAP_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    pub reserved: u8,
 }
 
 /// `sock:inet_sock_set_state` for a TCP socket.
@@ -146,7 +146,7 @@ pub struct StateChangeEvent {
     pub sock: SockSnapshot,
     pub oldstate: u8,
     pub newstate: u8,
-    pub _pad: [u8; 6],
+    pub reserved: [u8; 6],
 }
 
 /// `tcp:tcp_retransmit_skb`.
@@ -157,7 +157,7 @@ pub struct RetransmitEvent {
     pub sock: SockSnapshot,
     /// Transmit error (6.17+ only; 0 where the kernel does not report it).
     pub err: i32,
-    pub _pad: u32,
+    pub reserved: u32,
 }
 
 /// Reason value when the kernel does not report one (before 6.10).
@@ -203,7 +203,7 @@ pub struct ErrorReportEvent {
     pub family: u16,
     pub sport: u16,
     pub dport: u16,
-    pub _pad: [u8; 6],
+    pub reserved: [u8; 6],
 }
 
 /// `timer:timer_start` for a socket's keepalive timer.

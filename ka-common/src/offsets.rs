@@ -10,7 +10,7 @@
 pub const ABSENT: u16 = u16::MAX;
 
 /// Returns whether `offset` names a field that exists on this kernel.
-#[inline(always)]
+#[inline]
 pub const fn present(offset: u16) -> bool {
     offset != ABSENT
 }
@@ -42,7 +42,7 @@ pub struct RetransmitFields {
     pub skbaddr: u16,
     /// Added in 6.17; absent before.
     pub err: u16,
-    pub _pad: u16,
+    pub reserved: u16,
 }
 
 impl RetransmitFields {
@@ -50,7 +50,7 @@ impl RetransmitFields {
         skaddr: ABSENT,
         skbaddr: ABSENT,
         err: ABSENT,
-        _pad: 0,
+        reserved: 0,
     };
 }
 
@@ -81,13 +81,13 @@ impl SendResetFields {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SkRecordFields {
     pub skaddr: u16,
-    pub _pad: [u16; 3],
+    pub reserved: [u16; 3],
 }
 
 impl SkRecordFields {
     pub const ABSENT: Self = Self {
         skaddr: ABSENT,
-        _pad: [0; 3],
+        reserved: [0; 3],
     };
 }
 
@@ -104,7 +104,7 @@ pub struct ErrorReportFields {
     pub daddr: u16,
     pub saddr_v6: u16,
     pub daddr_v6: u16,
-    pub _pad: [u16; 3],
+    pub reserved: [u16; 3],
 }
 
 impl ErrorReportFields {
@@ -118,7 +118,7 @@ impl ErrorReportFields {
         daddr: ABSENT,
         saddr_v6: ABSENT,
         daddr_v6: ABSENT,
-        _pad: [0; 3],
+        reserved: [0; 3],
     };
 }
 
@@ -130,7 +130,7 @@ pub struct TimerFields {
     pub function: u16,
     /// Only `timer_start` has it.
     pub expires: u16,
-    pub _pad: u16,
+    pub reserved: u16,
 }
 
 impl TimerFields {
@@ -138,7 +138,7 @@ impl TimerFields {
         timer: ABSENT,
         function: ABSENT,
         expires: ABSENT,
-        _pad: 0,
+        reserved: 0,
     };
 }
 
@@ -187,7 +187,7 @@ pub struct SockOffsets {
     pub dev_nd_net: u16,
     /// Bit number of `SOCK_KEEPOPEN` in `sk_flags` (`enum sock_flags`).
     pub sock_keepopen_bit: u16,
-    pub _pad: [u16; 2],
+    pub reserved: [u16; 2],
 }
 
 impl SockOffsets {
@@ -222,7 +222,7 @@ impl SockOffsets {
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         sock_keepopen_bit: ABSENT,
-        _pad: [0; 2],
+        reserved: [0; 2],
     };
 }
 

@@ -60,8 +60,12 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
         // Stored as one u32 each: a byte-wise copy would become a loop.
         let saddr = field::<u32>(sk, off.skc_rcv_saddr).to_ne_bytes();
         let daddr = field::<u32>(sk, off.skc_daddr).to_ne_bytes();
-        out.saddr = [saddr[0], saddr[1], saddr[2], saddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        out.daddr = [daddr[0], daddr[1], daddr[2], daddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        out.saddr = [
+            saddr[0], saddr[1], saddr[2], saddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        out.daddr = [
+            daddr[0], daddr[1], daddr[2], daddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
     } else if out.family == AF_INET6 {
         out.saddr = field::<[u8; 16]>(sk, off.skc_v6_rcv_saddr);
         out.daddr = field::<[u8; 16]>(sk, off.skc_v6_daddr);
@@ -151,7 +155,7 @@ pub fn clear(out: &mut SockSnapshot) {
         probes_out: 0,
         retransmits: 0,
         flags: 0,
-        _pad: 0,
+        reserved: 0,
     };
 }
 

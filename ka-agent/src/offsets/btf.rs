@@ -60,8 +60,14 @@ impl KernelBtf {
     fn strip(&self, mut ty: Type) -> Result<Type, BtfError> {
         for _ in 0..16 {
             match &ty {
-                Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) | Type::TypeTag(_) => {
-                    let inner = ty.as_btf_type().ok_or_else(|| lookup_error("untyped chain"))?;
+                Type::Typedef(_)
+                | Type::Volatile(_)
+                | Type::Const(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => {
+                    let inner = ty
+                        .as_btf_type()
+                        .ok_or_else(|| lookup_error("untyped chain"))?;
                     ty = self.btf.resolve_chained_type(inner).map_err(lookup_error)?;
                 }
                 _ => return Ok(ty),
@@ -83,13 +89,21 @@ impl KernelBtf {
 
     /// Searches `name` among the members of `st`, descending into anonymous
     /// structs and unions. Returns its bit offset and type.
-    fn member(&self, st: &btf_rs::Struct, name: &str, depth: u32) -> Result<Option<(u32, Type, bool)>, BtfError> {
+    fn member(
+        &self,
+        st: &btf_rs::Struct,
+        name: &str,
+        depth: u32,
+    ) -> Result<Option<(u32, Type, bool)>, BtfError> {
         if depth > 8 {
             return Ok(None);
         }
         for member in &st.members {
             let member_name = self.btf.resolve_name(member).unwrap_or_default();
-            let ty = self.btf.resolve_chained_type(member).map_err(lookup_error)?;
+            let ty = self
+                .btf
+                .resolve_chained_type(member)
+                .map_err(lookup_error)?;
             let bitfield = member.bitfield_size().is_some_and(|s| s != 0);
             if member_name == name {
                 return Ok(Some((member.bit_offset(), ty, bitfield)));
@@ -115,7 +129,7 @@ impl KernelBtf {
             };
             bits += offset;
             if index + 1 == path.len() {
-                if bitfield || bits % 8 != 0 {
+                if bitfield || !bits.is_multiple_of(8) {
                     return Err(BtfError::Bitfield(what()));
                 }
                 return Ok(Some(bits / 8));
@@ -137,7 +151,10 @@ impl KernelBtf {
 
     /// All enumerators of `enum name` (empty when the enum is absent).
     pub fn enum_values(&self, enum_name: &str) -> Vec<(u32, String)> {
-        let types = self.btf.resolve_types_by_name(enum_name).unwrap_or_default();
+        let types = self
+            .btf
+            .resolve_types_by_name(enum_name)
+            .unwrap_or_default();
         types
             .into_iter()
             .find_map(|t| match t {
@@ -234,7 +251,7 @@ pub fn sock_offsets(btf: &KernelBtf, absent: &mut Vec<String>) -> Result<SockOff
             .enum_value("sock_flags", "SOCK_KEEPOPEN")
             .and_then(|v| u16::try_from(v).ok())
             .unwrap_or(ABSENT),
-        _pad: [0; 2],
+        reserved: [0; 2],
     };
     if offsets.sock_keepopen_bit == ABSENT {
         absent.push("enum sock_flags.SOCK_KEEPOPEN".to_owned());
@@ -260,7 +277,10 @@ mod tests {
     fn live() -> Option<KernelBtf> {
         let path = Path::new("/sys/kernel/btf/vmlinux");
         if !path.exists() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "BTF must exist in CI");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "BTF must exist in CI"
+            );
             eprintln!("SKIPPED: no live BTF");
             return None;
         }
@@ -283,8 +303,13 @@ mod tests {
         assert_ne!(offsets.net_keepalive_time, ABSENT);
         // The pointer arithmetic of the timer hooks: sk_timer is a timer_list.
         let via_sock = btf.offset_of("sock", &["sk_timer"]).unwrap();
-        let via_icsk = btf.offset_of("inet_connection_sock", &["icsk_keepalive_timer"]).unwrap();
-        assert_eq!(Some(u32::from(offsets.keepalive_timer)), via_icsk.or(via_sock));
+        let via_icsk = btf
+            .offset_of("inet_connection_sock", &["icsk_keepalive_timer"])
+            .unwrap();
+        assert_eq!(
+            Some(u32::from(offsets.keepalive_timer)),
+            via_icsk.or(via_sock)
+        );
     }
 
     #[test]

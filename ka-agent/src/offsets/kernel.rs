@@ -30,7 +30,8 @@ pub fn symbol_address(kallsyms: &Path, name: &str) -> Result<Option<u64>, Kernel
     })?;
     for line in text.lines() {
         let mut parts = line.split_whitespace();
-        let (Some(address), Some(kind), Some(symbol)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(address), Some(kind), Some(symbol)) = (parts.next(), parts.next(), parts.next())
+        else {
             continue;
         };
         if symbol != name || !matches!(kind, "t" | "T") {
@@ -68,7 +69,7 @@ fn hz_from_config(config: &str) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Measures HZ from /proc/timer_list: jiffies advance over a known time.
+/// Measures HZ from `/proc/timer_list`: jiffies advance over a known time.
 fn hz_from_timer_list() -> Option<u32> {
     let sample = || -> Option<(u64, u64)> {
         let text = std::fs::read_to_string("/proc/timer_list").ok()?;
@@ -137,16 +138,25 @@ mod tests {
             "ffffffff812445d3 t tcp_keepalive_timer.cold\nffffffff8208c310 t tcp_keepalive_timer\n",
         )
         .unwrap();
-        assert_eq!(symbol_address(&path, "tcp_keepalive_timer").unwrap(), Some(0xffff_ffff_8208_c310));
+        assert_eq!(
+            symbol_address(&path, "tcp_keepalive_timer").unwrap(),
+            Some(0xffff_ffff_8208_c310)
+        );
         assert_eq!(symbol_address(&path, "nope").unwrap(), None);
         std::fs::write(&path, "0000000000000000 t tcp_keepalive_timer\n").unwrap();
-        assert!(matches!(symbol_address(&path, "tcp_keepalive_timer"), Err(KernelError::Hidden { .. })));
+        assert!(matches!(
+            symbol_address(&path, "tcp_keepalive_timer"),
+            Err(KernelError::Hidden { .. })
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn parses_config_hz() {
-        assert_eq!(hz_from_config("# x\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n"), Some(250));
+        assert_eq!(
+            hz_from_config("# x\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n"),
+            Some(250)
+        );
         assert_eq!(hz_from_config("CONFIG_X=y\n"), None);
     }
 
@@ -157,7 +167,11 @@ mod tests {
         assert!(matches!(hz, Some(100 | 250 | 300 | 1000)), "{hz:?}");
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
-            assert!(symbol_address(Path::new("/proc/kallsyms"), "tcp_keepalive_timer").unwrap().is_some());
+            assert!(
+                symbol_address(Path::new("/proc/kallsyms"), "tcp_keepalive_timer")
+                    .unwrap()
+                    .is_some()
+            );
         }
     }
 }

@@ -31,7 +31,11 @@ pub enum OffsetsError {
 impl OffsetsError {
     /// A file that exists but holds garbage was given by the operator.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, Self::Btf(btf::BtfError::Parse { .. }) | Self::Tracefs(tracefs::TracefsError::Parse { .. }))
+        matches!(
+            self,
+            Self::Btf(btf::BtfError::Parse { .. })
+                | Self::Tracefs(tracefs::TracefsError::Parse { .. })
+        )
     }
 }
 
@@ -65,7 +69,10 @@ impl fmt::Display for LayoutNote {
 
 /// The fields of a tracepoint, or `None` (with the reason noted) when the
 /// tracepoint is missing or lacks a field its program needs.
-fn usable<T>(notes: &mut Vec<LayoutNote>, result: Option<Result<T, tracefs::TracefsError>>) -> Option<T> {
+fn usable<T>(
+    notes: &mut Vec<LayoutNote>,
+    result: Option<Result<T, tracefs::TracefsError>>,
+) -> Option<T> {
     match result {
         Some(Ok(fields)) => Some(fields),
         Some(Err(e)) => {
@@ -106,9 +113,13 @@ impl KernelLayout {
             .collect();
         let reset_reasons = btf::reset_reasons(&kernel_btf);
         if reset_reasons.is_empty() {
-            notes.push(LayoutNote("enum sk_rst_reason absent: reset reasons not reported (kernel < 6.10)".into()));
+            notes.push(LayoutNote(
+                "enum sk_rst_reason absent: reset reasons not reported (kernel < 6.10)".into(),
+            ));
         }
-        let mut tracepoint = |category: &str, name: &str| -> Result<Option<tracefs::TracepointFormat>, OffsetsError> {
+        let mut tracepoint = |category: &str,
+                              name: &str|
+         -> Result<Option<tracefs::TracepointFormat>, OffsetsError> {
             let format = tracefs::TracepointFormat::read(&sources.tracefs, category, name)?;
             if format.is_none() {
                 notes.push(LayoutNote(format!("tracepoint {category}:{name} absent")));
@@ -130,14 +141,50 @@ impl KernelLayout {
             .trim()
             .to_owned();
         let layout = Self {
-            set_state: usable(&mut notes, set_state.as_ref().map(tracefs::TracepointFormat::set_state)),
-            retransmit: usable(&mut notes, retransmit.as_ref().map(tracefs::TracepointFormat::retransmit)),
-            send_reset: usable(&mut notes, send_reset.as_ref().map(tracefs::TracepointFormat::send_reset)),
-            receive_reset: usable(&mut notes, receive_reset.as_ref().map(tracefs::TracepointFormat::sk_record)),
-            destroy_sock: usable(&mut notes, destroy_sock.as_ref().map(tracefs::TracepointFormat::sk_record)),
-            error_report: usable(&mut notes, error_report.as_ref().map(tracefs::TracepointFormat::error_report)),
-            timer_start: usable(&mut notes, timer_start.as_ref().map(tracefs::TracepointFormat::timer)),
-            timer_expire_entry: usable(&mut notes, timer_expire_entry.as_ref().map(tracefs::TracepointFormat::timer)),
+            set_state: usable(
+                &mut notes,
+                set_state.as_ref().map(tracefs::TracepointFormat::set_state),
+            ),
+            retransmit: usable(
+                &mut notes,
+                retransmit
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::retransmit),
+            ),
+            send_reset: usable(
+                &mut notes,
+                send_reset
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::send_reset),
+            ),
+            receive_reset: usable(
+                &mut notes,
+                receive_reset
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::sk_record),
+            ),
+            destroy_sock: usable(
+                &mut notes,
+                destroy_sock
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::sk_record),
+            ),
+            error_report: usable(
+                &mut notes,
+                error_report
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::error_report),
+            ),
+            timer_start: usable(
+                &mut notes,
+                timer_start.as_ref().map(tracefs::TracepointFormat::timer),
+            ),
+            timer_expire_entry: usable(
+                &mut notes,
+                timer_expire_entry
+                    .as_ref()
+                    .map(tracefs::TracepointFormat::timer),
+            ),
             sock,
             reset_reasons,
             keepalive_timer_fn: kernel::symbol_address(&sources.kallsyms, "tcp_keepalive_timer")?,

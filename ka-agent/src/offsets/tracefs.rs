@@ -55,7 +55,11 @@ impl TracepointFormat {
     /// Reads `<tracefs>/events/<category>/<name>/format`; `Ok(None)` when the
     /// tracepoint does not exist on this kernel.
     pub fn read(tracefs: &Path, category: &str, name: &str) -> Result<Option<Self>, TracefsError> {
-        let path = tracefs.join("events").join(category).join(name).join("format");
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&path, &text).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -70,7 +74,7 @@ impl TracepointFormat {
         for (index, line) in text.lines().enumerate() {
             let trimmed = line.trim();
             if let Some(rest) = trimmed.strip_prefix("name:") {
-                name = rest.trim().to_owned();
+                rest.trim().clone_into(&mut name);
             } else if let Some(rest) = trimmed.strip_prefix("print fmt:") {
                 rest.trim().clone_into(&mut print_fmt);
             } else if trimmed.starts_with("field:") {
@@ -141,7 +145,7 @@ impl TracepointFormat {
             skaddr: self.required("skaddr")?,
             skbaddr: self.optional("skbaddr")?,
             err: self.optional("err")?,
-            _pad: 0,
+            reserved: 0,
         })
     }
 
@@ -157,7 +161,7 @@ impl TracepointFormat {
     pub fn sk_record(&self) -> Result<SkRecordFields, TracefsError> {
         Ok(SkRecordFields {
             skaddr: self.required("skaddr")?,
-            _pad: [0; 3],
+            reserved: [0; 3],
         })
     }
 
@@ -172,7 +176,7 @@ impl TracepointFormat {
             daddr: self.optional("daddr")?,
             saddr_v6: self.optional("saddr_v6")?,
             daddr_v6: self.optional("daddr_v6")?,
-            _pad: [0; 3],
+            reserved: [0; 3],
         })
     }
 
@@ -181,7 +185,7 @@ impl TracepointFormat {
             timer: self.required("timer")?,
             function: self.required("function")?,
             expires: self.optional("expires")?,
-            _pad: 0,
+            reserved: 0,
         })
     }
 }
@@ -226,7 +230,9 @@ mod tests {
     use super::*;
 
     fn fixture(kernel: &str, category: &str, name: &str) -> TracepointFormat {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tracefs").join(kernel);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tracefs")
+            .join(kernel);
         TracepointFormat::read(&root, category, name)
             .expect("parse")
             .expect("fixture exists")
@@ -234,28 +240,45 @@ mod tests {
 
     #[test]
     fn parses_6_18_formats() {
-        let set_state = fixture("6.18", "sock", "inet_sock_set_state").set_state().unwrap();
+        let set_state = fixture("6.18", "sock", "inet_sock_set_state")
+            .set_state()
+            .unwrap();
         assert_eq!(
             set_state,
-            SetStateFields { skaddr: 8, oldstate: 16, newstate: 20, protocol: 30 }
+            SetStateFields {
+                skaddr: 8,
+                oldstate: 16,
+                newstate: 20,
+                protocol: 30
+            }
         );
-        let reset = fixture("6.18", "tcp", "tcp_send_reset").send_reset().unwrap();
+        let reset = fixture("6.18", "tcp", "tcp_send_reset")
+            .send_reset()
+            .unwrap();
         assert_eq!((reset.skaddr, reset.reason, reset.state), (16, 28, 24));
-        let retransmit = fixture("6.18", "tcp", "tcp_retransmit_skb").retransmit().unwrap();
+        let retransmit = fixture("6.18", "tcp", "tcp_retransmit_skb")
+            .retransmit()
+            .unwrap();
         assert_eq!(retransmit.err, 76);
         let timer = fixture("6.18", "timer", "timer_start").timer().unwrap();
         assert_eq!((timer.timer, timer.function, timer.expires), (8, 16, 24));
-        let expire = fixture("6.18", "timer", "timer_expire_entry").timer().unwrap();
+        let expire = fixture("6.18", "timer", "timer_expire_entry")
+            .timer()
+            .unwrap();
         assert_eq!((expire.function, expire.expires), (24, ABSENT));
     }
 
     #[test]
     fn parses_6_1_formats_without_reason_or_err() {
-        let reset = fixture("6.1", "tcp", "tcp_send_reset").send_reset().unwrap();
+        let reset = fixture("6.1", "tcp", "tcp_send_reset")
+            .send_reset()
+            .unwrap();
         assert_eq!(reset.reason, ABSENT);
         assert_eq!(reset.state, 24);
         assert_eq!(reset.skaddr, 16);
-        let retransmit = fixture("6.1", "tcp", "tcp_retransmit_skb").retransmit().unwrap();
+        let retransmit = fixture("6.1", "tcp", "tcp_retransmit_skb")
+            .retransmit()
+            .unwrap();
         assert_eq!(retransmit.err, ABSENT);
     }
 
@@ -263,24 +286,55 @@ mod tests {
     fn rejects_garbage() {
         let path = Path::new("bad/format");
         assert!(TracepointFormat::parse(path, "this is not a format file").is_err());
-        assert!(TracepointFormat::parse(path, "name: x\nformat:\n\tfield:int; offset:zz; size:4;\n").is_err());
-        let missing = TracepointFormat::parse(path, "name: x\nformat:\n\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n").unwrap();
-        assert!(matches!(missing.set_state(), Err(TracefsError::MissingField { field: "skaddr", .. })));
+        assert!(
+            TracepointFormat::parse(path, "name: x\nformat:\n\tfield:int; offset:zz; size:4;\n")
+                .is_err()
+        );
+        let missing = TracepointFormat::parse(
+            path,
+            "name: x\nformat:\n\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            missing.set_state(),
+            Err(TracefsError::MissingField {
+                field: "skaddr",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn live_kernel_formats() {
         let tracefs = Path::new("/sys/kernel/tracing");
-        let Ok(Some(format)) = TracepointFormat::read(tracefs, "sock", "inet_sock_set_state") else {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "tracefs must be readable in CI");
+        let Ok(Some(format)) = TracepointFormat::read(tracefs, "sock", "inet_sock_set_state")
+        else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "tracefs must be readable in CI"
+            );
             eprintln!("SKIPPED: live tracefs not readable");
             return;
         };
-        format.set_state().expect("live inet_sock_set_state has what ka needs");
+        format
+            .set_state()
+            .expect("live inet_sock_set_state has what ka needs");
         for (category, name) in [("tcp", "tcp_receive_reset"), ("tcp", "tcp_destroy_sock")] {
-            TracepointFormat::read(tracefs, category, name).unwrap().unwrap().sk_record().unwrap();
+            TracepointFormat::read(tracefs, category, name)
+                .unwrap()
+                .unwrap()
+                .sk_record()
+                .unwrap();
         }
-        TracepointFormat::read(tracefs, "tcp", "tcp_send_reset").unwrap().unwrap().send_reset().unwrap();
-        TracepointFormat::read(tracefs, "timer", "timer_start").unwrap().unwrap().timer().unwrap();
+        TracepointFormat::read(tracefs, "tcp", "tcp_send_reset")
+            .unwrap()
+            .unwrap()
+            .send_reset()
+            .unwrap();
+        TracepointFormat::read(tracefs, "timer", "timer_start")
+            .unwrap()
+            .unwrap()
+            .timer()
+            .unwrap();
     }
 }

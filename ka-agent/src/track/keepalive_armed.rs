@@ -1,6 +1,6 @@
 //! Interprets `timer:timer_start` for the keepalive timer. Right after an
 //! expiry, a re-arm with one more unanswered probe means the handler sent a
-//! probe (TcpExt TCPKeepAlive); the timer is not pending inside its own
+//! probe (`TcpExt` `TCPKeepAlive`); the timer is not pending inside its own
 //! callback, so this re-arm is always traced.
 
 use ka_common::KeepaliveArmedEvent;

@@ -36,7 +36,7 @@ pub struct TrackerConfig {
     /// Smallest configured middlebox idle timeout (seconds): the silence
     /// after which an RST counts as `reset_after_idle`.
     pub reset_after_idle_secs: u64,
-    /// CLOSE_WAIT older than this is a `close_wait_leak`.
+    /// `CLOSE_WAIT` older than this is a `close_wait_leak`.
     pub close_wait_leak_secs: u64,
     /// Most connections tracked at once; the oldest-touched are evicted.
     pub max_connections: usize,
@@ -97,6 +97,10 @@ pub enum Observation {
 
 /// Keepalive configuration and activity of one connection.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent socket settings, as the kernel keeps them"
+)]
 pub struct Keepalive {
     pub enabled: bool,
     /// Effective idle time before the first probe (seconds).
@@ -140,10 +144,10 @@ pub struct Connection {
     /// Was it seen reaching ESTABLISHED (or found established)?
     #[serde(skip)]
     pub was_established: bool,
-    /// CLOCK_MONOTONIC ns of the last state change (0: before we started).
+    /// `CLOCK_MONOTONIC` ns of the last state change (0: before we started).
     #[serde(skip)]
     pub state_since_ns: u64,
-    /// CLOCK_MONOTONIC ns of the last event for it.
+    /// `CLOCK_MONOTONIC` ns of the last event for it.
     #[serde(skip)]
     pub last_event_ns: u64,
     /// Idle seconds as of the last event (min of data received / ACK
@@ -152,6 +156,8 @@ pub struct Connection {
     pub idle_at_event_secs: f64,
     pub keepalive: Keepalive,
     pub retransmits: u64,
+    /// Last socket error reported to the application (errno, 0 = none).
+    pub last_error: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zombie: Option<ZombieKind>,
     #[serde(skip)]
@@ -252,9 +258,12 @@ impl Tracker {
         self.evictions
     }
 
-    /// Periodic work: CLOSE_WAIT leaks.
+    /// Periodic work: `CLOSE_WAIT` leaks.
     pub fn sweep(&mut self, now_ns: u64) {
-        let threshold_ns = self.config.close_wait_leak_secs.saturating_mul(1_000_000_000);
+        let threshold_ns = self
+            .config
+            .close_wait_leak_secs
+            .saturating_mul(1_000_000_000);
         for conn in self.connections.values_mut() {
             if conn.state == TcpState::CloseWait
                 && !conn.close_wait_counted
@@ -328,7 +337,12 @@ impl Tracker {
         self.connections.insert(conn.sk, conn);
     }
 
-    fn new_connection(&self, snap: &SockSnapshot, direction: Direction, ktime_ns: u64) -> Connection {
+    fn new_connection(
+        &self,
+        snap: &SockSnapshot,
+        direction: Direction,
+        ktime_ns: u64,
+    ) -> Connection {
         let mut conn = Connection {
             sk: snap.sk,
             cookie: snap.cookie,
@@ -344,6 +358,7 @@ impl Tracker {
             idle_at_event_secs: 0.0,
             keepalive: Keepalive::default(),
             retransmits: 0,
+            last_error: 0,
             zombie: None,
             closer: None,
             reset_received: false,
@@ -383,6 +398,11 @@ impl Tracker {
 fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) {
     let hz = f64::from(hz.max(1));
     conn.last_event_ns = ktime_ns;
+    // A connecting socket enters SYN_SENT before its local port is chosen.
+    if snap.sport != 0 {
+        conn.local = socket_addr(snap.family, snap.saddr, snap.sport);
+        conn.remote = socket_addr(snap.family, snap.daddr, snap.dport);
+    }
     if snap.cookie != 0 {
         conn.cookie = snap.cookie;
     }

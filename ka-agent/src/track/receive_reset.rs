@@ -17,7 +17,8 @@ impl Tracker {
         };
         conn.reset_received = true;
         let labels = conn.labels();
-        let silence = classify::silence_before_last_send(snap.lsndtime, snap.lrcvtime, snap.rcv_tstamp);
+        let silence =
+            classify::silence_before_last_send(snap.lsndtime, snap.lrcvtime, snap.rcv_tstamp);
         let after_idle = conn.was_established
             && conn.zombie.is_none()
             && silence.is_some_and(|s| u64::from(s) >= threshold);

@@ -51,7 +51,7 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
         (*event).family = family;
         (*event).sport = sport;
         (*event).dport = dport;
-        (*event)._pad = [0; 6];
+        (*event).reserved = [0; 6];
     }
     entry.submit(0);
     Some(())

@@ -35,7 +35,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
             (*event).oldstate = oldstate as u8;
             (*event).newstate = newstate as u8;
         }
-        (*event)._pad = [0; 6];
+        (*event).reserved = [0; 6];
     }
     entry.submit(0);
     Some(())

@@ -32,7 +32,10 @@ fn try_tcp_rcv_state_process(ctx: &ProbeContext) -> Option<()> {
     }
     .ok()?;
     // FIN_WAIT1..LAST_ACK and CLOSING, skipping TIME_WAIT (6) and CLOSE (7).
-    if !(TCP_FIN_WAIT1..=TCP_LAST_ACK).contains(&state) && state != TCP_CLOSING || state == 6 || state == 7 {
+    if !(TCP_FIN_WAIT1..=TCP_LAST_ACK).contains(&state) && state != TCP_CLOSING
+        || state == 6
+        || state == 7
+    {
         return None;
     }
     let mut entry = emit::reserve::<RcvStateProcessEvent>(EventKind::RcvStateProcess)?;

@@ -1,7 +1,7 @@
 //! `tcp:tcp_receive_reset`: an RST reset a connection.
 
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
-use ka_common::{ReceiveResetEvent, EventKind, SkRecordFields};
+use ka_common::{EventKind, ReceiveResetEvent, SkRecordFields};
 
 use super::record;
 use crate::{emit, sock};

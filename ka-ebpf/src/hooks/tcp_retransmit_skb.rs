@@ -28,7 +28,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Option<()> {
         (*event).header = emit::header(EventKind::Retransmit);
         sock::snapshot(sk as *const u8, &mut (*event).sock);
         (*event).err = err;
-        (*event)._pad = 0;
+        (*event).reserved = 0;
     }
     entry.submit(0);
     Some(())

@@ -195,6 +195,9 @@ mod tests {
     fn silence_handles_wraparound() {
         assert_eq!(silence_before_last_send(1000, 500, 400), Some(500));
         assert_eq!(silence_before_last_send(400, 500, 400), None);
-        assert_eq!(silence_before_last_send(10, u32::MAX - 9, u32::MAX - 20), Some(20));
+        assert_eq!(
+            silence_before_last_send(10, u32::MAX - 9, u32::MAX - 20),
+            Some(20)
+        );
     }
 }

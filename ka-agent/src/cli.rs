@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::idle_timeout::IdleTimeout;
+use crate::{idle_timeout::IdleTimeout, track::PeerLabel};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +86,17 @@ pub struct RunArgs {
     /// least 4096).
     #[arg(long, env = "KA_RING_BUFFER_BYTES", default_value_t = ka_common::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,
+    /// Remote address label on connection metrics: none (default), ip, or
+    /// cidr (/24, /64). Raises cardinality; bounded by --max-series.
+    #[arg(long, env = "KA_PEER_LABEL", value_enum, default_value_t = PeerLabel::None)]
+    pub peer_label: PeerLabel,
+    /// Most distinct connection label sets (netns, direction, port, comm,
+    /// peer); more fold into `other` and count in `ka_series_overflow_total`.
+    #[arg(long, env = "KA_MAX_SERIES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series: u32,
+    /// Connection series unused this long are removed.
+    #[arg(long, env = "KA_SERIES_TTL", default_value = "1h", value_parser = parse_seconds)]
+    pub series_ttl: u64,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }

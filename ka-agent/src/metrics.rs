@@ -1,5 +1,11 @@
 //! The Prometheus metrics of the public contract (docs/metrics.md).
 
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 use prometheus::{
     GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -8,7 +14,10 @@ use prometheus::{
 use crate::track::{Labels, Observation};
 
 /// Labels every connection metric carries.
-pub const CONNECTION_LABELS: [&str; 4] = ["netns", "direction", "port", "comm"];
+pub const CONNECTION_LABELS: [&str; 5] = ["netns", "direction", "port", "comm", "peer"];
+
+/// The value of every connection label of a series folded by `--max-series`.
+pub const OVERFLOW: &str = "other";
 
 /// Buckets of `ka_idle_before_close_seconds`: from a second to a day, dense
 /// around common keep-alive timeouts (5 s nginx/Node, 60 s ALB, 75 s nginx
@@ -44,6 +53,52 @@ pub struct Metrics {
     pub idle_before_close: HistogramVec,
     pub tracked: IntGauge,
     pub evictions: IntCounter,
+    pub series_overflow: IntCounter,
+    pub program_runs: IntCounterVec,
+    pub program_run_seconds: prometheus::CounterVec,
+    series: Mutex<SeriesLimiter>,
+}
+
+/// Which counter or histogram a connection series belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Family {
+    Opened,
+    Closed,
+    Probes,
+    Retransmits,
+    ResetsReceived,
+    ResetsSent,
+    Zombies,
+    IdleBeforeClose,
+}
+
+/// Bounds the connection label sets (`--max-series`) and forgets the ones
+/// not seen for `--series-ttl`.
+struct SeriesLimiter {
+    max: usize,
+    ttl: Duration,
+    /// Connection label values → last use and the full series made with them.
+    admitted: HashMap<Vec<String>, AdmittedSet>,
+}
+
+/// When a connection label set was last used, and every full series (with
+/// the metric's own labels) made with it.
+type AdmittedSet = (Instant, Vec<(Family, Vec<String>)>);
+
+/// Limits on connection series.
+#[derive(Clone, Copy, Debug)]
+pub struct SeriesLimits {
+    pub max_series: usize,
+    pub ttl: Duration,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        Self {
+            max_series: 10_000,
+            ttl: Duration::from_hours(1),
+        }
+    }
 }
 
 fn with_connection_labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -53,7 +108,11 @@ fn with_connection_labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, MetricsError> {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one declaration per metric of the contract, with its help text"
+    )]
+    pub fn new(limits: SeriesLimits) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let counter =
             |name: &str, help: &str, extra: &[&str]| -> Result<IntCounterVec, MetricsError> {
@@ -126,6 +185,23 @@ impl Metrics {
                 &with_connection_labels(&["closer"]),
             )?,
             tracked: IntGauge::new("ka_tracked_connections", "Connections in the agent's table.")?,
+            series_overflow: IntCounter::new(
+                "ka_series_overflow_total",
+                "Observations folded into the `other` series because --max-series label sets exist.",
+            )?,
+            program_runs: IntCounterVec::new(
+                Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats)."),
+                &["hook"],
+            )?,
+            program_run_seconds: prometheus::CounterVec::new(
+                Opts::new("ka_program_run_seconds_total", "Time spent in each kernel program (kernel BPF stats)."),
+                &["hook"],
+            )?,
+            series: Mutex::new(SeriesLimiter {
+                max: limits.max_series,
+                ttl: limits.ttl,
+                admitted: HashMap::new(),
+            }),
             evictions: IntCounter::new(
                 "ka_connection_evictions_total",
                 "Connections dropped from a full table (--max-connections).",
@@ -144,6 +220,9 @@ impl Metrics {
             Box::new(metrics.idle_before_close.clone()),
             Box::new(metrics.tracked.clone()),
             Box::new(metrics.evictions.clone()),
+            Box::new(metrics.series_overflow.clone()),
+            Box::new(metrics.program_runs.clone()),
+            Box::new(metrics.program_run_seconds.clone()),
         ] {
             metrics.registry.register(collector)?;
         }
@@ -154,57 +233,125 @@ impl Metrics {
     pub fn apply(&self, observation: &Observation) {
         match observation {
             Observation::Opened(labels) => {
-                self.opened.with_label_values(&values(&[], labels)).inc();
+                let v = self.series(Family::Opened, &[], labels);
+                self.opened.with_label_values(&v).inc();
             }
             Observation::Closed {
                 labels,
                 cause,
                 idle_before_close,
             } => {
-                self.closed
-                    .with_label_values(&values(&[cause.name()], labels))
-                    .inc();
+                let v = self.series(Family::Closed, &[cause.name()], labels);
+                self.closed.with_label_values(&v).inc();
                 if let Some((closer, idle)) = idle_before_close {
-                    self.idle_before_close
-                        .with_label_values(&values(&[closer.name()], labels))
-                        .observe(*idle);
+                    let v = self.series(Family::IdleBeforeClose, &[closer.name()], labels);
+                    self.idle_before_close.with_label_values(&v).observe(*idle);
                 }
             }
-            Observation::ProbeSent(labels) => self
-                .keepalive_probes
-                .with_label_values(&values(&[], labels))
-                .inc(),
-            Observation::Retransmit(labels) => {
-                self.retransmits
-                    .with_label_values(&values(&[], labels))
-                    .inc();
+            Observation::ProbeSent(labels) => {
+                let v = self.series(Family::Probes, &[], labels);
+                self.keepalive_probes.with_label_values(&v).inc();
             }
-            Observation::ResetReceived(labels) => self
-                .resets_received
-                .with_label_values(&values(&[], labels))
-                .inc(),
+            Observation::Retransmit(labels) => {
+                let v = self.series(Family::Retransmits, &[], labels);
+                self.retransmits.with_label_values(&v).inc();
+            }
+            Observation::ResetReceived(labels) => {
+                let v = self.series(Family::ResetsReceived, &[], labels);
+                self.resets_received.with_label_values(&v).inc();
+            }
             Observation::ResetSent {
                 labels,
                 netns,
                 reason,
             } => {
-                let values = match labels {
-                    Some(labels) => values(&[reason], labels),
-                    None => vec![
-                        reason.clone(),
-                        netns.to_string(),
-                        "inbound".into(),
-                        String::new(),
-                        String::new(),
-                    ],
+                // A reset answering a packet without a socket has no port or
+                // process; it still belongs to a namespace.
+                let unknown = Labels {
+                    netns: *netns,
+                    direction: crate::model::Direction::Inbound,
+                    port: 0,
+                    comm: String::new(),
+                    peer: String::new(),
                 };
-                self.resets_sent.with_label_values(&values).inc();
+                let v = self.series(
+                    Family::ResetsSent,
+                    &[reason],
+                    labels.as_ref().unwrap_or(&unknown),
+                );
+                self.resets_sent.with_label_values(&v).inc();
             }
-            Observation::Zombie { labels, kind } => self
-                .zombies
-                .with_label_values(&values(&[kind.name()], labels))
-                .inc(),
+            Observation::Zombie { labels, kind } => {
+                let v = self.series(Family::Zombies, &[kind.name()], labels);
+                self.zombies.with_label_values(&v).inc();
+            }
         }
+    }
+
+    /// The label values of a connection series: the metric's own first,
+    /// then the connection labels, folded into `other` past `--max-series`.
+    fn series(&self, family: Family, extra: &[&str], labels: &Labels) -> Vec<String> {
+        let key = connection_values(labels);
+        let Ok(mut limiter) = self.series.lock() else {
+            return values(extra, labels);
+        };
+        let now = Instant::now();
+        let admitted = limiter.admitted.contains_key(&key) || limiter.admitted.len() < limiter.max;
+        let key = if admitted {
+            key
+        } else {
+            self.series_overflow.inc();
+            let mut folded = vec![OVERFLOW.to_owned(); CONNECTION_LABELS.len()];
+            folded[0] = labels.netns.to_string();
+            labels.direction.name().clone_into(&mut folded[1]);
+            folded
+        };
+        let mut full: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        full.extend(key.iter().cloned());
+        let entry = limiter
+            .admitted
+            .entry(key)
+            .or_insert_with(|| (now, Vec::new()));
+        entry.0 = now;
+        if !entry.1.iter().any(|(f, v)| *f == family && *v == full) {
+            entry.1.push((family, full.clone()));
+        }
+        full
+    }
+
+    /// Removes connection series not used for `--series-ttl` (their
+    /// connections and processes are gone). Returns how many label sets expired.
+    pub fn expire_series(&self) -> usize {
+        let Ok(mut limiter) = self.series.lock() else {
+            return 0;
+        };
+        let ttl = limiter.ttl;
+        let stale: Vec<Vec<String>> = limiter
+            .admitted
+            .iter()
+            .filter(|(_, (seen, _))| seen.elapsed() >= ttl)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &stale {
+            if let Some((_, series)) = limiter.admitted.remove(key) {
+                for (family, values) in series {
+                    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+                    let _ = match family {
+                        Family::Opened => self.opened.remove_label_values(&values),
+                        Family::Closed => self.closed.remove_label_values(&values),
+                        Family::Probes => self.keepalive_probes.remove_label_values(&values),
+                        Family::Retransmits => self.retransmits.remove_label_values(&values),
+                        Family::ResetsReceived => self.resets_received.remove_label_values(&values),
+                        Family::ResetsSent => self.resets_sent.remove_label_values(&values),
+                        Family::Zombies => self.zombies.remove_label_values(&values),
+                        Family::IdleBeforeClose => {
+                            self.idle_before_close.remove_label_values(&values)
+                        }
+                    };
+                }
+            }
+        }
+        stale.len()
     }
 
     /// The Prometheus text exposition.
@@ -216,12 +363,25 @@ impl Metrics {
     }
 }
 
-/// Label values: the metric's own first, then the connection labels.
+/// The connection label values, in [`CONNECTION_LABELS`] order.
+pub fn connection_values(labels: &Labels) -> Vec<String> {
+    vec![
+        labels.netns.to_string(),
+        labels.direction.name().to_owned(),
+        if labels.port == 0 {
+            String::new()
+        } else {
+            labels.port.to_string()
+        },
+        labels.comm.clone(),
+        labels.peer.clone(),
+    ]
+}
+
+/// Label values: the metric's own first, then the connection labels
+/// (gauges, which are rebuilt every second and so need no limiter).
 pub fn values(extra: &[&str], labels: &Labels) -> Vec<String> {
     let mut v: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-    v.push(labels.netns.to_string());
-    v.push(labels.direction.name().to_owned());
-    v.push(labels.port.to_string());
-    v.push(labels.comm.clone());
+    v.extend(connection_values(labels));
     v
 }

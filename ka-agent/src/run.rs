@@ -21,7 +21,7 @@ use crate::{
     http::{self, AtRisk, ConnectionView, Shared},
     idle_timeout::IdleTimeout,
     loader::{LoadOptions, Probes},
-    metrics::{Metrics, values},
+    metrics::{Metrics, SeriesLimits, values},
     model::TcpState,
     track::{Connection, Tracker, TrackerConfig},
 };
@@ -97,7 +97,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             ring_buffer_bytes: args.ring_buffer_bytes,
         },
     )?;
-    let metrics = Arc::new(Metrics::new()?);
+    let metrics = Arc::new(Metrics::new(SeriesLimits {
+        max_series: usize::try_from(args.max_series).unwrap_or(usize::MAX),
+        ttl: Duration::from_secs(args.series_ttl),
+    })?);
+    // Kernel-side run time and count per program, while the agent runs.
+    let bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .inspect_err(|e| tracing::info!(error = %e, "kernel BPF run-time stats unavailable"))
+        .ok();
     metrics
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION"), layout.kernel_release.as_str()])
@@ -137,6 +144,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         reset_reasons: layout.reset_reasons.clone(),
         ephemeral_ports: ephemeral_ports(),
+        peer_label: args.peer_label,
     });
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd that owns the ring buffer lives.
@@ -145,6 +153,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut gauges = GaugeState::default();
     let mut lost_seen = 0u64;
     let mut evictions_seen = 0u64;
+    let mut tick_count = 0u64;
+    let mut program_stats = ProgramStats::default();
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut sigint =
@@ -167,6 +177,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 lost_seen = lost_seen.max(lost);
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
+                if bpf_stats.is_some() {
+                    program_stats.update(&probes, &metrics);
+                }
+                if tick_count.is_multiple_of(60) {
+                    metrics.expire_series();
+                }
+                tick_count += 1;
                 let views = publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
                 if let Ok(mut slot) = shared.connections.write() {
                     *slot = Arc::new(views);
@@ -202,6 +219,41 @@ fn report_hooks(probes: &Probes, metrics: &Metrics) {
             | crate::loader::HookStatus::Failed(why) => {
                 tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
             }
+        }
+    }
+}
+
+/// Run count and time of each program as last read, to export deltas.
+#[derive(Default)]
+struct ProgramStats {
+    seen: HashMap<&'static str, (u64, Duration)>,
+}
+
+impl ProgramStats {
+    fn update(&mut self, probes: &Probes, metrics: &Metrics) {
+        for (hook, status) in &probes.hooks {
+            if !status.is_attached() {
+                continue;
+            }
+            let Some(Ok(info)) = probes
+                .ebpf
+                .program(hook.program())
+                .map(aya::programs::Program::info)
+            else {
+                continue;
+            };
+            let (runs, time) = (info.run_count(), info.run_time());
+            let (seen_runs, seen_time) = self.seen.entry(hook.program()).or_default();
+            metrics
+                .program_runs
+                .with_label_values(&[hook.program()])
+                .inc_by(runs.saturating_sub(*seen_runs));
+            metrics
+                .program_run_seconds
+                .with_label_values(&[hook.program()])
+                .inc_by(time.saturating_sub(*seen_time).as_secs_f64());
+            *seen_runs = runs;
+            *seen_time = time;
         }
     }
 }

@@ -45,6 +45,7 @@ pub struct TrackerConfig {
     /// `net.ipv4.ip_local_port_range`: tells the direction of connections
     /// first seen already established.
     pub ephemeral_ports: (u16, u16),
+    pub peer_label: PeerLabel,
 }
 
 impl Default for TrackerConfig {
@@ -56,6 +57,7 @@ impl Default for TrackerConfig {
             max_connections: 262_144,
             reset_reasons: BTreeMap::new(),
             ephemeral_ports: (32768, 60999),
+            peer_label: PeerLabel::None,
         }
     }
 }
@@ -68,6 +70,37 @@ pub struct Labels {
     /// Service port: local for inbound, remote for outbound.
     pub port: u16,
     pub comm: String,
+    /// Remote address or network, only with `--peer-label ip|cidr`.
+    pub peer: String,
+}
+
+/// How the remote address appears in labels (`--peer-label`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerLabel {
+    /// No remote address label (the default: bounded cardinality).
+    #[default]
+    None,
+    /// The remote IP address.
+    Ip,
+    /// The remote /24 (IPv4) or /64 (IPv6) network.
+    Cidr,
+}
+
+impl PeerLabel {
+    pub fn render(self, remote: IpAddr) -> String {
+        match (self, remote) {
+            (Self::None, _) => String::new(),
+            (Self::Ip, ip) => ip.to_string(),
+            (Self::Cidr, IpAddr::V4(v4)) => {
+                let o = v4.octets();
+                format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+            }
+            (Self::Cidr, IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        }
+    }
 }
 
 /// Something the exporter counts.
@@ -172,10 +205,16 @@ pub struct Connection {
     last_fire: Option<(u32, u64)>,
     #[serde(skip)]
     close_wait_counted: bool,
+    #[serde(skip)]
+    peer_label: PeerLabel,
 }
 
 impl Connection {
     pub fn labels(&self) -> Labels {
+        self.labels_with(self.peer_label)
+    }
+
+    pub fn labels_with(&self, peer_label: PeerLabel) -> Labels {
         let port = match self.direction {
             Direction::Inbound => self.local.port(),
             Direction::Outbound => self.remote.port(),
@@ -185,6 +224,7 @@ impl Connection {
             direction: self.direction,
             port,
             comm: self.comm.clone(),
+            peer: peer_label.render(self.remote.ip()),
         }
     }
 
@@ -366,6 +406,7 @@ impl Tracker {
             pending_fire: None,
             last_fire: None,
             close_wait_counted: false,
+            peer_label: self.config.peer_label,
         };
         refresh(&mut conn, snap, ktime_ns, self.config.hz);
         conn

@@ -361,6 +361,51 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
+
+    /// The OpenMetrics 1.0 exposition (what a scraper asking for
+    /// `application/openmetrics-text` gets).
+    pub fn render_openmetrics(&self) -> String {
+        to_openmetrics(&self.render())
+    }
+}
+
+/// Rewrites the text format as OpenMetrics: counter families are named
+/// without their `_total` suffix (their samples keep it) and the exposition
+/// ends with `# EOF`.
+pub fn to_openmetrics(text: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, "counter")) = rest.split_once(' ')
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.lines() {
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    name.strip_suffix("_total").unwrap_or(name)
+                } else {
+                    name
+                };
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 /// The connection label values, in [`CONNECTION_LABELS`] order.
@@ -384,4 +429,178 @@ pub fn values(extra: &[&str], labels: &Labels) -> Vec<String> {
     let mut v: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
     v.extend(connection_values(labels));
     v
+}
+
+/// The metrics reference (docs/metrics.md), generated from the registry so
+/// it cannot drift from the code.
+pub fn reference_markdown() -> Result<String, MetricsError> {
+    use std::fmt::Write as _;
+
+    let metrics = Metrics::new(SeriesLimits::default())?;
+    // Vector metrics appear in a gather only once they have a series.
+    let labels = Labels {
+        netns: 1,
+        direction: crate::model::Direction::Inbound,
+        port: 80,
+        comm: String::new(),
+        peer: String::new(),
+    };
+    for observation in [
+        Observation::Opened(labels.clone()),
+        Observation::Closed {
+            labels: labels.clone(),
+            cause: crate::model::CloseCause::Normal,
+            idle_before_close: Some((crate::model::Closer::Peer, 1.0)),
+        },
+        Observation::ProbeSent(labels.clone()),
+        Observation::Retransmit(labels.clone()),
+        Observation::ResetReceived(labels.clone()),
+        Observation::ResetSent {
+            labels: None,
+            netns: 1,
+            reason: "unknown".into(),
+        },
+        Observation::Zombie {
+            labels: labels.clone(),
+            kind: crate::model::ZombieKind::CloseWaitLeak,
+        },
+    ] {
+        metrics.apply(&observation);
+    }
+    let values = values(&["x", "y"], &labels);
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    metrics.at_risk.with_label_values(&values).set(0.0);
+    metrics.connections.with_label_values(&values[1..]).set(0);
+    metrics.probing.with_label_values(&values[2..]).set(0);
+    metrics.build_info.with_label_values(&["v", "k"]).set(1);
+    metrics.hook_attached.with_label_values(&["h"]).set(1);
+    metrics.events.with_label_values(&["t"]).inc();
+    metrics.program_runs.with_label_values(&["h"]).inc();
+    metrics.program_run_seconds.with_label_values(&["h"]).inc();
+
+    let mut out = String::from(
+        "# ka metrics reference\n\n\
+         Generated from the code by `KA_BLESS=1 cargo test -p ka-agent --lib metrics::tests::reference_is_current`; \
+         the test fails when this file and the code disagree.\n\n\
+         Connection labels (on every metric that lists `…conn`): `netns` (network namespace inode), \
+         `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
+         never an ephemeral port), `comm` (process name), `peer` (remote address or network, only with \
+         `--peer-label ip|cidr`). Past `--max-series` label sets, new ones fold into `other` \
+         (`ka_series_overflow_total`); sets unused for `--series-ttl` are removed.\n\n\
+         | metric | type | labels | meaning |\n|---|---|---|---|\n",
+    );
+    for family in metrics.registry.gather() {
+        let kind = format!("{:?}", family.get_field_type()).to_lowercase();
+        let mut label_names: Vec<String> = family
+            .get_metric()
+            .first()
+            .map(|m| m.get_label().iter().map(|l| l.name().to_owned()).collect())
+            .unwrap_or_default();
+        let conn = CONNECTION_LABELS
+            .iter()
+            .all(|c| label_names.iter().any(|l| l == c));
+        if conn {
+            label_names.retain(|l| !CONNECTION_LABELS.contains(&l.as_str()));
+            label_names.push("…conn".to_owned());
+        }
+        let labels = label_names
+            .iter()
+            .map(|l| format!("`{l}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "| `{}` | {kind} | {labels} | {} |",
+            family.name(),
+            family.help().replace('|', "\\|")
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_is_current() {
+        let generated = reference_markdown().unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+        if std::env::var("KA_BLESS").as_deref() == Ok("1") {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            on_disk, generated,
+            "docs/metrics.md is stale: run KA_BLESS=1 cargo test -p ka-agent --lib metrics::tests"
+        );
+    }
+
+    #[test]
+    fn contract_metrics_exist() {
+        let reference = reference_markdown().unwrap();
+        for name in [
+            "ka_build_info",
+            "ka_hook_attached",
+            "ka_events_total",
+            "ka_events_lost_total",
+            "ka_connections_opened_total",
+            "ka_connections_closed_total",
+            "ka_connections",
+            "ka_keepalive_probes_total",
+            "ka_connections_probing",
+            "ka_retransmits_total",
+            "ka_resets_received_total",
+            "ka_resets_sent_total",
+            "ka_zombies_total",
+            "ka_connections_at_risk",
+            "ka_idle_before_close_seconds",
+        ] {
+            assert!(
+                reference.contains(&format!("| `{name}` |")),
+                "{name} missing"
+            );
+        }
+    }
+
+    #[test]
+    fn series_are_capped_and_overflow_counted() {
+        let metrics = Metrics::new(SeriesLimits {
+            max_series: 10,
+            ttl: Duration::from_secs(0),
+        })
+        .unwrap();
+        for port in 0..1000u16 {
+            metrics.apply(&Observation::ResetReceived(Labels {
+                netns: 1,
+                direction: crate::model::Direction::Outbound,
+                port: 1000 + port,
+                comm: String::new(),
+                peer: format!("198.18.{}.{}", port / 256, port % 256),
+            }));
+        }
+        let families = metrics.registry.gather();
+        let resets = families
+            .iter()
+            .find(|f| f.name() == "ka_resets_received_total")
+            .unwrap();
+        assert_eq!(resets.get_metric().len(), 11, "10 admitted + 1 other");
+        assert_eq!(metrics.series_overflow.get(), 990);
+        assert_eq!(metrics.expire_series(), 11);
+        let after = metrics.registry.gather();
+        assert!(
+            after
+                .iter()
+                .all(|f| f.name() != "ka_resets_received_total" || f.get_metric().is_empty())
+        );
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total() {
+        let text = "# HELP a_total A.\n# TYPE a_total counter\na_total 1\n# TYPE g gauge\ng 2\n";
+        assert_eq!(
+            to_openmetrics(text),
+            "# HELP a A.\n# TYPE a counter\na_total 1\n# TYPE g gauge\ng 2\n# EOF\n"
+        );
+    }
 }

@@ -175,3 +175,107 @@ pub fn class_of(connection: &Connection, at_risk: bool) -> &'static str {
         "closing"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{
+        metrics::SeriesLimits,
+        model::{Direction, TcpState},
+        track::{Connection, Keepalive},
+    };
+
+    fn connection(port: u16, state: TcpState, zombie: Option<ZombieKind>) -> Connection {
+        let local: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
+        let remote: SocketAddr = "198.18.0.2:40000".parse().unwrap();
+        let mut c = Connection::for_tests(local, remote, Direction::Inbound, state);
+        c.zombie = zombie;
+        c.keepalive = Keepalive::default();
+        c
+    }
+
+    fn shared() -> Arc<Shared> {
+        let views = vec![
+            ConnectionView {
+                connection: connection(80, TcpState::Established, Some(ZombieKind::ResetAfterIdle)),
+                idle_secs: 1.0,
+                class: "zombie",
+                at_risk: Vec::new(),
+            },
+            ConnectionView {
+                connection: connection(443, TcpState::Established, None),
+                idle_secs: 500.0,
+                class: "at_risk",
+                at_risk: vec![AtRisk {
+                    reason: "keepalive_disabled",
+                    idle_timeout: "aws-nlb".into(),
+                }],
+            },
+            ConnectionView {
+                connection: connection(443, TcpState::Established, None),
+                idle_secs: 2.0,
+                class: "ok",
+                at_risk: Vec::new(),
+            },
+        ];
+        Arc::new(Shared {
+            metrics: Arc::new(Metrics::new(SeriesLimits::default()).unwrap()),
+            ready: AtomicBool::new(true),
+            connections: RwLock::new(Arc::new(views)),
+        })
+    }
+
+    async fn get(uri: &str) -> (StatusCode, serde_json::Value) {
+        let response = router(shared())
+            .oneshot(axum::http::Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn filters() {
+        assert_eq!(get("/api/v1/connections").await.1["count"], 3);
+        assert_eq!(get("/api/v1/connections?class=zombie").await.1["count"], 1);
+        assert_eq!(get("/api/v1/connections?at_risk=true").await.1["count"], 1);
+        assert_eq!(get("/api/v1/connections?at_risk=false").await.1["count"], 2);
+        assert_eq!(get("/api/v1/connections?port=443").await.1["count"], 2);
+        assert_eq!(
+            get("/api/v1/connections?port=443&limit=1").await.1["count"],
+            1
+        );
+        let (_, body) = get("/api/v1/connections?class=zombie").await;
+        assert_eq!(body["connections"][0]["zombie"], "reset_after_idle");
+        assert_eq!(body["connections"][0]["local"], "198.18.0.1:80");
+    }
+
+    #[tokio::test]
+    async fn malformed_queries_are_400_with_a_message() {
+        for uri in [
+            "/api/v1/connections?class=undead",
+            "/api/v1/connections?at_risk=maybe",
+            "/api/v1/connections?port=70000",
+            "/api/v1/connections?port=-1",
+            "/api/v1/connections?limit=ten",
+            "/api/v1/connections?colour=blue",
+        ] {
+            let (status, body) = get(uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert!(
+                body["error"].as_str().is_some_and(|m| !m.is_empty()),
+                "{uri}: {body}"
+            );
+        }
+    }
+}

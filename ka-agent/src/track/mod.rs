@@ -228,6 +228,41 @@ impl Connection {
         }
     }
 
+    /// A record built by hand, for tests of what consumes the table.
+    #[doc(hidden)]
+    pub fn for_tests(
+        local: SocketAddr,
+        remote: SocketAddr,
+        direction: Direction,
+        state: TcpState,
+    ) -> Self {
+        Self {
+            sk: 0,
+            cookie: 0,
+            netns: 0,
+            local,
+            remote,
+            direction,
+            state,
+            comm: String::new(),
+            was_established: true,
+            state_since_ns: 0,
+            last_event_ns: 0,
+            idle_at_event_secs: 0.0,
+            keepalive: Keepalive::default(),
+            retransmits: 0,
+            last_error: 0,
+            zombie: None,
+            closer: None,
+            reset_received: false,
+            reset_sent: None,
+            pending_fire: None,
+            last_fire: None,
+            close_wait_counted: false,
+            peer_label: PeerLabel::None,
+        }
+    }
+
     /// Idle seconds now, extrapolated from the last event.
     pub fn idle_secs(&self, now_ns: u64) -> f64 {
         self.idle_at_event_secs + ns_to_secs(now_ns.saturating_sub(self.last_event_ns))

@@ -42,6 +42,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub connections: RwLock<Arc<Vec<ConnectionView>>>,
+    pub closed: RwLock<Arc<Vec<crate::track::ClosedConnection>>>,
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -50,6 +51,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/connections", get(connections))
+        .route("/api/v1/closed", get(closed))
         .with_state(shared)
 }
 
@@ -156,6 +158,48 @@ async fn connections(
     Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
 }
 
+/// Recently closed connections with their death cause, newest first;
+/// `?cause=` and `?limit=` filter.
+async fn closed(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let mut cause = None;
+    let mut limit = usize::MAX;
+    for (key, value) in &params {
+        match key.as_str() {
+            "cause" => match crate::model::CloseCause::ALL
+                .iter()
+                .find(|c| c.name() == value)
+            {
+                Some(c) => cause = Some(*c),
+                None => return bad_request(&format!("invalid cause {value:?}")),
+            },
+            "limit" => match value.parse() {
+                Ok(l) => limit = l,
+                Err(_) => {
+                    return bad_request(&format!(
+                        "invalid limit {value:?}: expected a non-negative integer"
+                    ));
+                }
+            },
+            other => return bad_request(&format!("unknown query parameter {other:?}")),
+        }
+    }
+    let snapshot = shared
+        .closed
+        .read()
+        .map(|guard| Arc::clone(&guard))
+        .unwrap_or_default();
+    let selected: Vec<_> = snapshot
+        .iter()
+        .rev()
+        .filter(|c| cause.is_none_or(|want| c.cause == want))
+        .take(limit)
+        .collect();
+    Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
+}
+
 /// The API class of a connection, worst first.
 pub fn class_of(connection: &Connection, at_risk: bool) -> &'static str {
     use crate::model::TcpState;
@@ -228,6 +272,7 @@ mod tests {
             metrics: Arc::new(Metrics::new(SeriesLimits::default()).unwrap()),
             ready: AtomicBool::new(true),
             connections: RwLock::new(Arc::new(views)),
+            closed: RwLock::new(Arc::new(Vec::new())),
         })
     }
 

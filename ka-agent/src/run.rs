@@ -118,6 +118,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(false),
         connections: RwLock::new(Arc::new(Vec::new())),
+        closed: RwLock::new(Arc::new(Vec::new())),
     });
     let server = axum::serve(listener, http::router(Arc::clone(&shared)));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -187,6 +188,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let views = publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
                 if let Ok(mut slot) = shared.connections.write() {
                     *slot = Arc::new(views);
+                }
+                if let Ok(mut slot) = shared.closed.write() {
+                    *slot = Arc::new(tracker.recently_closed().cloned().collect());
                 }
                 shared.ready.store(true, Ordering::Release);
             }

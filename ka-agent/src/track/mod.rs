@@ -28,6 +28,25 @@ use crate::{
     model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
 };
 
+/// Most states kept in [`Connection::history`].
+pub const HISTORY: usize = 12;
+/// Most closed connections kept for the API.
+pub const RECENTLY_CLOSED: usize = 1024;
+
+/// A connection that ended, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClosedConnection {
+    #[serde(flatten)]
+    pub connection: Connection,
+    pub cause: CloseCause,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closer: Option<Closer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_before_close_secs: Option<f64>,
+    /// `CLOCK_MONOTONIC` ns of the close.
+    pub closed_at_ns: u64,
+}
+
 /// How the tracker is tuned.
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
@@ -173,6 +192,8 @@ pub struct Connection {
     pub remote: SocketAddr,
     pub direction: Direction,
     pub state: TcpState,
+    /// The states it went through, oldest first (at most [`HISTORY`]).
+    pub history: Vec<TcpState>,
     pub comm: String,
     /// Was it seen reaching ESTABLISHED (or found established)?
     #[serde(skip)]
@@ -244,6 +265,7 @@ impl Connection {
             remote,
             direction,
             state,
+            history: vec![state],
             comm: String::new(),
             was_established: true,
             state_since_ns: 0,
@@ -280,6 +302,7 @@ pub struct Tracker {
     connections: HashMap<u64, Connection>,
     observations: Vec<Observation>,
     evictions: u64,
+    recently_closed: std::collections::VecDeque<ClosedConnection>,
 }
 
 impl Tracker {
@@ -289,6 +312,7 @@ impl Tracker {
             connections: HashMap::new(),
             observations: Vec::new(),
             evictions: 0,
+            recently_closed: std::collections::VecDeque::new(),
         }
     }
 
@@ -326,6 +350,18 @@ impl Tracker {
 
     pub fn is_empty(&self) -> bool {
         self.connections.is_empty()
+    }
+
+    /// The last [`RECENTLY_CLOSED`] connections that ended, newest last.
+    pub fn recently_closed(&self) -> impl Iterator<Item = &ClosedConnection> {
+        self.recently_closed.iter()
+    }
+
+    fn remember_closed(&mut self, closed: ClosedConnection) {
+        if self.recently_closed.len() >= RECENTLY_CLOSED {
+            self.recently_closed.pop_front();
+        }
+        self.recently_closed.push_back(closed);
     }
 
     /// Connections dropped because the table was full.
@@ -426,6 +462,7 @@ impl Tracker {
             remote: socket_addr(snap.family, snap.daddr, snap.dport),
             direction,
             state: TcpState::from_raw(snap.state),
+            history: vec![TcpState::from_raw(snap.state)],
             comm: String::new(),
             was_established: false,
             state_since_ns: ktime_ns,

@@ -43,6 +43,10 @@ impl Tracker {
         };
         conn.state = new;
         conn.state_since_ns = ktime;
+        if conn.history.len() >= super::HISTORY {
+            conn.history.remove(0);
+        }
+        conn.history.push(new);
         match (old, new) {
             (TcpState::SynSent | TcpState::SynRecv, TcpState::Established) => {
                 conn.was_established = true;
@@ -112,6 +116,13 @@ impl Tracker {
             });
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
+        self.remember_closed(super::ClosedConnection {
+            connection: conn.clone(),
+            cause,
+            closer: conn.closer.map(|(closer, _)| closer),
+            idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
+            closed_at_ns: event.header.ktime_ns,
+        });
         self.observations.push(Observation::Closed {
             labels,
             cause,

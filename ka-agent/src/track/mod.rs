@@ -420,6 +420,7 @@ impl Tracker {
             let direction = self.guess_direction(snap);
             let mut conn = self.new_connection(snap, direction, ktime_ns);
             conn.state_since_ns = 0;
+            conn.history.push(state);
             conn.was_established = !matches!(state, TcpState::SynSent | TcpState::SynRecv);
             self.insert(conn);
         }
@@ -462,7 +463,7 @@ impl Tracker {
             remote: socket_addr(snap.family, snap.daddr, snap.dport),
             direction,
             state: TcpState::from_raw(snap.state),
-            history: vec![TcpState::from_raw(snap.state)],
+            history: Vec::new(),
             comm: String::new(),
             was_established: false,
             state_since_ns: ktime_ns,

@@ -32,7 +32,8 @@ impl Agent {
     pub fn start(args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let stderr_path = std::env::temp_dir().join(format!("ka-agent-test-{}-{port}.log", std::process::id()));
+        let stderr_path =
+            std::env::temp_dir().join(format!("ka-agent-test-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
             .arg("run")
@@ -52,13 +53,21 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("ka-agent exited early with {status}:\n{}", agent.log());
             }
             if http_get(addr, "/readyz").is_some_and(|(code, _)| code == 200) {
                 return agent;
             }
-            assert!(Instant::now() < deadline, "ka-agent not ready in 30 s:\n{}", agent.log());
+            assert!(
+                Instant::now() < deadline,
+                "ka-agent not ready in 30 s:\n{}",
+                agent.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -78,7 +87,12 @@ impl Agent {
     }
 
     /// Waits (bounded) until `predicate` holds for the metrics; returns them.
-    pub fn wait_metrics(&self, timeout: Duration, what: &str, predicate: impl Fn(&Metrics) -> bool) -> Metrics {
+    pub fn wait_metrics(
+        &self,
+        timeout: Duration,
+        what: &str,
+        predicate: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
         let deadline = Instant::now() + timeout;
         loop {
             let metrics = self.metrics();
@@ -137,13 +151,20 @@ impl Drop for Agent {
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     // The server may use chunked encoding.
-    let body = if response.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if response
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -154,7 +175,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if size == 0 || rest.len() < size {
             break;
         }
@@ -165,9 +188,12 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// Parsed Prometheus text exposition.
+/// One sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 pub struct Metrics {
     pub text: String,
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<Sample>,
 }
 
 impl Metrics {
@@ -202,6 +228,14 @@ impl Metrics {
         }
     }
 
+    /// Sum of `name` over the series whose labels include all of `filter`,
+    /// as a count.
+    pub fn count(&self, name: &str, filter: &[(&str, &str)]) -> i64 {
+        #[expect(clippy::cast_possible_truncation, reason = "counts are small integers")]
+        let count = self.sum(name, filter).round() as i64;
+        count
+    }
+
     /// Sum of `name` over the series whose labels include all of `filter`.
     pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
         self.samples
@@ -234,3 +268,4 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("SKIPPED (not root): {test}");
     false
 }
+pub mod lab;

@@ -1,0 +1,286 @@
+//! The foundation end to end: real kernel programs, real connections between
+//! network namespaces, counts checked against the namespaces' own counters.
+
+#![expect(clippy::unwrap_used, reason = "helpers of tests fail by panicking, with the value in the message")]
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use common::{
+    Agent,
+    lab::{Netns, SocketOptions, delta, link},
+    require_root,
+};
+
+fn pair(tag: &str) -> (Netns, Netns) {
+    let client = Netns::new(&format!("{tag}c"));
+    let server = Netns::new(&format!("{tag}s"));
+    link(
+        &client,
+        &["198.18.10.1/24", "2001:db8:10::1/64"],
+        &server,
+        &["198.18.10.2/24", "2001:db8:10::2/64"],
+    );
+    (client, server)
+}
+
+fn api_json(agent: &Agent, path: &str) -> serde_json::Value {
+    let (code, body) = agent.get(path);
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// Waits until the API lists a matching connection; returns it.
+fn wait_api(
+    agent: &Agent,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = api_json(agent, path);
+        if let Some(found) = body["connections"]
+            .as_array()
+            .and_then(|list| list.iter().find(|c| pred(c)))
+        {
+            return found.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not in {path}: {body}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Opens a connection from `client` to `server_addr`, checks what the API
+/// shows while it is open, closes it from the client and checks the death.
+fn open_exchange_close(
+    agent: &Agent,
+    client: &Netns,
+    server: &Netns,
+    server_addr: &str,
+    client_ip: &str,
+) {
+    let server_addr: SocketAddr = server_addr.parse().unwrap();
+    let listener = server.listen(server_addr);
+    let mut stream = client
+        .connect(server_addr, &SocketOptions::default())
+        .unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    accepted.read_exact(&mut buf).unwrap();
+    accepted.write_all(b"pong").unwrap();
+    stream.read_exact(&mut buf).unwrap();
+    let local = stream.local_addr().unwrap();
+
+    let seen = wait_api(
+        &agent,
+        "/api/v1/connections?port=8080",
+        "client side",
+        |c| c["local"] == local.to_string() && c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(seen["remote"], server_addr.to_string());
+    assert_eq!(seen["direction"], "outbound");
+    assert_eq!(seen["state"], "ESTABLISHED");
+    assert!(local.ip().to_string() == client_ip);
+    let seen = wait_api(
+        &agent,
+        "/api/v1/connections?port=8080",
+        "server side",
+        |c| c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode()),
+    );
+    assert_eq!(seen["direction"], "inbound");
+
+    drop(stream); // the client closes first
+    std::thread::sleep(Duration::from_millis(100));
+    drop(accepted);
+    drop(listener);
+    let closed = wait_api(&agent, "/api/v1/closed", "client close", |c| {
+        c["local"] == local.to_string()
+    });
+    assert_eq!(closed["cause"], "normal");
+    assert_eq!(closed["closer"], "local");
+    assert_eq!(
+        closed["history"],
+        serde_json::json!(["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"])
+    );
+    let closed = wait_api(&agent, "/api/v1/closed", "server close", |c| {
+        c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode())
+    });
+    assert_eq!(closed["cause"], "normal");
+    assert_eq!(closed["closer"], "peer");
+    assert_eq!(
+        closed["history"],
+        serde_json::json!(["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"])
+    );
+}
+
+#[test]
+fn ipv4_and_ipv6_connections_are_tracked_from_open_to_close() {
+    if !require_root("ipv4_and_ipv6_connections_are_tracked_from_open_to_close") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("lc");
+    let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
+    for (server_addr, client_ip) in [
+        ("198.18.10.2:8080", "198.18.10.1"),
+        ("[2001:db8:10::2]:8080", "2001:db8:10::1"),
+    ] {
+        open_exchange_close(&agent, &client, &server, server_addr, client_ip);
+    }
+    let m = agent.wait_metrics(
+        Duration::from_secs(5),
+        "two opens and closes per side",
+        |m| m.count("ka_connections_closed_total", &[("netns", &sn)]) == 2,
+    );
+    let out = [
+        ("netns", cn.as_str()),
+        ("direction", "outbound"),
+        ("port", "8080"),
+    ];
+    let inb = [
+        ("netns", sn.as_str()),
+        ("direction", "inbound"),
+        ("port", "8080"),
+    ];
+    assert_eq!(
+        m.count("ka_connections_opened_total", &out),
+        2,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.count("ka_connections_opened_total", &inb), 2);
+    assert_eq!(
+        m.count(
+            "ka_connections_closed_total",
+            &[("cause", "normal"), out[0], out[1], out[2]]
+        ),
+        2
+    );
+    assert_eq!(
+        m.count(
+            "ka_connections_closed_total",
+            &[("cause", "normal"), inb[0], inb[1], inb[2]]
+        ),
+        2
+    );
+    assert_eq!(
+        m.count("ka_connections_closed_total", &[("netns", &cn)]),
+        2,
+        "nothing else closed"
+    );
+    assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
+}
+
+#[test]
+fn resets_are_counted_like_the_kernel_counts_them() {
+    if !require_root("resets_are_counted_like_the_kernel_counts_them") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("rs");
+    let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
+    let before = server.counters();
+    // Nobody listens: the server's kernel answers the SYN with an RST.
+    let refused = client.connect("198.18.10.2:9".parse().unwrap(), &SocketOptions::default());
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    // nftables answers with a reset for the server's port 8081.
+    let _listener = server.listen("198.18.10.2:8081".parse().unwrap());
+    server.nft(
+        "table inet kalab_reject {\n chain in { type filter hook input priority 0; tcp dport 8081 reject with tcp reset; }\n}\n",
+    );
+    let refused = client.connect(
+        "198.18.10.2:8081".parse().unwrap(),
+        &SocketOptions::default(),
+    );
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+
+    let m = agent.wait_metrics(Duration::from_secs(5), "two resets received", |m| {
+        m.count("ka_resets_received_total", &[("netns", &cn)]) == 2
+    });
+    let out_rsts = delta(&before, &server.counters(), "Tcp.OutRsts");
+    assert_eq!(out_rsts, 1, "only the kernel's own RST counts in OutRsts");
+    assert_eq!(
+        m.count("ka_resets_sent_total", &[("netns", &sn)]),
+        1,
+        "resets sent equal the namespace's OutRsts delta\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.count(
+            "ka_resets_sent_total",
+            &[("netns", &sn), ("reason", "no_socket")]
+        ),
+        1
+    );
+    assert_eq!(
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", &cn), ("cause", "reset_received")]
+        ),
+        2
+    );
+}
+
+#[test]
+fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
+    if !require_root("retransmissions_match_retranssegs_and_the_dead_peer_is_found") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("rt");
+    let cn = client.inode().to_string();
+    let addr: SocketAddr = "198.18.10.2:8082".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: None,
+        user_timeout_ms: Some(3000),
+    };
+    let mut stream = client.connect(addr, &options).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let before = client.counters();
+    server.drop_everything();
+    stream.write_all(b"are you there?").unwrap();
+    let m = agent.wait_metrics(
+        Duration::from_secs(15),
+        "a retransmission-timeout death",
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", "retransmit_timeout")],
+            ) == 1
+        },
+    );
+    let after = client.counters();
+    let retrans = delta(&before, &after, "Tcp.RetransSegs");
+    assert!(retrans > 0);
+    assert_eq!(
+        m.count("ka_retransmits_total", &[("netns", &cn)]),
+        retrans,
+        "ka_retransmits_total equals the RetransSegs delta"
+    );
+    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
+        ),
+        1
+    );
+}

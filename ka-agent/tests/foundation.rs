@@ -1,7 +1,10 @@
 //! The foundation end to end: real kernel programs, real connections between
 //! network namespaces, counts checked against the namespaces' own counters.
 
-#![expect(clippy::unwrap_used, reason = "helpers of tests fail by panicking, with the value in the message")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests fail by panicking, with the value in the message"
+)]
 
 mod common;
 
@@ -82,29 +85,23 @@ fn open_exchange_close(
     stream.read_exact(&mut buf).unwrap();
     let local = stream.local_addr().unwrap();
 
-    let seen = wait_api(
-        &agent,
-        "/api/v1/connections?port=8080",
-        "client side",
-        |c| c["local"] == local.to_string() && c["netns"].as_u64() == Some(client.inode()),
-    );
+    let seen = wait_api(agent, "/api/v1/connections?port=8080", "client side", |c| {
+        c["local"] == local.to_string() && c["netns"].as_u64() == Some(client.inode())
+    });
     assert_eq!(seen["remote"], server_addr.to_string());
     assert_eq!(seen["direction"], "outbound");
     assert_eq!(seen["state"], "ESTABLISHED");
     assert!(local.ip().to_string() == client_ip);
-    let seen = wait_api(
-        &agent,
-        "/api/v1/connections?port=8080",
-        "server side",
-        |c| c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode()),
-    );
+    let seen = wait_api(agent, "/api/v1/connections?port=8080", "server side", |c| {
+        c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode())
+    });
     assert_eq!(seen["direction"], "inbound");
 
     drop(stream); // the client closes first
     std::thread::sleep(Duration::from_millis(100));
     drop(accepted);
     drop(listener);
-    let closed = wait_api(&agent, "/api/v1/closed", "client close", |c| {
+    let closed = wait_api(agent, "/api/v1/closed", "client close", |c| {
         c["local"] == local.to_string()
     });
     assert_eq!(closed["cause"], "normal");
@@ -113,7 +110,7 @@ fn open_exchange_close(
         closed["history"],
         serde_json::json!(["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"])
     );
-    let closed = wait_api(&agent, "/api/v1/closed", "server close", |c| {
+    let closed = wait_api(agent, "/api/v1/closed", "server close", |c| {
         c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode())
     });
     assert_eq!(closed["cause"], "normal");

@@ -16,52 +16,9 @@ use std::{
 
 use common::{
     Agent,
-    lab::{Netns, SocketOptions, delta, link},
-    require_root,
+    lab::{Netns, SocketOptions, delta},
+    pair, require_root, wait_api,
 };
-
-fn pair(tag: &str) -> (Netns, Netns) {
-    let client = Netns::new(&format!("{tag}c"));
-    let server = Netns::new(&format!("{tag}s"));
-    link(
-        &client,
-        &["198.18.10.1/24", "2001:db8:10::1/64"],
-        &server,
-        &["198.18.10.2/24", "2001:db8:10::2/64"],
-    );
-    (client, server)
-}
-
-fn api_json(agent: &Agent, path: &str) -> serde_json::Value {
-    let (code, body) = agent.get(path);
-    assert_eq!(code, 200, "{path}: {body}");
-    serde_json::from_str(&body).expect("JSON")
-}
-
-/// Waits until the API lists a matching connection; returns it.
-fn wait_api(
-    agent: &Agent,
-    path: &str,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let body = api_json(agent, path);
-        if let Some(found) = body["connections"]
-            .as_array()
-            .and_then(|list| list.iter().find(|c| pred(c)))
-        {
-            return found.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} not in {path}: {body}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Opens a connection from `client` to `server_addr`, checks what the API
 /// shows while it is open, closes it from the client and checks the death.

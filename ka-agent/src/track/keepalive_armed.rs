@@ -18,12 +18,12 @@ impl Tracker {
             fire.cpu == event.header.cpu && probes_out == fire.probes_out.wrapping_add(1)
         });
         let ka = &mut conn.keepalive;
-        ka.unanswered = probes_out;
         #[expect(clippy::cast_precision_loss, reason = "jiffies deltas are small")]
         let armed_in = event.expires.wrapping_sub(event.sock.jiffies).cast_signed() as f64 / hz;
         ka.armed_in_secs = Some(armed_in);
         if probe_sent {
             ka.probes_sent += 1;
+            ka.probe_outstanding = true;
             let labels = conn.labels();
             self.observations.push(Observation::ProbeSent(labels));
         }

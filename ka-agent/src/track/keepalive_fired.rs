@@ -12,11 +12,13 @@ impl Tracker {
             return;
         };
         let ka = &mut conn.keepalive;
-        // Every acceptable ACK resets icsk_probes_out: a streak that went
-        // back to zero was answered.
-        if ka.unanswered > 0 && event.sock.probes_out == 0 {
-            ka.probes_answered += u64::from(ka.unanswered);
+        // Every acceptable ACK resets icsk_probes_out: if the last expiry
+        // sent a probe and the count is back at zero, the peer answered. A
+        // probe still counted here went a whole interval without an answer.
+        if ka.probe_outstanding && event.sock.probes_out == 0 {
+            ka.probes_answered += 1;
         }
+        ka.probe_outstanding = false;
         ka.unanswered = event.sock.probes_out;
         conn.pending_fire = Some(PendingFire {
             cpu: event.header.cpu,

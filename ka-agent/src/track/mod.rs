@@ -164,8 +164,12 @@ pub struct Keepalive {
     pub interval_from_socket: bool,
     pub probes_from_socket: bool,
     pub user_timeout_ms: u32,
-    /// Unanswered probes right now (`icsk_probes_out`).
+    /// Probes that went a whole interval unanswered (`icsk_probes_out` when
+    /// the timer last fired).
     pub unanswered: u8,
+    /// A probe was sent at the last expiry; the next one tells its fate.
+    #[serde(skip)]
+    pub probe_outstanding: bool,
     pub probes_sent: u64,
     pub probes_answered: u64,
     /// Seconds until the keepalive timer fires, at the last time it was armed.

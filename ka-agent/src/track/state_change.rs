@@ -96,7 +96,8 @@ impl Tracker {
             crate::model::CloseCause::Normal => conn.closer,
             _ => None,
         };
-        if let Some(kind) = classify::zombie_of_death(cause, conn.was_established) {
+        let zombie = classify::zombie_of_death(cause, conn.was_established);
+        if let Some(kind) = zombie {
             tracing::warn!(
                 kind = kind.name(),
                 cause = cause.name(),
@@ -116,8 +117,11 @@ impl Tracker {
             });
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
+        let mut record = conn.clone();
+        record.zombie = zombie.or(conn.zombie);
+        record.state = TcpState::Close;
         self.remember_closed(super::ClosedConnection {
-            connection: conn.clone(),
+            connection: record,
             cause,
             closer: conn.closer.map(|(closer, _)| closer),
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),

@@ -1,5 +1,5 @@
-//! Shared by the integration tests: a real `ka-agent run` process and a
-//! reader for its /metrics.
+//! Shared by the integration tests: a real `ka-agent run` process, a reader
+//! for its /metrics and API, and the network lab.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
@@ -10,6 +10,8 @@ use std::{
     sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
+
+use lab::{Netns, link};
 
 /// A running agent; stopped with SIGTERM (then SIGKILL) on drop.
 pub struct Agent {
@@ -269,3 +271,46 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 pub mod lab;
+
+pub fn pair(tag: &str) -> (Netns, Netns) {
+    let client = Netns::new(&format!("{tag}c"));
+    let server = Netns::new(&format!("{tag}s"));
+    link(
+        &client,
+        &["198.18.10.1/24", "2001:db8:10::1/64"],
+        &server,
+        &["198.18.10.2/24", "2001:db8:10::2/64"],
+    );
+    (client, server)
+}
+
+pub fn api_json(agent: &Agent, path: &str) -> serde_json::Value {
+    let (code, body) = agent.get(path);
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// Waits until the API lists a matching connection; returns it.
+pub fn wait_api(
+    agent: &Agent,
+    path: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = api_json(agent, path);
+        if let Some(found) = body["connections"]
+            .as_array()
+            .and_then(|list| list.iter().find(|c| pred(c)))
+        {
+            return found.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not in {path}: {body}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,341 @@
+//! The keepalive scenarios and the zombie classifier, for real: each test
+//! builds the situation in network namespaces and checks exact counts
+//! against the namespace's own TcpExt counters.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests fail by panicking, with the value in the message"
+)]
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use common::{
+    Agent, Metrics, api_json,
+    lab::{Netns, SocketOptions, delta},
+    pair, require_root, wait_api,
+};
+
+const FAST_KEEPALIVE: SocketOptions = SocketOptions {
+    keepalive: Some((1, 1, 3)),
+    user_timeout_ms: None,
+};
+
+fn connected(
+    client: &Netns,
+    server: &Netns,
+    addr: &str,
+    options: &SocketOptions,
+) -> (TcpListener, TcpStream, TcpStream) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = server.listen(addr);
+    let stream = client.connect(addr, options).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (listener, stream, accepted)
+}
+
+fn timeout_deaths(m: &Metrics, netns: &str) -> i64 {
+    [
+        "keepalive_timeout",
+        "retransmit_timeout",
+        "zero_window_timeout",
+    ]
+    .iter()
+    .map(|cause| {
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", netns), ("cause", cause)],
+        )
+    })
+    .sum()
+}
+
+fn dead_peer_keepalive(tag: &str, addr: &str) {
+    let agent = Agent::start(&[]);
+    let (client, server) = pair(tag);
+    let cn = client.inode().to_string();
+    let before = client.counters();
+    let (_listener, stream, _accepted) = connected(&client, &server, addr, &FAST_KEEPALIVE);
+    // Two probes answered, then the peer vanishes.
+    std::thread::sleep(Duration::from_millis(2500));
+    server.drop_everything();
+    let m = agent.wait_metrics(Duration::from_secs(20), "a keepalive death", |m| {
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", &cn), ("cause", "keepalive_timeout")],
+        ) == 1
+    });
+    let after = client.counters();
+    let probes = delta(&before, &after, "TcpExt.TCPKeepAlive");
+    assert!(
+        probes >= 5,
+        "2 answered + 3 unanswered probes, kernel says {probes}"
+    );
+    assert_eq!(
+        m.count("ka_keepalive_probes_total", &[("netns", &cn)]),
+        probes,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        timeout_deaths(&m, &cn),
+        delta(&before, &after, "TcpExt.TCPAbortOnTimeout")
+    );
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_keepalive")]
+        ),
+        1
+    );
+    assert_eq!(m.count("ka_zombies_total", &[("netns", &cn)]), 1);
+    let closed = wait_api(
+        &agent,
+        "/api/v1/closed?cause=keepalive_timeout",
+        "the dead connection",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(closed["keepalive"]["enabled"], true);
+    assert_eq!(closed["keepalive"]["idle_secs"], 1.0);
+    assert_eq!(closed["keepalive"]["probes"], 3);
+    assert_eq!(closed["keepalive"]["idle_from_socket"], true);
+    assert_eq!(closed["zombie"], "dead_peer_keepalive");
+    let mut stream = stream;
+    assert_eq!(
+        stream.write(b"x").unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
+}
+
+#[test]
+fn dead_peer_with_keepalive_ipv4() {
+    if require_root("dead_peer_with_keepalive_ipv4") {
+        dead_peer_keepalive("k4", "198.18.10.2:7001");
+    }
+}
+
+#[test]
+fn dead_peer_with_keepalive_ipv6() {
+    if require_root("dead_peer_with_keepalive_ipv6") {
+        dead_peer_keepalive("k6", "[2001:db8:10::2]:7001");
+    }
+}
+
+#[test]
+fn answered_probes_are_counted_and_nothing_dies() {
+    if !require_root("answered_probes_are_counted_and_nothing_dies") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("ka");
+    let cn = client.inode().to_string();
+    let before = client.counters();
+    let (_listener, stream, _accepted) =
+        connected(&client, &server, "198.18.10.2:7002", &FAST_KEEPALIVE);
+    let local = stream.local_addr().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(4500));
+    let view = wait_api(
+        &agent,
+        "/api/v1/connections?port=7002",
+        "the probing connection",
+        |c| c["local"] == local && c["keepalive"]["probes_answered"].as_u64() >= Some(3),
+    );
+    assert_eq!(view["class"], "ok");
+    let m = agent.metrics();
+    let probes = delta(&before, &client.counters(), "TcpExt.TCPKeepAlive");
+    assert!(probes >= 3, "kernel sent {probes}");
+    // A probe may be in flight between the two readings: compare again once
+    // the agent has caught up with the kernel's count.
+    let m = if m.count("ka_keepalive_probes_total", &[("netns", &cn)]) == probes {
+        m
+    } else {
+        let now = delta(&before, &client.counters(), "TcpExt.TCPKeepAlive");
+        agent.wait_metrics(
+            Duration::from_secs(3),
+            "probes equal to TCPKeepAlive",
+            |m| m.count("ka_keepalive_probes_total", &[("netns", &cn)]) >= now,
+        )
+    };
+    assert_eq!(m.count("ka_connections_closed_total", &[("netns", &cn)]), 0);
+    assert_eq!(m.count("ka_zombies_total", &[("netns", &cn)]), 0);
+    assert_eq!(
+        m.count("ka_connections_probing", &[("netns", &cn)]),
+        0,
+        "every probe was answered"
+    );
+    drop(stream);
+}
+
+#[test]
+fn peer_reboot_is_a_reset_not_a_timeout() {
+    if !require_root("peer_reboot_is_a_reset_not_a_timeout") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("rb");
+    let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
+    let options = SocketOptions {
+        keepalive: Some((1, 1, 5)),
+        user_timeout_ms: None,
+    };
+    let (listener, _stream, accepted) = connected(&client, &server, "198.18.10.2:7003", &options);
+    // The server "reboots": its socket vanishes without a word reaching the
+    // client (the abortive close's RST is dropped), then the host is back.
+    server.drop_everything();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid fd and a pointer to a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&accepted),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            u32::try_from(size_of::<libc::linger>()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(accepted);
+    drop(listener);
+    server.nft("delete table inet kalab_drop\n");
+    let m = agent.wait_metrics(Duration::from_secs(15), "a reset death", |m| {
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", &cn), ("cause", "reset_received")],
+        ) == 1
+    });
+    assert_eq!(m.count("ka_zombies_total", &[("netns", &cn)]), 0);
+    assert_eq!(timeout_deaths(&m, &cn), 0);
+    assert!(
+        m.count(
+            "ka_resets_sent_total",
+            &[("netns", &sn), ("reason", "no_socket")]
+        ) >= 1
+    );
+}
+
+#[test]
+fn close_wait_leak_is_counted_once() {
+    if !require_root("close_wait_leak_is_counted_once") {
+        return;
+    }
+    let agent = Agent::start(&["--close-wait-threshold", "2s"]);
+    let (client, server) = pair("cw");
+    let cn = client.inode().to_string();
+    let (_listener, stream, accepted) = connected(
+        &client,
+        &server,
+        "198.18.10.2:7004",
+        &SocketOptions::default(),
+    );
+    drop(accepted); // the peer closes; the client application never does
+    agent.wait_metrics(Duration::from_secs(10), "a CLOSE_WAIT leak", |m| {
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "close_wait_leak")],
+        ) == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let m = agent.metrics();
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "close_wait_leak")]
+        ),
+        1
+    );
+    let leaks = api_json(&agent, "/api/v1/connections?class=zombie");
+    assert!(
+        leaks["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["state"] == "CLOSE_WAIT" && c["netns"].as_u64() == Some(client.inode())),
+        "{leaks}"
+    );
+    drop(stream);
+}
+
+#[test]
+fn agent_started_late_still_classifies_the_death() {
+    if !require_root("agent_started_late_still_classifies_the_death") {
+        return;
+    }
+    let (client, server) = pair("lt");
+    let cn = client.inode().to_string();
+    let (_listener, _stream, _accepted) =
+        connected(&client, &server, "198.18.10.2:7005", &FAST_KEEPALIVE);
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent = Agent::start(&[]);
+    let before = client.counters();
+    server.drop_everything();
+    let m = agent.wait_metrics(Duration::from_secs(20), "a keepalive death", |m| {
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", &cn), ("cause", "keepalive_timeout")],
+        ) == 1
+    });
+    let after = client.counters();
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_keepalive")]
+        ),
+        1
+    );
+    assert_eq!(
+        m.count("ka_keepalive_probes_total", &[("netns", &cn)]),
+        delta(&before, &after, "TcpExt.TCPKeepAlive")
+    );
+    assert_eq!(
+        timeout_deaths(&m, &cn),
+        delta(&before, &after, "TcpExt.TCPAbortOnTimeout")
+    );
+}
+
+#[test]
+fn idle_before_close_reveals_the_peers_keepalive_timeout() {
+    if !require_root("idle_before_close_reveals_the_peers_keepalive_timeout") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("ib");
+    let cn = client.inode().to_string();
+    let (_listener, mut stream, mut accepted) = connected(
+        &client,
+        &server,
+        "198.18.10.2:7006",
+        &SocketOptions::default(),
+    );
+    stream.write_all(b"GET").unwrap();
+    let mut buf = [0u8; 3];
+    accepted.read_exact(&mut buf).unwrap();
+    accepted.write_all(b"200").unwrap();
+    stream.read_exact(&mut buf).unwrap();
+    // The server keeps the connection 2 s after its response, then closes.
+    std::thread::sleep(Duration::from_secs(2));
+    drop(accepted);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(stream);
+    let m = agent.wait_metrics(Duration::from_secs(5), "the close", |m| {
+        m.count(
+            "ka_idle_before_close_seconds_count",
+            &[("netns", &cn), ("closer", "peer")],
+        ) == 1
+    });
+    let idle = m.sum(
+        "ka_idle_before_close_seconds_sum",
+        &[("netns", &cn), ("closer", "peer")],
+    );
+    assert!(
+        (1.9..2.6).contains(&idle),
+        "client saw the peer close after {idle} s idle"
+    );
+}

@@ -283,6 +283,7 @@ fn drain(
             }
         }
     }
+    tracker.settle_closes(monotonic_ns());
     for observation in tracker.drain_observations() {
         metrics.apply(&observation);
     }

@@ -7,6 +7,7 @@ use super::Tracker;
 
 impl Tracker {
     pub(super) fn on_destroy_sock(&mut self, event: &DestroySockEvent) {
+        self.settle(event.sock.sk);
         self.connections.remove(&event.sock.sk);
     }
 }

@@ -28,6 +28,16 @@ use crate::{
     model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
 };
 
+/// How long a connection that reached CLOSE waits for its verdict.
+pub const SETTLE_NS: u64 = 20_000_000;
+
+/// A connection that reached CLOSE, waiting for its verdict.
+struct Closing {
+    connection: Connection,
+    old_state: TcpState,
+    event: ka_common::StateChangeEvent,
+}
+
 /// Most states kept in [`Connection::history`].
 pub const HISTORY: usize = 12;
 /// Most closed connections kept for the API.
@@ -307,6 +317,7 @@ pub struct Tracker {
     observations: Vec<Observation>,
     evictions: u64,
     recently_closed: std::collections::VecDeque<ClosedConnection>,
+    closing: HashMap<u64, Closing>,
 }
 
 impl Tracker {
@@ -317,6 +328,7 @@ impl Tracker {
             observations: Vec::new(),
             evictions: 0,
             recently_closed: std::collections::VecDeque::new(),
+            closing: HashMap::new(),
         }
     }
 
@@ -373,8 +385,9 @@ impl Tracker {
         self.evictions
     }
 
-    /// Periodic work: `CLOSE_WAIT` leaks.
+    /// Periodic work: `CLOSE_WAIT` leaks, closes waiting for a verdict.
     pub fn sweep(&mut self, now_ns: u64) {
+        self.settle_closes(now_ns);
         let threshold_ns = self
             .config
             .close_wait_leak_secs

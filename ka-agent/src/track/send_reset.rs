@@ -10,6 +10,12 @@ impl Tracker {
         let netns = event.sock.netns;
         let labels = if event.has_sock == 0 {
             None
+        } else if let Some(closing) = self.closing.get_mut(&event.sock.sk) {
+            // The RST of an abortive close, right after its move to CLOSE.
+            closing.connection.reset_sent = Some(event.reason);
+            let labels = closing.connection.labels();
+            self.settle(event.sock.sk);
+            Some(labels)
         } else {
             self.adopt(&event.sock, event.header.ktime_ns).map(|conn| {
                 conn.reset_sent = Some(event.reason);

@@ -29,6 +29,7 @@ impl Tracker {
                     Direction::Inbound
                 };
                 let conn = self.new_connection(snap, direction, ktime);
+                self.settle(snap.sk);
                 self.connections.remove(&snap.sk);
                 self.insert(conn);
             }
@@ -62,11 +63,43 @@ impl Tracker {
                 conn.closer = Some((closer, idle_before_close(snap, hz)));
             }
             (_, TcpState::Close) => {
-                let conn = conn.clone();
-                self.connections.remove(&snap.sk);
-                self.finish(&conn, old, event);
+                // An abortive close (unread data, SO_LINGER 0) moves to CLOSE
+                // *before* sending its RST: the verdict waits for what
+                // follows on this socket (see `settle_closes`).
+                if let Some(conn) = self.connections.remove(&snap.sk) {
+                    self.closing.insert(
+                        snap.sk,
+                        super::Closing {
+                            connection: conn,
+                            old_state: old,
+                            event: *event,
+                        },
+                    );
+                }
             }
             _ => {}
+        }
+    }
+
+    /// Gives the verdict on a connection that reached CLOSE.
+    pub(super) fn settle(&mut self, sk: u64) {
+        if let Some(closing) = self.closing.remove(&sk) {
+            self.finish(&closing.connection, closing.old_state, &closing.event);
+        }
+    }
+
+    /// Settles the closes nothing more can be learnt about: older than
+    /// [`super::SETTLE_NS`] (the RST of an abortive close follows within
+    /// the same system call).
+    pub fn settle_closes(&mut self, now_ns: u64) {
+        let due: Vec<u64> = self
+            .closing
+            .iter()
+            .filter(|(_, c)| now_ns.saturating_sub(c.event.header.ktime_ns) >= super::SETTLE_NS)
+            .map(|(sk, _)| *sk)
+            .collect();
+        for sk in due {
+            self.settle(sk);
         }
     }
 

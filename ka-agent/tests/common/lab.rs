@@ -270,3 +270,89 @@ pub fn enable_keepalive(stream: &TcpStream, idle: u32, interval: u32, count: u32
     }
     .apply(stream);
 }
+
+/// A process started inside a namespace, killed (and reaped) on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Where a real peer program is, or `None` (a loud skip outside CI, a
+/// failure in CI, where `cargo xtask test` installs it).
+pub fn require_program(program: &str, test: &str) -> Option<std::path::PathBuf> {
+    let found = ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin", "/bin"]
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|path| path.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: {program} is not installed, and CI=true forbids skipping"
+        );
+        eprintln!("SKIPPED ({program} not installed): {test}");
+    }
+    found
+}
+
+/// An nginx serving `/` on `listen` inside `ns`, with its own config, logs
+/// and pid file in a temporary directory (removed on drop).
+pub struct Nginx {
+    _child: ChildGuard,
+    dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    pub fn start(
+        ns: &Netns,
+        nginx: &std::path::Path,
+        listen: &str,
+        keepalive_timeout_secs: u32,
+    ) -> Self {
+        let dir = std::env::temp_dir().join(format!("ka-nginx-{}-{}", std::process::id(), ns.name));
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let config = format!(
+            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {dir};\n proxy_temp_path {dir};\n\
+             fastcgi_temp_path {dir};\n uwsgi_temp_path {dir};\n scgi_temp_path {dir};\n\
+             keepalive_timeout {keepalive_timeout_secs}s;\n\
+             server {{ listen {listen}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), config).expect("nginx.conf");
+        let child = ns
+            .command(&nginx.display().to_string())
+            .args([
+                "-c",
+                &dir.join("nginx.conf").display().to_string(),
+                "-p",
+                &dir.display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx");
+        let guard = ChildGuard(child);
+        // Ready when it accepts connections.
+        let addr: SocketAddr = listen.parse().expect("listen address");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ns
+            .run_in(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { _child: guard, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,106 @@
+//! No false positives: ordinary HTTP traffic against a real nginx (short
+//! connections and kept-alive ones, from curl and wrk) produces only normal
+//! closes and no zombies. The one exception is real: when its duration is
+//! up, wrk closes its connections with requests in flight, which the kernel
+//! does with an RST (unread data): at most one per wrk connection, seen as
+//! `reset_sent` by the client and `reset_received` by nginx.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    Agent,
+    lab::{Nginx, require_program},
+    pair, require_root,
+};
+
+#[test]
+fn ordinary_http_traffic_is_all_normal() {
+    const TEST: &str = "ordinary_http_traffic_is_all_normal";
+    if !require_root(TEST) {
+        return;
+    }
+    let (Some(nginx), Some(curl), Some(wrk)) = (
+        require_program("nginx", TEST),
+        require_program("curl", TEST),
+        require_program("wrk", TEST),
+    ) else {
+        return;
+    };
+    let agent = Agent::start(&[]);
+    let (client, server) = pair("ht");
+    let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
+    let _nginx = Nginx::start(&server, &nginx, "198.18.10.2:8088", 1);
+    let url = "http://198.18.10.2:8088/";
+    // 30 short connections.
+    for _ in 0..30 {
+        let status = client
+            .command(&curl.display().to_string())
+            .args(["-sf", "-o", "/dev/null", "-H", "Connection: close", url])
+            .status()
+            .expect("curl");
+        assert!(status.success());
+    }
+    // 5 kept-alive connections of 10 requests each, left for nginx's
+    // keep-alive timeout to close.
+    for _ in 0..5 {
+        let status = client
+            .command(&curl.display().to_string())
+            .args(["-sf", "-o", "/dev/null"])
+            .args(std::iter::repeat_n(url, 10))
+            .status()
+            .expect("curl");
+        assert!(status.success());
+    }
+    // wrk with keep-alive, bounded: 4 connections for 2 seconds.
+    let output = client
+        .command(&wrk.display().to_string())
+        .args(["-t1", "-c4", "-d2s", url])
+        .output()
+        .expect("wrk");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(2)); // nginx's keep-alive timeout
+    let m = agent.wait_metrics(Duration::from_secs(10), "every connection closed", |m| {
+        m.count("ka_connections_closed_total", &[("netns", &cn)]) >= 39
+            && m.count("ka_connections_opened_total", &[("netns", &cn)])
+                == m.count("ka_connections_closed_total", &[("netns", &cn)])
+    });
+    for (netns, direction, abort) in [
+        (&cn, "outbound", "reset_sent"),
+        (&sn, "inbound", "reset_received"),
+    ] {
+        let side = [("netns", netns.as_str()), ("direction", direction)];
+        let closed = m.count("ka_connections_closed_total", &side);
+        let normal = m.count(
+            "ka_connections_closed_total",
+            &[side[0], side[1], ("cause", "normal")],
+        );
+        let aborted = m.count(
+            "ka_connections_closed_total",
+            &[side[0], side[1], ("cause", abort)],
+        );
+        assert!(
+            aborted <= 4,
+            "at most one abortive close per wrk connection:\n{}",
+            m.text
+        );
+        assert_eq!(
+            normal + aborted,
+            closed,
+            "only normal closes in {netns}:\n{}",
+            m.text
+        );
+        assert_eq!(m.count("ka_zombies_total", &[("netns", netns)]), 0);
+    }
+    assert!(
+        m.count(
+            "ka_idle_before_close_seconds_count",
+            &[("netns", &sn), ("closer", "local")]
+        ) >= 5
+    );
+}

@@ -1,0 +1,66 @@
+//! `cargo xtask`: everything about tooling lives here.
+//!
+//! The README's two commands are `cargo xtask run` and `cargo xtask test`;
+//! both begin with `setup`, which installs what is missing and is a quick
+//! no-op when everything is present.
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ka's build, run and test tooling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building ka needs (rust-src, LLVM 22, bpf-linker).
+    Setup {
+        /// Also install what the tests use (nftables, nginx, wrk, prometheus...).
+        #[arg(long)]
+        test_deps: bool,
+    },
+    /// Build the agent (and, through its build script, the kernel programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build and run the agent as root: `ka-agent run [ARGS]`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up (with test dependencies), then fmt, clippy and the whole test
+    /// suite. Extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run `ka-agent check`.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup { test_deps } => setup::setup(test_deps),
+        Command::Build { release } => cmd::build_agent(release).map(|_| ()),
+        Command::Run { args } => setup::setup(false).and_then(|()| cmd::run_agent("run", &args)),
+        Command::Test { args } => test::test(&args),
+        Command::Check => setup::setup(false).and_then(|()| cmd::run_agent("check", &[])),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -68,8 +68,12 @@ fn installed(package: &str) -> bool {
 
 fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
     if which("dpkg-query").is_none() || which("apt-get").is_none() {
-        let missing_tools: Vec<&str> = packages.iter().copied().filter(|p| which(p).is_none()).collect();
-        if missing_tools.is_empty() {
+        // Off Debian the build packages only matter to build bpf-linker.
+        let linker_ready = Command::new("bpf-linker")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+        if linker_ready && packages.len() == BUILD_PACKAGES.len() {
             return Ok(());
         }
         bail!(
@@ -83,7 +87,10 @@ fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {}: run as root (or apt-get install them)", missing.join(" "));
+        bail!(
+            "missing Debian packages {}: run as root (or apt-get install them)",
+            missing.join(" ")
+        );
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -111,7 +118,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
     run(Command::new("cargo")
         .args([
             "install",

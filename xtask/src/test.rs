@@ -14,18 +14,34 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     }
     let steps: [(&str, &[&str]); 2] = [
         ("format", &["fmt", "--all", "--check"]),
-        ("lint", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        (
+            "lint",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
     ];
     for (name, step) in steps {
         eprintln!("xtask: {name}: cargo {}", step.join(" "));
         cmd::run(cmd::cargo().args(step))?;
     }
-    eprintln!("xtask: tests: cargo test --workspace --no-fail-fast {}", args.join(" "));
+    eprintln!(
+        "xtask: tests: cargo test --workspace --no-fail-fast {}",
+        args.join(" ")
+    );
     cmd::run(
         cmd::cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
             .args(args),
     )?;
-    eprintln!("xtask: all checks passed in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: all checks passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

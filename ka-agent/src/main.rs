@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 use ka_agent::cli::{Cli, Command, LogFormat};
 
 fn init_tracing(cli: &Cli) -> Result<(), String> {
@@ -18,8 +18,45 @@ fn init_tracing(cli: &Cli) -> Result<(), String> {
     result.map_err(|e| format!("cannot initialise logging: {e}"))
 }
 
+/// Parses the command line; invalid input is one line on stderr and exit 2.
+fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = error.print();
+                return Err(
+                    if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::SUCCESS
+                    },
+                );
+            }
+            let text = error.to_string();
+            let line = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("invalid command line")
+                .trim_start_matches("error: ");
+            eprintln!("ka-agent: {line} (see ka-agent --help)");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if let Err(message) = init_tracing(&cli) {
         eprintln!("ka-agent: {message}");
         return ExitCode::from(2);

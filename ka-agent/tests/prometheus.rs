@@ -1,0 +1,219 @@
+//! The exporter as Prometheus sees it: the real Prometheus server scrapes
+//! the agent during a lab scenario and PromQL returns what happened;
+//! promtool finds nothing to complain about in the exposition.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    Agent, http_get,
+    lab::{ChildGuard, SocketOptions, require_program},
+    pair, require_root,
+};
+
+/// A Prometheus server on loopback scraping `target` every second, with its
+/// own storage in a temporary directory (removed on drop).
+struct Prometheus {
+    _child: ChildGuard,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(binary: &std::path::Path, target: SocketAddr) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let dir = std::env::temp_dir().join(format!("ka-prometheus-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: ka\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("config");
+        let child = Command::new(binary)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus");
+        let prometheus = Self {
+            _child: ChildGuard(child),
+            addr,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(addr, "/-/ready").is_none_or(|(code, _)| code != 200) {
+            assert!(Instant::now() < deadline, "prometheus not ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        prometheus
+    }
+
+    /// The single value of an instant PromQL query, if any.
+    fn query(&self, promql: &str) -> Option<f64> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        assert_eq!(code, 200, "{promql}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    fn wait_for(&self, promql: &str, expected: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let value = self.query(promql);
+            if value.is_some_and(|v| (v - expected).abs() < 1e-9) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql} = {value:?}, expected {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_sees_a_dead_peer_through_promql() {
+    const TEST: &str = "prometheus_sees_a_dead_peer_through_promql";
+    if !require_root(TEST) {
+        return;
+    }
+    let Some(binary) = require_program("prometheus", TEST) else {
+        return;
+    };
+    let agent = Agent::start(&[]);
+    let prometheus = Prometheus::start(&binary, agent.addr);
+    let (client, server) = pair("pq");
+    let cn = client.inode();
+    let addr: SocketAddr = "198.18.10.2:7101".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: Some((1, 1, 3)),
+        user_timeout_ms: None,
+    };
+    let _stream = client.connect(addr, &options).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let before = client.counters();
+    server.drop_everything();
+    prometheus.wait_for(
+        &format!("sum(ka_zombies_total{{kind=\"dead_peer_keepalive\",netns=\"{cn}\"}})"),
+        1.0,
+    );
+    prometheus.wait_for(
+        &format!("sum by (cause) (ka_connections_closed_total{{netns=\"{cn}\",cause=\"keepalive_timeout\"}})"),
+        1.0,
+    );
+    let probes = common::lab::delta(&before, &client.counters(), "TcpExt.TCPKeepAlive");
+    #[expect(clippy::cast_precision_loss, reason = "a handful of probes")]
+    let probes = probes as f64;
+    prometheus.wait_for(
+        &format!("sum(ka_keepalive_probes_total{{netns=\"{cn}\"}})"),
+        probes,
+    );
+    prometheus.wait_for("sum(ka_hook_attached{hook=\"inet_sock_set_state\"})", 1.0);
+    prometheus.wait_for("max(ka_build_info)", 1.0);
+    prometheus.wait_for("sum(up{job=\"ka\"})", 1.0);
+}
+
+#[test]
+fn promtool_accepts_the_exposition() {
+    const TEST: &str = "promtool_accepts_the_exposition";
+    if !require_root(TEST) {
+        return;
+    }
+    let Some(promtool) = require_program("promtool", TEST) else {
+        return;
+    };
+    let agent = Agent::start(&["--peer-label", "cidr"]);
+    // Some traffic so that every family has series.
+    let (client, server) = pair("pt");
+    let addr: SocketAddr = "198.18.10.2:7102".parse().unwrap();
+    let listener = server.listen(addr);
+    drop(client.connect(addr, &SocketOptions::default()).unwrap());
+    drop(listener.accept().unwrap());
+    let _ = client.connect("198.18.10.2:9".parse().unwrap(), &SocketOptions::default());
+    std::thread::sleep(Duration::from_millis(1500));
+    // promtool reads the text format; the OpenMetrics exposition is what the
+    // real Prometheus of the test above negotiates and parses.
+    let openmetrics = get_with_accept(agent.addr, "application/openmetrics-text; version=1.0.0");
+    assert!(openmetrics.contains("# TYPE ka_events counter"), "{openmetrics}");
+    for accept in ["text/plain"] {
+        let body = get_with_accept(agent.addr, accept);
+        let mut child = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), body.as_bytes())
+            .expect("write");
+        let output = child.wait_with_output().expect("promtool");
+        let complaints = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && complaints.trim().is_empty(),
+            "{accept}: {complaints}\n{body}"
+        );
+    }
+}
+
+fn get_with_accept(addr: SocketAddr, accept: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    if accept.contains("openmetrics") {
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("application/openmetrics-text"),
+            "{head}"
+        );
+        assert!(body.trim_end().ends_with("# EOF"));
+    }
+    body.to_owned()
+}

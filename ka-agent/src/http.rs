@@ -324,3 +324,52 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod documentation {
+    use super::*;
+
+    /// Every field the API serializes is documented in docs/api.md.
+    #[test]
+    fn documented_fields() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md"))
+            .unwrap();
+        let mut connection = crate::track::Connection::for_tests(
+            "198.18.0.1:1".parse().unwrap(),
+            "198.18.0.2:2".parse().unwrap(),
+            crate::model::Direction::Inbound,
+            crate::model::TcpState::Established,
+        );
+        connection.zombie = Some(ZombieKind::CloseWaitLeak);
+        connection.keepalive.armed_in_secs = Some(1.0);
+        let view = ConnectionView {
+            connection: connection.clone(),
+            idle_secs: 0.0,
+            class: "ok",
+            at_risk: vec![AtRisk {
+                reason: "keepalive_disabled",
+                idle_timeout: "x".into(),
+            }],
+        };
+        let closed = crate::track::ClosedConnection {
+            connection,
+            cause: crate::model::CloseCause::Normal,
+            closer: Some(crate::model::Closer::Peer),
+            idle_before_close_secs: Some(1.0),
+            closed_at_ns: 1,
+        };
+        for value in [
+            serde_json::to_value(&view).unwrap(),
+            serde_json::to_value(&closed).unwrap(),
+        ] {
+            let object = value.as_object().unwrap();
+            let keepalive = object["keepalive"].as_object().unwrap();
+            for key in object.keys().chain(keepalive.keys()) {
+                assert!(
+                    doc.contains(&format!("`{key}`")),
+                    "docs/api.md does not document `{key}`"
+                );
+            }
+        }
+    }
+}

@@ -194,6 +194,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
                 shared.ready.store(true, Ordering::Release);
             }
+            // A close waits a few milliseconds for its verdict (see
+            // `Tracker::settle_closes`); give it without waiting for the tick.
+            () = tokio::time::sleep(Duration::from_millis(25)), if tracker.has_closing() => {
+                tracker.settle_closes(monotonic_ns());
+                for observation in tracker.drain_observations() {
+                    metrics.apply(&observation);
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = stop_rx.changed() => break,

@@ -167,6 +167,7 @@ fn resets_are_counted_like_the_kernel_counts_them() {
 
     let m = agent.wait_metrics(Duration::from_secs(5), "two resets received", |m| {
         m.count("ka_resets_received_total", &[("netns", &cn)]) == 2
+            && m.count("ka_connections_closed_total", &[("netns", &cn)]) == 2
     });
     let out_rsts = delta(&before, &server.counters(), "Tcp.OutRsts");
     assert_eq!(out_rsts, 1, "only the kernel's own RST counts in OutRsts");

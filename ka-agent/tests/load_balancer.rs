@@ -119,6 +119,7 @@ fn forgotten_flow_is_reset_after_idle_and_backend_keeps_a_zombie() {
             "ka_zombies_total",
             &[("netns", &cn), ("kind", "reset_after_idle")],
         ) == 1
+            && m.count("ka_connections_closed_total", &[("netns", &cn)]) == 1
     });
     assert_eq!(m.count("ka_resets_received_total", &[("netns", &cn)]), 1);
     assert_eq!(

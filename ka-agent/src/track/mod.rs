@@ -380,6 +380,11 @@ impl Tracker {
         self.recently_closed.push_back(closed);
     }
 
+    /// Some connection reached CLOSE and waits for its verdict.
+    pub fn has_closing(&self) -> bool {
+        !self.closing.is_empty()
+    }
+
     /// Connections dropped because the table was full.
     pub fn evictions(&self) -> u64 {
         self.evictions

@@ -277,6 +277,16 @@ impl KernelStats {
             .sum()
     }
 
+    /// Events submitted by the programs, by kind.
+    pub fn submitted(&self, kind: EventKind) -> u64 {
+        self.slot(Stat::submitted(kind))
+    }
+
+    /// Events lost, by kind.
+    pub fn lost_of(&self, kind: EventKind) -> u64 {
+        self.slot(Stat::lost(kind))
+    }
+
     pub fn read_failures(&self) -> u64 {
         self.slot(Stat::ReadFailures as u32)
     }
@@ -286,7 +296,7 @@ impl KernelStats {
     }
 }
 
-const _: () = assert!(Stat::KeepaliveTimerHits as u32 <= STAT_SLOTS);
+const _: () = assert!(Stat::SubmittedBase as u32 + 9 < STAT_SLOTS);
 
 /// Why this kernel cannot support `hook`, judged from the layout alone.
 fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub tracked: IntGauge,
     pub evictions: IntCounter,
     pub series_overflow: IntCounter,
+    pub kernel_events: IntCounterVec,
+    pub read_failures: IntCounter,
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     series: Mutex<SeriesLimiter>,
@@ -189,6 +191,17 @@ impl Metrics {
                 "ka_series_overflow_total",
                 "Observations folded into the `other` series because --max-series label sets exist.",
             )?,
+            kernel_events: IntCounterVec::new(
+                Opts::new(
+                    "ka_kernel_events_total",
+                    "Events the kernel programs produced, by type and outcome (submitted to the ring buffer, or lost): submitted = received + not yet read.",
+                ),
+                &["type", "outcome"],
+            )?,
+            read_failures: IntCounter::new(
+                "ka_kernel_read_failures_total",
+                "Kernel memory reads of socket fields that failed (the field reads as 0).",
+            )?,
             program_runs: IntCounterVec::new(
                 Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats)."),
                 &["hook"],
@@ -221,6 +234,8 @@ impl Metrics {
             Box::new(metrics.tracked.clone()),
             Box::new(metrics.evictions.clone()),
             Box::new(metrics.series_overflow.clone()),
+            Box::new(metrics.kernel_events.clone()),
+            Box::new(metrics.read_failures.clone()),
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
         ] {
@@ -477,6 +492,10 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
     metrics.events.with_label_values(&["t"]).inc();
     metrics.program_runs.with_label_values(&["h"]).inc();
     metrics.program_run_seconds.with_label_values(&["h"]).inc();
+    metrics
+        .kernel_events
+        .with_label_values(&["t", "lost"])
+        .inc();
 
     let mut out = String::from(
         "# ka metrics reference\n\n\

@@ -152,7 +152,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut gauges = GaugeState::default();
-    let mut lost_seen = 0u64;
+    let mut kernel_counts = KernelCounts::default();
     let mut evictions_seen = 0u64;
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
@@ -173,9 +173,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 for observation in tracker.drain_observations() {
                     metrics.apply(&observation);
                 }
-                let lost = stats.lost();
-                metrics.events_lost.inc_by(lost.saturating_sub(lost_seen));
-                lost_seen = lost_seen.max(lost);
+                kernel_counts.update(&stats, &metrics);
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
                 if bpf_stats.is_some() {
@@ -230,6 +228,45 @@ fn report_hooks(probes: &Probes, metrics: &Metrics) {
             crate::loader::HookStatus::Unavailable(why)
             | crate::loader::HookStatus::Failed(why) => {
                 tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
+            }
+        }
+    }
+}
+
+/// The in-kernel counters as last read, to export deltas.
+#[derive(Default)]
+struct KernelCounts {
+    lost: u64,
+    read_failures: u64,
+    by_kind: HashMap<(ka_common::EventKind, bool), u64>,
+}
+
+impl KernelCounts {
+    fn update(&mut self, stats: &crate::loader::KernelStats, metrics: &Metrics) {
+        let lost = stats.lost();
+        metrics.events_lost.inc_by(lost.saturating_sub(self.lost));
+        self.lost = self.lost.max(lost);
+        let failures = stats.read_failures();
+        metrics
+            .read_failures
+            .inc_by(failures.saturating_sub(self.read_failures));
+        self.read_failures = self.read_failures.max(failures);
+        for kind in ka_common::EventKind::ALL {
+            for (was_lost, outcome) in [(false, "submitted"), (true, "lost")] {
+                let now = if was_lost {
+                    stats.lost_of(kind)
+                } else {
+                    stats.submitted(kind)
+                };
+                let seen = self.by_kind.entry((kind, was_lost)).or_default();
+                let delta = now.saturating_sub(*seen);
+                if delta > 0 {
+                    metrics
+                        .kernel_events
+                        .with_label_values(&[kind.name(), outcome])
+                        .inc_by(delta);
+                }
+                *seen = (*seen).max(now);
             }
         }
     }

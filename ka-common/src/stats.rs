@@ -13,11 +13,20 @@ pub enum Stat {
     ReadFailures = 16,
     /// Keepalive timer callbacks seen (after the function filter).
     KeepaliveTimerHits = 17,
+    /// An event was reserved and submitted. Slots `SubmittedBase + kind`:
+    /// what the agent receives plus what it has yet to read, so that
+    /// received + lost accounts for every event the programs produced.
+    SubmittedBase = 32,
 }
 
 impl Stat {
     /// Slot counting lost events of `kind`.
     pub const fn lost(kind: EventKind) -> u32 {
         Self::LostBase as u32 + kind as u32
+    }
+
+    /// Slot counting submitted events of `kind`.
+    pub const fn submitted(kind: EventKind) -> u32 {
+        Self::SubmittedBase as u32 + kind as u32
     }
 }

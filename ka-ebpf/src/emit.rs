@@ -23,9 +23,11 @@ pub fn count(slot: u32) {
 #[inline(always)]
 pub fn reserve<T: 'static>(kind: EventKind) -> Option<RingBufEntry<T>> {
     let entry = EVENTS.reserve::<T>(0);
-    if entry.is_none() {
-        count(Stat::lost(kind));
-    }
+    count(if entry.is_none() {
+        Stat::lost(kind)
+    } else {
+        Stat::submitted(kind)
+    });
     entry
 }
 

@@ -1,0 +1,333 @@
+//! Reliability: restarts, clean exits, overload, least privilege. Each test
+//! provokes the fault for real.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "helpers of tests fail by panicking, with the value in the message"
+)]
+
+mod common;
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use common::{
+    Agent, http_get,
+    lab::{Netns, SocketOptions, delta},
+    pair, require_root,
+};
+
+/// Ids of the BPF objects (`prog`, `map` or `link`) a process holds, from
+/// the fdinfo of its file descriptors.
+fn bpf_objects(kind: &str, pid: u32) -> Vec<u64> {
+    let key = format!("{kind}_id:");
+    let mut ids = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for fd in fds.flatten() {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix(&key))
+                .filter_map(|v| v.trim().parse::<u64>().ok()),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The tests of this file provoke host-wide faults (storms, kills) and
+/// count host-wide events: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Every id of that kind the kernel knows: after an exit, none of the
+/// agent's ids may remain.
+fn all_ids(kind: &str) -> Vec<u64> {
+    if common::lab::require_program("bpftool", "all_ids").is_none() {
+        return Vec::new();
+    }
+    let output = Command::new("bpftool")
+        .args([kind, "show", "--json"])
+        .output()
+        .expect("bpftool");
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    list.as_array()
+        .map(|objects| objects.iter().filter_map(|o| o["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_detaches_everything_and_exits_0() {
+    if !require_root("sigterm_detaches_everything_and_exits_0") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(&[]);
+    let pid = agent.pid();
+    let addr = agent.addr;
+    let programs = bpf_objects("prog", pid);
+    let maps = bpf_objects("map", pid);
+    let links = bpf_objects("link", pid);
+    assert!(
+        programs.len() >= 8,
+        "at least the 8 tracepoint programs: {programs:?}"
+    );
+    assert!(!maps.is_empty());
+    assert_eq!(agent.stop(), Some(0));
+    std::thread::sleep(Duration::from_millis(500));
+    for (kind, ids) in [("prog", programs), ("map", maps), ("link", links)] {
+        let remaining = all_ids(kind);
+        let leaked: Vec<_> = ids.iter().filter(|id| remaining.contains(id)).collect();
+        assert!(
+            leaked.is_empty(),
+            "{kind} left behind after exit: {leaked:?}"
+        );
+    }
+    assert!(
+        http_get(addr, "/metrics").is_none(),
+        "/metrics still answers"
+    );
+}
+
+#[test]
+fn sigkill_leaves_nothing_and_a_new_agent_takes_over() {
+    if !require_root("sigkill_leaves_nothing_and_a_new_agent_takes_over")
+        || common::lab::require_program(
+            "bpftool",
+            "sigkill_leaves_nothing_and_a_new_agent_takes_over",
+        )
+        .is_none()
+    {
+        return;
+    }
+    let _serial = serial();
+    let (client, server) = pair("rk");
+    let cn = client.inode().to_string();
+    let addr: SocketAddr = "198.18.10.2:7201".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: Some((1, 1, 3)),
+        user_timeout_ms: None,
+    };
+    let _stream = client.connect(addr, &options).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let first = Agent::start(&[]);
+    std::thread::sleep(Duration::from_millis(1500)); // probing
+    let programs = bpf_objects("prog", first.pid());
+    assert!(!programs.is_empty());
+    first.kill_hard();
+    std::thread::sleep(Duration::from_millis(500));
+    let remaining = all_ids("prog");
+    assert!(
+        programs.iter().all(|id| !remaining.contains(id)),
+        "programs of a killed agent remain"
+    );
+
+    let second = Agent::start(&[]);
+    let before = client.counters();
+    server.drop_everything();
+    let m = second.wait_metrics(
+        Duration::from_secs(20),
+        "the death, classified by the new agent",
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", "keepalive_timeout")],
+            ) == 1
+        },
+    );
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_keepalive")]
+        ),
+        1
+    );
+    assert_eq!(
+        m.count("ka_keepalive_probes_total", &[("netns", &cn)]),
+        delta(&before, &client.counters(), "TcpExt.TCPKeepAlive")
+    );
+}
+
+/// Opens and closes `count` connections inside `ns` as fast as it can.
+fn storm(ns: &Netns, addr: SocketAddr, count: usize) {
+    ns.run_in(|| {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        for _ in 0..count {
+            let stream = std::net::TcpStream::connect(addr).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            drop(stream);
+            drop(accepted);
+        }
+    });
+}
+
+#[test]
+fn overload_is_counted_never_silent() {
+    if !require_root("overload_is_counted_never_silent") {
+        return;
+    }
+    let _serial = serial();
+    // A ring buffer of one page: 32 events.
+    let agent = Agent::start(&["--ring-buffer-bytes", "4096"]);
+    let ns = Netns::new("ov");
+    storm(&ns, "127.0.0.1:7202".parse().unwrap(), 2000);
+    // Quiet now: wait for the agent to have read everything that was
+    // submitted (kernel counters are read once a second).
+    let m = agent.wait_metrics(Duration::from_secs(10), "received == submitted", |m| {
+        m.count(
+            "ka_kernel_events_total",
+            &[("type", "state_change"), ("outcome", "submitted")],
+        ) == m.count("ka_events_total", &[("type", "state_change")])
+            && m.count("ka_events_lost_total", &[]) > 0
+    });
+    let lost = m.count("ka_events_lost_total", &[]);
+    assert!(
+        lost > 0,
+        "a one-page ring buffer must overflow under a storm\n{}",
+        m.text
+    );
+    assert_eq!(
+        lost,
+        m.count("ka_kernel_events_total", &[("outcome", "lost")])
+    );
+    // Every event the programs produced was either received or counted lost.
+    for kind in ["state_change", "destroy_sock"] {
+        let submitted = m.count(
+            "ka_kernel_events_total",
+            &[("type", kind), ("outcome", "submitted")],
+        );
+        let received = m.count("ka_events_total", &[("type", kind)]);
+        assert_eq!(
+            submitted, received,
+            "{kind}: submitted {submitted}, received {received}"
+        );
+    }
+    assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
+}
+
+#[test]
+fn a_full_connection_table_evicts_and_counts() {
+    if !require_root("a_full_connection_table_evicts_and_counts") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(&["--max-connections", "50"]);
+    let ns = Netns::new("ev");
+    let addr: SocketAddr = "127.0.0.1:7203".parse().unwrap();
+    let listener = ns.listen(addr);
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let stream = ns.connect(addr, &SocketOptions::default()).unwrap();
+        let accepted = listener.accept().unwrap();
+        open.push((stream, accepted));
+    }
+    let m = agent.wait_metrics(Duration::from_secs(5), "evictions", |m| {
+        m.count("ka_connection_evictions_total", &[]) > 0
+    });
+    assert!(m.count("ka_tracked_connections", &[]) <= 50);
+    assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
+}
+
+/// The capabilities the `DaemonSet` and the systemd unit grant (docs/security.md).
+const CAPABILITIES: [&str; 6] = [
+    "bpf",
+    "perfmon",
+    "syslog",
+    "sys_admin",
+    "sys_ptrace",
+    "dac_read_search",
+];
+
+fn check_with_capabilities(caps: &[&str]) -> std::process::Output {
+    let bounding = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    Command::new("setpriv")
+        .arg(format!("--bounding-set={bounding}"))
+        .arg(format!("--inh-caps={bounding}"))
+        .arg(env!("CARGO_BIN_EXE_ka-agent"))
+        .arg("check")
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn least_privilege_is_enough_and_less_is_not() {
+    if !require_root("least_privilege_is_enough_and_less_is_not") {
+        return;
+    }
+    let _serial = serial();
+    let output = check_with_capabilities(&CAPABILITIES);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.lines().filter(|l| l.contains(" attached ")).count() >= 8,
+        "{text}"
+    );
+    // Without CAP_SYSLOG the kernel hides symbol addresses: the keepalive
+    // hooks degrade, clearly, and the rest still runs.
+    let without_syslog: Vec<&str> = CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != "syslog")
+        .collect();
+    let output = check_with_capabilities(&without_syslog);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("kptr_restrict") || text.contains("tcp_keepalive_timer"),
+        "{text}"
+    );
+    // Without the BPF capabilities (CAP_SYS_ADMIN implies them) it cannot run.
+    let output = check_with_capabilities(&["syslog", "sys_ptrace", "dac_read_search"]);
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("needs root") && text.lines().count() == 1,
+        "{text}"
+    );
+}
+
+#[test]
+fn an_unparsable_tracefs_format_is_one_clear_error() {
+    if !require_root("an_unparsable_tracefs_format_is_one_clear_error") {
+        return;
+    }
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("ka-bad-tracefs-{}", std::process::id()));
+    let format = dir.join("events/sock/inet_sock_set_state");
+    std::fs::create_dir_all(&format).unwrap();
+    std::fs::write(
+        format.join("format"),
+        "name: inet_sock_set_state\nformat:\n\tfield:int; offset:x;\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+        .args(["check", "--tracefs", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("cannot parse") && text.trim_end().lines().count() == 1,
+        "{text}"
+    );
+}

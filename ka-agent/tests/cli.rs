@@ -2,6 +2,11 @@
 //! produce, and bad input: one line on stderr, exit status 2, nothing
 //! half-started.
 
+#![expect(
+    clippy::expect_used,
+    reason = "helpers of tests fail by panicking, naming what failed"
+)]
+
 mod common;
 
 use std::process::{Command, Output};

@@ -2,6 +2,11 @@
 //! the agent during a lab scenario and PromQL returns what happened;
 //! promtool finds nothing to complain about in the exposition.
 
+#![expect(
+    clippy::expect_used,
+    reason = "helpers of tests fail by panicking, naming what failed"
+)]
+
 mod common;
 
 use std::{

@@ -3,6 +3,7 @@
 
 #![expect(
     clippy::unwrap_used,
+    clippy::expect_used,
     reason = "helpers of tests fail by panicking, with the value in the message"
 )]
 

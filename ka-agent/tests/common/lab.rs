@@ -3,6 +3,11 @@
 //! namespace's own TCP counters. Everything is removed on drop, also when a
 //! test panics.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers fail by panicking, naming what failed"
+)]
+
 use std::{
     collections::HashMap,
     io::Write,

@@ -1,6 +1,10 @@
 //! Shared by the integration tests: a real `ka-agent run` process, a reader
 //! for its /metrics and API, and the network lab.
 
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers fail by panicking, naming what failed"
+)]
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{

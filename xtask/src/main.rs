@@ -5,6 +5,7 @@
 //! no-op when everything is present.
 
 mod cmd;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -45,6 +46,15 @@ enum Command {
     },
     /// Build and run `ka-agent check`.
     Check,
+    /// Run every fuzz target (cargo-fuzz) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +65,7 @@ fn main() -> ExitCode {
         Command::Run { args } => setup::setup(false).and_then(|()| cmd::run_agent("run", &args)),
         Command::Test { args } => test::test(&args),
         Command::Check => setup::setup(false).and_then(|()| cmd::run_agent("check", &[])),
+        Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,23 +37,38 @@ impl KernelBtf {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        // btf-rs trusts its input's counts: keep a garbage file from
-        // reaching it (and panicking) by checking the header first.
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses raw BTF (`label` names its origin in errors).
+    pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self, BtfError> {
+        let parse_error = |message: &str| BtfError::Parse {
+            path: label.to_owned(),
+            message: message.to_owned(),
+        };
+        // btf-rs trusts its input's header: keep garbage from reaching it
+        // (and panicking) by checking the header first.
         if bytes.len() < 24 || u16::from_le_bytes([bytes[0], bytes[1]]) != 0xeb9f {
-            return Err(BtfError::Parse {
-                path: path.display().to_string(),
-                message: "not a BTF file (bad magic)".to_owned(),
-            });
+            return Err(parse_error("not a BTF file (bad magic)"));
         }
-        let btf = std::panic::catch_unwind(|| Btf::from_bytes(&bytes))
-            .map_err(|_| BtfError::Parse {
-                path: path.display().to_string(),
-                message: "malformed BTF".to_owned(),
-            })?
-            .map_err(|e| BtfError::Parse {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let header_len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        let section = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
+        };
+        let (type_off, type_len, str_off, str_len) =
+            (section(8), section(12), section(16), section(20));
+        let fits = |off: usize, len: usize| {
+            header_len
+                .checked_add(off)
+                .and_then(|start| start.checked_add(len))
+                .is_some_and(|end| end <= bytes.len())
+        };
+        if header_len < 24 || !fits(type_off, type_len) || !fits(str_off, str_len) {
+            return Err(parse_error("BTF sections out of bounds"));
+        }
+        let btf = std::panic::catch_unwind(|| Btf::from_bytes(bytes))
+            .map_err(|_| parse_error("malformed BTF"))?
+            .map_err(|e| parse_error(&e.to_string()))?;
         Ok(Self { btf })
     }
 

@@ -7,6 +7,7 @@
 mod cmd;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -46,6 +47,12 @@ enum Command {
     },
     /// Build and run `ka-agent check`.
     Check,
+    /// A bounded soak: churn, resets and keepalive deaths under the agent,
+    /// checking memory stays flat and no event goes unaccounted.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
+    },
     /// Run every fuzz target (cargo-fuzz) for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
         Command::Run { args } => setup::setup(false).and_then(|()| cmd::run_agent("run", &args)),
         Command::Test { args } => test::test(&args),
         Command::Check => setup::setup(false).and_then(|()| cmd::run_agent("check", &[])),
+        Command::Soak { minutes } => soak::soak(minutes),
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };
     match result {

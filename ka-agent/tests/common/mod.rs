@@ -330,3 +330,21 @@ pub fn wait_api(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The kernel's counter `key` in `ns` and the agent's `metric` for that
+/// namespace, read at one quiet moment (no change of the kernel counter
+/// while the agent was scraped): the baseline of an exact comparison.
+pub fn baseline(agent: &Agent, ns: &Netns, key: &str, metric: &str) -> (i64, i64) {
+    let netns = ns.inode().to_string();
+    for _ in 0..50 {
+        let before = ns.counters().get(key).copied().unwrap_or(0);
+        // The agent handles an event within milliseconds of the kernel.
+        std::thread::sleep(Duration::from_millis(50));
+        let agent_count = agent.metrics().count(metric, &[("netns", &netns)]);
+        let after = ns.counters().get(key).copied().unwrap_or(0);
+        if before == after {
+            return (after, agent_count);
+        }
+    }
+    panic!("{key} never stood still");
+}

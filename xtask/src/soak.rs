@@ -1,0 +1,296 @@
+//! `cargo xtask soak`: a bounded soak of the agent under mixed load —
+//! connection churn, resets, keepalive deaths — sampling its memory and
+//! table, then checking nothing went unaccounted.
+//!
+//! Everything runs in a network namespace of its own (loopback inside it);
+//! the namespace and the agent are removed on exit, also on error.
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::cmd;
+
+struct Guard {
+    child: Option<Child>,
+    netns: String,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+/// Sum of a metric over the series whose labels contain every `filter`.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "counters are non-negative integers far below 2^52"
+)]
+fn metric(text: &str, name: &str, filter: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| filter.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        .round()
+        .max(0.0) as u64
+}
+
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{netns}")).context("open netns")?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns affects only this thread, which exists only to run `f`.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                (rc == 0).then(f)
+            })
+            .join()
+    })
+    .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    .context("setns")
+}
+
+fn keepalive(stream: &TcpStream) {
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2),
+    ] {
+        // SAFETY: a valid fd and a pointer to an int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                4,
+            );
+        }
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one soak, start to finish, reads best in one place"
+)]
+pub fn soak(minutes: u32) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("the soak needs root (kernel programs, network namespaces)");
+    }
+    let binary = cmd::build_agent(true)?;
+    let netns = format!("kasoak{}", std::process::id());
+    cmd::run(Command::new("ip").args(["netns", "add", &netns]))?;
+    let mut guard = Guard {
+        child: None,
+        netns: netns.clone(),
+    };
+    cmd::run(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]))?;
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    nft.stdin.take().context("nft stdin")?.write_all(
+        b"table inet kasoak {\n set dead { type inet_service; }\n\
+          chain out { type filter hook output priority 0; tcp dport @dead drop; tcp sport @dead drop; }\n}\n",
+    )?;
+    if !nft.wait()?.success() {
+        bail!("nft failed");
+    }
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    guard.child = Some(
+        Command::new(&binary)
+            .args(["run", "--listen", &addr.to_string(), "--log", "warn"])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let pid = guard.child.as_ref().map_or(0, Child::id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(addr, "/readyz").is_none_or(|b| !b.contains("ready")) {
+        if Instant::now() > deadline {
+            bail!("agent not ready");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let deaths = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(u64::from(minutes) * 60);
+    let mut samples: Vec<(u64, u64, u64)> = Vec::new();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // Churn: short connections, a few hundred a second.
+        scope.spawn(|| {
+            in_netns(&netns, || {
+                let Ok(listener) = TcpListener::bind("127.0.0.1:7300") else {
+                    return;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..30 {
+                        if let Ok(stream) = TcpStream::connect("127.0.0.1:7300") {
+                            let _ = listener.accept();
+                            drop(stream);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        });
+        // Resets: connects to a closed port.
+        scope.spawn(|| {
+            in_netns(&netns, || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = TcpStream::connect("127.0.0.1:7399");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        });
+        // Keepalive deaths: a connection whose peer goes silent, every 5 s.
+        scope.spawn(|| {
+            in_netns(&netns, || {
+                let mut round = 0u16;
+                while !stop.load(Ordering::Relaxed) {
+                    let dead_port = 7400 + round % 500;
+                    round += 1;
+                    let Ok(listener) = TcpListener::bind(("127.0.0.1", dead_port)) else {
+                        continue;
+                    };
+                    let Ok(client) = TcpStream::connect(("127.0.0.1", dead_port)) else {
+                        continue;
+                    };
+                    let accepted = listener.accept();
+                    keepalive(&client);
+                    let _ = Command::new("nft")
+                        .args([
+                            "add",
+                            "element",
+                            "inet",
+                            "kasoak",
+                            "dead",
+                            &format!("{{ {dead_port} }}"),
+                        ])
+                        .status();
+                    std::thread::sleep(Duration::from_secs(5));
+                    deaths.fetch_add(1, Ordering::Relaxed);
+                    drop((client, accepted, listener));
+                    let _ = Command::new("nft")
+                        .args([
+                            "delete",
+                            "element",
+                            "inet",
+                            "kasoak",
+                            "dead",
+                            &format!("{{ {dead_port} }}"),
+                        ])
+                        .status();
+                }
+            })
+        });
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_secs(10));
+            let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                })
+                .unwrap_or(0);
+            let text = get(addr, "/metrics").unwrap_or_default();
+            let tracked = metric(&text, "ka_tracked_connections", &[]);
+            let events = metric(&text, "ka_events_total", &[]);
+            eprintln!("soak: rss {rss_kib} KiB, tracked {tracked}, events {events}");
+            samples.push((rss_kib, tracked, events));
+        }
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_secs(8));
+    let text = get(addr, "/metrics").unwrap_or_default();
+    let lost = metric(&text, "ka_events_lost_total", &[]);
+    let submitted = metric(&text, "ka_kernel_events_total", &["outcome=\"submitted\""]);
+    let received = metric(&text, "ka_events_total", &[]);
+    let keepalive_deaths = metric(
+        &text,
+        "ka_connections_closed_total",
+        &["cause=\"keepalive_timeout\""],
+    );
+    let zombies = metric(&text, "ka_zombies_total", &["kind=\"dead_peer_keepalive\""]);
+    let quarter = samples.len() / 4;
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let early = median(
+        samples[quarter..2 * quarter.max(1)]
+            .iter()
+            .map(|s| s.0)
+            .collect(),
+    );
+    let late = median(
+        samples[samples.len() - quarter.max(1)..]
+            .iter()
+            .map(|s| s.0)
+            .collect(),
+    );
+    let max_tracked = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    println!("soak: {minutes} min, {} samples", samples.len());
+    println!(
+        "  agent RSS: {early} KiB early (2nd quarter median) -> {late} KiB late (last quarter median)"
+    );
+    println!("  tracked connections: at most {max_tracked}");
+    println!(
+        "  events: {received} received, {submitted} submitted by the kernel programs, {lost} lost"
+    );
+    println!(
+        "  keepalive deaths: {} provoked, {keepalive_deaths} classified keepalive_timeout, {zombies} dead_peer_keepalive zombies",
+        deaths.load(Ordering::Relaxed)
+    );
+    let json = format!(
+        "{{\"minutes\":{minutes},\"rss_kib_early\":{early},\"rss_kib_late\":{late},\"max_tracked\":{max_tracked},\
+         \"received\":{received},\"submitted\":{submitted},\"lost\":{lost},\"keepalive_deaths\":{keepalive_deaths}}}\n"
+    );
+    let out = cmd::root().join("target/soak");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.json"), json)?;
+    if received != submitted || lost != 0 {
+        bail!("unaccounted events: received {received}, submitted {submitted}, lost {lost}");
+    }
+    if late > early + early / 10 + 4096 {
+        bail!("agent RSS grew from {early} KiB to {late} KiB");
+    }
+    Ok(())
+}

@@ -28,7 +28,8 @@ fn field<T: Copy + Default>(base: *const u8, offset: u16) -> T {
     let ret = unsafe {
         generated::bpf_probe_read_kernel(
             core::ptr::from_mut(&mut value).cast(),
-            size_of::<T>() as u32,
+            // Fields are at most 16 bytes.
+            u32::try_from(size_of::<T>()).unwrap_or(0),
             base.wrapping_add(usize::from(offset)).cast(),
         )
     };

@@ -22,6 +22,29 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: {name}: cargo {}", step.join(" "));
         cmd::run(cmd::cargo().args(step))?;
     }
+    // The kernel programs, linted for the BPF target they are built for.
+    eprintln!("xtask: lint kernel programs: cargo clippy -p ka-ebpf --target bpfel-unknown-none");
+    cmd::run(
+        cmd::cargo()
+            .args([
+                "clippy",
+                "--package",
+                "ka-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+                "target/ebpf-lint",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            // The BPF target is tier 3: core is built from source, which
+            // needs an unstable flag, allowed for this command only.
+            .env("RUSTC_BOOTSTRAP", "1"),
+    )?;
     eprintln!("xtask: tests: cargo test --no-fail-fast {}", args.join(" "));
     cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]).args(args))?;
     eprintln!(

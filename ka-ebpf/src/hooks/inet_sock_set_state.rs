@@ -30,7 +30,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
     unsafe {
         (*event).header = emit::header(EventKind::StateChange);
         sock::snapshot(sk as *const u8, &mut (*event).sock);
-        #[expect(clippy::cast_possible_truncation, reason = "TCP states are < 256")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "TCP states are small non-negative numbers"
+        )]
         {
             (*event).oldstate = oldstate as u8;
             (*event).newstate = newstate as u8;

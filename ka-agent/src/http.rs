@@ -1,11 +1,13 @@
 //! The HTTP server: /metrics, /healthz, /readyz, /api/v1/connections.
-//! Handlers read only atomics and the last published snapshot, so a scrape
-//! never waits for event processing, and event processing never waits for it.
+//! `/metrics` reads only atomics, so a scrape never waits for event
+//! processing and event processing never waits for it. The API asks the
+//! event loop, which answers between two batches of events from the table it
+//! owns: no copy of the table is kept for it.
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -41,8 +43,63 @@ pub struct AtRisk {
 pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
-    pub connections: RwLock<Arc<Vec<ConnectionView>>>,
-    pub closed: RwLock<Arc<Vec<crate::track::ClosedConnection>>>,
+    /// Questions for the event loop, which owns the connection table.
+    pub queries: tokio::sync::mpsc::Sender<ApiQuery>,
+}
+
+/// Which connections a request wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionFilter {
+    pub class: Option<String>,
+    pub at_risk: Option<bool>,
+    pub port: Option<u16>,
+    pub limit: Option<usize>,
+}
+
+impl ConnectionFilter {
+    pub fn matches(&self, view: &ConnectionView) -> bool {
+        self.class.as_ref().is_none_or(|k| view.class == k.as_str())
+            && self
+                .at_risk
+                .is_none_or(|want| want != view.at_risk.is_empty())
+            && self.port.is_none_or(|p| {
+                view.connection.local.port() == p || view.connection.remote.port() == p
+            })
+    }
+}
+
+/// A question to the event loop, answered between two batches of events.
+pub enum ApiQuery {
+    Connections {
+        filter: ConnectionFilter,
+        reply: tokio::sync::oneshot::Sender<Vec<ConnectionView>>,
+    },
+    Closed {
+        cause: Option<crate::model::CloseCause>,
+        limit: usize,
+        reply: tokio::sync::oneshot::Sender<Vec<crate::track::ClosedConnection>>,
+    },
+}
+
+/// Asks the event loop; `None` when it does not answer in time.
+async fn ask<T>(
+    shared: &Shared,
+    query: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> ApiQuery,
+) -> Option<T> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    shared.queries.send(query(reply)).await.ok()?;
+    tokio::time::timeout(std::time::Duration::from_secs(5), answer)
+        .await
+        .ok()?
+        .ok()
+}
+
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "error": "the agent's event loop did not answer in time" })),
+    )
+        .into_response()
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -104,13 +161,10 @@ async fn connections(
     State(shared): State<Arc<Shared>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let mut class = None;
-    let mut at_risk = None;
-    let mut port = None;
-    let mut limit = None;
+    let mut filter = ConnectionFilter::default();
     for (key, value) in &params {
         match key.as_str() {
-            "class" if CLASSES.contains(&value.as_str()) => class = Some(value.clone()),
+            "class" if CLASSES.contains(&value.as_str()) => filter.class = Some(value.clone()),
             "class" => {
                 return bad_request(&format!(
                     "invalid class {value:?}: expected one of {}",
@@ -118,8 +172,8 @@ async fn connections(
                 ));
             }
             "at_risk" => match value.as_str() {
-                "true" => at_risk = Some(true),
-                "false" => at_risk = Some(false),
+                "true" => filter.at_risk = Some(true),
+                "false" => filter.at_risk = Some(false),
                 _ => {
                     return bad_request(&format!(
                         "invalid at_risk {value:?}: expected true or false"
@@ -127,11 +181,11 @@ async fn connections(
                 }
             },
             "port" => match value.parse::<u16>() {
-                Ok(p) => port = Some(p),
+                Ok(p) => filter.port = Some(p),
                 Err(_) => return bad_request(&format!("invalid port {value:?}: expected 0-65535")),
             },
             "limit" => match value.parse::<usize>() {
-                Ok(l) => limit = Some(l),
+                Ok(l) => filter.limit = Some(l),
                 Err(_) => {
                     return bad_request(&format!(
                         "invalid limit {value:?}: expected a non-negative integer"
@@ -141,20 +195,9 @@ async fn connections(
             other => return bad_request(&format!("unknown query parameter {other:?}")),
         }
     }
-    let snapshot = shared
-        .connections
-        .read()
-        .map(|guard| Arc::clone(&guard))
-        .unwrap_or_default();
-    let selected: Vec<&ConnectionView> = snapshot
-        .iter()
-        .filter(|c| class.as_ref().is_none_or(|k| c.class == k.as_str()))
-        .filter(|c| at_risk.is_none_or(|want| want != c.at_risk.is_empty()))
-        .filter(|c| {
-            port.is_none_or(|p| c.connection.local.port() == p || c.connection.remote.port() == p)
-        })
-        .take(limit.unwrap_or(usize::MAX))
-        .collect();
+    let Some(selected) = ask(&shared, |reply| ApiQuery::Connections { filter, reply }).await else {
+        return unavailable();
+    };
     Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
 }
 
@@ -186,17 +229,15 @@ async fn closed(
             other => return bad_request(&format!("unknown query parameter {other:?}")),
         }
     }
-    let snapshot = shared
-        .closed
-        .read()
-        .map(|guard| Arc::clone(&guard))
-        .unwrap_or_default();
-    let selected: Vec<_> = snapshot
-        .iter()
-        .rev()
-        .filter(|c| cause.is_none_or(|want| c.cause == want))
-        .take(limit)
-        .collect();
+    let Some(selected) = ask(&shared, |reply| ApiQuery::Closed {
+        cause,
+        limit,
+        reply,
+    })
+    .await
+    else {
+        return unavailable();
+    };
     Json(serde_json::json!({ "connections": selected, "count": selected.len() })).into_response()
 }
 
@@ -245,7 +286,7 @@ mod tests {
     }
 
     fn shared() -> Arc<Shared> {
-        let views = vec![
+        let views = [
             ConnectionView {
                 connection: connection(80, TcpState::Established, Some(ZombieKind::ResetAfterIdle)),
                 idle_secs: 1.0,
@@ -268,11 +309,30 @@ mod tests {
                 at_risk: Vec::new(),
             },
         ];
+        // The event loop's side, answering from a fixed table.
+        let (queries, mut asked) = tokio::sync::mpsc::channel::<ApiQuery>(4);
+        tokio::spawn(async move {
+            while let Some(query) = asked.recv().await {
+                match query {
+                    ApiQuery::Connections { filter, reply } => {
+                        let selected = views
+                            .iter()
+                            .filter(|v| filter.matches(v))
+                            .take(filter.limit.unwrap_or(usize::MAX))
+                            .cloned()
+                            .collect();
+                        let _ = reply.send(selected);
+                    }
+                    ApiQuery::Closed { reply, .. } => {
+                        let _ = reply.send(Vec::new());
+                    }
+                }
+            }
+        });
         Arc::new(Shared {
             metrics: Arc::new(Metrics::new(SeriesLimits::default()).unwrap()),
             ready: AtomicBool::new(true),
-            connections: RwLock::new(Arc::new(views)),
-            closed: RwLock::new(Arc::new(Vec::new())),
+            queries,
         })
     }
 

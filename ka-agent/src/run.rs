@@ -7,7 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -18,7 +18,7 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 use crate::{
     cli::RunArgs,
     decode,
-    http::{self, AtRisk, ConnectionView, Shared},
+    http::{self, ApiQuery, AtRisk, ConnectionView, Shared},
     idle_timeout::IdleTimeout,
     loader::{LoadOptions, Probes},
     metrics::{Metrics, SeriesLimits, values},
@@ -114,11 +114,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let ring = probes.take_events()?;
     let stats = probes.take_stats()?;
 
+    let (queries, mut asked) = tokio::sync::mpsc::channel::<ApiQuery>(16);
     let shared = Arc::new(Shared {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(false),
-        connections: RwLock::new(Arc::new(Vec::new())),
-        closed: RwLock::new(Arc::new(Vec::new())),
+        queries,
     });
     let server = axum::serve(listener, http::router(Arc::clone(&shared)));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -183,13 +183,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     metrics.expire_series();
                 }
                 tick_count += 1;
-                let views = publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
-                if let Ok(mut slot) = shared.connections.write() {
-                    *slot = Arc::new(views);
-                }
-                if let Ok(mut slot) = shared.closed.write() {
-                    *slot = Arc::new(tracker.recently_closed().cloned().collect());
-                }
+                publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
                 shared.ready.store(true, Ordering::Release);
             }
             // A close waits a few milliseconds for its verdict (see
@@ -200,6 +194,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     metrics.apply(&observation);
                 }
             }
+            Some(query) = asked.recv() => answer(query, &tracker, &args.idle_timeouts),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = stop_rx.changed() => break,
@@ -406,17 +401,18 @@ pub fn at_risk_of(
         .collect()
 }
 
+/// Sets the gauges that describe the whole table: connections by state,
+/// probing, at risk, tracked.
 fn publish(
     tracker: &Tracker,
     timeouts: &[IdleTimeout],
     now: u64,
     metrics: &Metrics,
     gauges: &mut GaugeState,
-) -> Vec<ConnectionView> {
+) {
     let mut by_state: HashMap<Vec<String>, i64> = HashMap::new();
     let mut probing: HashMap<Vec<String>, i64> = HashMap::new();
     let mut at_risk: HashMap<Vec<String>, f64> = HashMap::new();
-    let mut views = Vec::with_capacity(tracker.len());
     for connection in tracker.connections() {
         let labels = connection.labels();
         *by_state
@@ -425,19 +421,11 @@ fn publish(
         if connection.state == TcpState::Established && connection.keepalive.unanswered > 0 {
             *probing.entry(values(&[], &labels)).or_default() += 1;
         }
-        let idle_secs = connection.idle_secs(now);
-        let risks = at_risk_of(connection, idle_secs, timeouts);
-        for risk in &risks {
+        for risk in at_risk_of(connection, connection.idle_secs(now), timeouts) {
             *at_risk
                 .entry(values(&[risk.reason, &risk.idle_timeout], &labels))
                 .or_default() += 1.0;
         }
-        views.push(ConnectionView {
-            class: http::class_of(connection, !risks.is_empty()),
-            connection: connection.clone(),
-            idle_secs,
-            at_risk: risks,
-        });
     }
     sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
     sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
@@ -454,12 +442,50 @@ fn publish(
     metrics
         .tracked
         .set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
-    views.sort_by(|a, b| {
-        rank(a)
-            .cmp(&rank(b))
-            .then(b.idle_secs.total_cmp(&a.idle_secs))
-    });
-    views
+}
+
+/// Answers a question of the API from the table, worst first.
+fn answer(query: ApiQuery, tracker: &Tracker, timeouts: &[IdleTimeout]) {
+    match query {
+        ApiQuery::Connections { filter, reply } => {
+            let now = monotonic_ns();
+            let mut views: Vec<ConnectionView> = tracker
+                .connections()
+                .filter_map(|connection| {
+                    let idle_secs = connection.idle_secs(now);
+                    let risks = at_risk_of(connection, idle_secs, timeouts);
+                    let view = ConnectionView {
+                        class: http::class_of(connection, !risks.is_empty()),
+                        connection: connection.clone(),
+                        idle_secs,
+                        at_risk: risks,
+                    };
+                    filter.matches(&view).then_some(view)
+                })
+                .collect();
+            views.sort_by(|a, b| {
+                rank(a)
+                    .cmp(&rank(b))
+                    .then(b.idle_secs.total_cmp(&a.idle_secs))
+            });
+            views.truncate(filter.limit.unwrap_or(usize::MAX));
+            let _ = reply.send(views);
+        }
+        ApiQuery::Closed {
+            cause,
+            limit,
+            reply,
+        } => {
+            let closed = tracker
+                .recently_closed()
+                .rev()
+                .filter(|c| cause.is_none_or(|want| c.cause == want))
+                .take(limit)
+                .cloned()
+                .collect();
+            let _ = reply.send(closed);
+        }
+    }
 }
 
 fn rank(view: &ConnectionView) -> u8 {

@@ -369,7 +369,7 @@ impl Tracker {
     }
 
     /// The last [`RECENTLY_CLOSED`] connections that ended, newest last.
-    pub fn recently_closed(&self) -> impl Iterator<Item = &ClosedConnection> {
+    pub fn recently_closed(&self) -> impl DoubleEndedIterator<Item = &ClosedConnection> {
         self.recently_closed.iter()
     }
 

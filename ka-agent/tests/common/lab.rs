@@ -320,7 +320,7 @@ impl Nginx {
         let dir = std::env::temp_dir().join(format!("ka-nginx-{}-{}", std::process::id(), ns.name));
         std::fs::create_dir_all(&dir).expect("nginx dir");
         let config = format!(
-            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n access_log off;\n client_body_temp_path {dir};\n proxy_temp_path {dir};\n\
              fastcgi_temp_path {dir};\n uwsgi_temp_path {dir};\n scgi_temp_path {dir};\n\

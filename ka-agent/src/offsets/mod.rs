@@ -1,6 +1,10 @@
 //! Offsets of tracepoint fields and kernel struct members, read at start-up
 //! from tracefs and BTF (Rust eBPF has no CO-RE), plus the kernel facts the
 //! programs and the tracker need (symbol addresses, HZ, reset reasons).
+//!
+//! [`KernelLayout::discover`] gathers everything; what this kernel lacks is
+//! not an error but a [`LayoutNote`] (the hook or the datum is then
+//! unavailable), except for the few members without which nothing works.
 
 pub mod btf;
 pub mod kernel;
@@ -14,6 +18,7 @@ use ka_common::{
 };
 
 pub use kernel::ensure_tracefs_mounted;
+use tracefs::{TracefsError, TracepointFormat};
 
 /// Why the layout could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -24,62 +29,67 @@ pub enum OffsetsError {
     Tracefs(#[from] tracefs::TracefsError),
     #[error(transparent)]
     Kernel(#[from] kernel::KernelError),
-    #[error("cannot tell the kernel's HZ (no /proc/config.gz, /boot/config, or /proc/timer_list)")]
-    NoHz,
 }
 
 impl OffsetsError {
-    /// A file that exists but holds garbage was given by the operator.
+    /// A file that exists but holds garbage (given by the operator, or a
+    /// broken kernel), as opposed to a missing capability or file.
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
             Self::Btf(btf::BtfError::Parse { .. })
-                | Self::Tracefs(tracefs::TracefsError::Parse { .. })
+                | Self::Tracefs(
+                    tracefs::TracefsError::Parse { .. }
+                        | tracefs::TracefsError::OffsetTooLarge { .. }
+                )
         )
     }
 }
 
-/// Where the facts come from (the live system by default).
+/// Where the facts come from; [`Default`] is the live system.
 #[derive(Clone, Debug)]
 pub struct LayoutSources {
+    /// The tracefs mount (holding `events/`).
     pub tracefs: PathBuf,
+    /// Raw BTF of the kernel.
     pub btf: PathBuf,
+    /// The kernel symbol table.
     pub kallsyms: PathBuf,
 }
 
 impl Default for LayoutSources {
     fn default() -> Self {
         Self {
-            tracefs: PathBuf::from("/sys/kernel/tracing"),
+            tracefs: PathBuf::from(kernel::TRACEFS),
             btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
             kallsyms: PathBuf::from("/proc/kallsyms"),
         }
     }
 }
 
-/// Something this kernel lacks, for `ka-agent check` and the start-up log.
+/// Something this kernel lacks and what follows from it, for
+/// `ka-agent check` and the start-up log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayoutNote(pub String);
+pub struct LayoutNote {
+    /// What is absent or unusable (`tracepoint tcp:tcp_send_reset`,
+    /// `BTF member sock.sk_err`).
+    pub subject: String,
+    /// Why, and what ka does without it.
+    pub reason: String,
+}
 
-impl fmt::Display for LayoutNote {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl LayoutNote {
+    fn new(subject: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            subject: subject.into(),
+            reason: reason.into(),
+        }
     }
 }
 
-/// The fields of a tracepoint, or `None` (with the reason noted) when the
-/// tracepoint is missing or lacks a field its program needs.
-fn usable<T>(
-    notes: &mut Vec<LayoutNote>,
-    result: Option<Result<T, tracefs::TracefsError>>,
-) -> Option<T> {
-    match result {
-        Some(Ok(fields)) => Some(fields),
-        Some(Err(e)) => {
-            notes.push(LayoutNote(e.to_string()));
-            None
-        }
-        None => None,
+impl fmt::Display for LayoutNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.subject, self.reason)
     }
 }
 
@@ -95,103 +105,325 @@ pub struct KernelLayout {
     pub timer_start: Option<TimerFields>,
     pub timer_expire_entry: Option<TimerFields>,
     pub sock: SockOffsets,
+    /// `enum sk_rst_reason` value → lowercase name (`tcp_keepalive_timeout`);
+    /// empty before 6.10.
     pub reset_reasons: BTreeMap<u32, String>,
+    /// Address of `tcp_keepalive_timer`, which the timer hooks filter on.
     pub keepalive_timer_fn: Option<u64>,
     pub hz: u32,
     pub kernel_release: String,
+    /// What is absent or unavailable, and why.
     pub notes: Vec<LayoutNote>,
 }
 
+/// Reads tracepoint formats and turns each into the table its program
+/// needs, noting why a hook is unavailable instead of failing.
+struct Tracepoints<'a> {
+    tracefs: &'a std::path::Path,
+    notes: &'a mut Vec<LayoutNote>,
+}
+
+impl Tracepoints<'_> {
+    /// The format of `category:name`, `None` (noted) when the kernel lacks
+    /// the tracepoint. A format that cannot be parsed is an error: tracefs
+    /// itself is broken or not what it claims.
+    fn format(
+        &mut self,
+        category: &str,
+        name: &str,
+    ) -> Result<Option<TracepointFormat>, TracefsError> {
+        let format = TracepointFormat::read(self.tracefs, category, name)?;
+        if format.is_none() {
+            self.notes.push(LayoutNote::new(
+                format!("tracepoint {category}:{name}"),
+                "absent on this kernel; its hook is unavailable",
+            ));
+        }
+        Ok(format)
+    }
+
+    /// The table built by `fields` from `category:name`, or `None` (noted)
+    /// when the tracepoint is absent or lacks a required field.
+    fn fields<T>(
+        &mut self,
+        category: &str,
+        name: &str,
+        fields: impl FnOnce(&TracepointFormat) -> Result<T, TracefsError>,
+    ) -> Result<Option<T>, TracefsError> {
+        let Some(format) = self.format(category, name)? else {
+            return Ok(None);
+        };
+        match fields(&format) {
+            Ok(table) => Ok(Some(table)),
+            Err(missing @ TracefsError::MissingField { .. }) => {
+                self.notes.push(LayoutNote::new(
+                    format!("tracepoint {category}:{name}"),
+                    format!("{missing}; its hook is unavailable"),
+                ));
+                Ok(None)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
 impl KernelLayout {
+    /// Resolves the layout of the kernel described by `sources`.
     pub fn discover(sources: &LayoutSources) -> Result<Self, OffsetsError> {
+        let mut notes = Vec::new();
+
         let kernel_btf = btf::KernelBtf::from_file(&sources.btf)?;
         let mut absent = Vec::new();
         let sock = btf::sock_offsets(&kernel_btf, &mut absent)?;
-        let mut notes: Vec<LayoutNote> = absent
-            .into_iter()
-            .map(|member| LayoutNote(format!("BTF member {member} absent")))
-            .collect();
-        let reset_reasons = btf::reset_reasons(&kernel_btf);
-        if reset_reasons.is_empty() {
-            notes.push(LayoutNote(
-                "enum sk_rst_reason absent: reset reasons not reported (kernel < 6.10)".into(),
+        notes.extend(
+            absent
+                .into_iter()
+                .map(|a| LayoutNote::new(format!("BTF member {}", a.member), a.reason)),
+        );
+
+        let mut tracepoints = Tracepoints {
+            tracefs: &sources.tracefs,
+            notes: &mut notes,
+        };
+        let set_state =
+            tracepoints.fields("sock", "inet_sock_set_state", TracepointFormat::set_state)?;
+        let retransmit =
+            tracepoints.fields("tcp", "tcp_retransmit_skb", TracepointFormat::retransmit)?;
+        let send_reset_format = tracepoints.format("tcp", "tcp_send_reset")?;
+        let receive_reset =
+            tracepoints.fields("tcp", "tcp_receive_reset", TracepointFormat::sk_record)?;
+        let destroy_sock =
+            tracepoints.fields("tcp", "tcp_destroy_sock", TracepointFormat::sk_record)?;
+        let error_report = tracepoints.fields(
+            "sock",
+            "inet_sk_error_report",
+            TracepointFormat::error_report,
+        )?;
+        let timer_start =
+            tracepoints.fields("timer", "timer_start", TracepointFormat::timer_start)?;
+        let timer_expire_entry =
+            tracepoints.fields("timer", "timer_expire_entry", TracepointFormat::timer)?;
+
+        let send_reset = match &send_reset_format {
+            None => None,
+            Some(format) => match format.send_reset() {
+                Ok(fields) => Some(fields),
+                Err(missing @ TracefsError::MissingField { .. }) => {
+                    notes.push(LayoutNote::new(
+                        "tracepoint tcp:tcp_send_reset",
+                        format!("{missing}; its hook is unavailable"),
+                    ));
+                    None
+                }
+                Err(other) => return Err(other.into()),
+            },
+        };
+        let reset_reasons = reset_reasons(&kernel_btf, send_reset_format.as_ref(), &mut notes);
+
+        let keepalive_timer_fn = kernel::symbol_address(&sources.kallsyms, "tcp_keepalive_timer")?;
+        if keepalive_timer_fn.is_none() {
+            notes.push(LayoutNote::new(
+                format!(
+                    "symbol tcp_keepalive_timer ({})",
+                    sources.kallsyms.display()
+                ),
+                "absent; keepalive timer hooks unavailable",
             ));
         }
-        let mut tracepoint = |category: &str,
-                              name: &str|
-         -> Result<Option<tracefs::TracepointFormat>, OffsetsError> {
-            let format = tracefs::TracepointFormat::read(&sources.tracefs, category, name)?;
-            if format.is_none() {
-                notes.push(LayoutNote(format!("tracepoint {category}:{name} absent")));
-            }
-            Ok(format)
-        };
-        // A tracepoint that lacks a field a program needs makes that hook
-        // unavailable; the reason is kept for `check`.
-        let set_state = tracepoint("sock", "inet_sock_set_state")?;
-        let retransmit = tracepoint("tcp", "tcp_retransmit_skb")?;
-        let send_reset = tracepoint("tcp", "tcp_send_reset")?;
-        let receive_reset = tracepoint("tcp", "tcp_receive_reset")?;
-        let destroy_sock = tracepoint("tcp", "tcp_destroy_sock")?;
-        let error_report = tracepoint("sock", "inet_sk_error_report")?;
-        let timer_start = tracepoint("timer", "timer_start")?;
-        let timer_expire_entry = tracepoint("timer", "timer_expire_entry")?;
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        let layout = Self {
-            set_state: usable(
-                &mut notes,
-                set_state.as_ref().map(tracefs::TracepointFormat::set_state),
-            ),
-            retransmit: usable(
-                &mut notes,
-                retransmit
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::retransmit),
-            ),
-            send_reset: usable(
-                &mut notes,
-                send_reset
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::send_reset),
-            ),
-            receive_reset: usable(
-                &mut notes,
-                receive_reset
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::sk_record),
-            ),
-            destroy_sock: usable(
-                &mut notes,
-                destroy_sock
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::sk_record),
-            ),
-            error_report: usable(
-                &mut notes,
-                error_report
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::error_report),
-            ),
-            timer_start: usable(
-                &mut notes,
-                timer_start.as_ref().map(tracefs::TracepointFormat::timer),
-            ),
-            timer_expire_entry: usable(
-                &mut notes,
-                timer_expire_entry
-                    .as_ref()
-                    .map(tracefs::TracepointFormat::timer),
-            ),
+        let kernel_release = kernel::kernel_release();
+        let hz = kernel::config_hz(&kernel_release)?;
+        Ok(Self {
+            set_state,
+            retransmit,
+            send_reset,
+            receive_reset,
+            destroy_sock,
+            error_report,
+            timer_start,
+            timer_expire_entry,
             sock,
             reset_reasons,
-            keepalive_timer_fn: kernel::symbol_address(&sources.kallsyms, "tcp_keepalive_timer")?,
-            hz: kernel::config_hz(&release).ok_or(OffsetsError::NoHz)?,
-            kernel_release: release,
+            keepalive_timer_fn,
+            hz,
+            kernel_release,
             notes,
+        })
+    }
+}
+
+/// Reset reason names: from BTF `enum sk_rst_reason`, else from the
+/// `__print_symbolic` table of `tcp_send_reset`'s print format (BTF may be
+/// a trimmed file the operator supplied); empty (noted) before 6.10.
+fn reset_reasons(
+    kernel_btf: &btf::KernelBtf,
+    send_reset: Option<&TracepointFormat>,
+    notes: &mut Vec<LayoutNote>,
+) -> BTreeMap<u32, String> {
+    let from_btf = btf::reset_reasons(kernel_btf);
+    if !from_btf.is_empty() {
+        return from_btf;
+    }
+    let from_tracefs: BTreeMap<u32, String> = send_reset
+        .map(|format| format.symbolic_values("reason"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(value, name)| Some((u32::try_from(value).ok()?, name.to_ascii_lowercase())))
+        .collect();
+    notes.push(LayoutNote::new(
+        "BTF enum sk_rst_reason",
+        if from_tracefs.is_empty() {
+            "absent (kernel < 6.10): reset reasons not reported"
+        } else {
+            "absent: reset reason names taken from tcp_send_reset's print format"
+        },
+    ));
+    from_tracefs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    }
+
+    fn live_sources() -> Option<LayoutSources> {
+        let sources = LayoutSources::default();
+        let readable = sources.btf.exists()
+            && sources.tracefs.join("events").is_dir()
+            && std::fs::File::open(&sources.kallsyms).is_ok();
+        if readable {
+            return Some(sources);
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "live BTF, tracefs and kallsyms must be readable in CI"
+        );
+        eprintln!("SKIPPED: live BTF/tracefs/kallsyms not readable (run as root)");
+        None
+    }
+
+    #[test]
+    fn discovers_the_live_kernel() {
+        let Some(sources) = live_sources() else {
+            return;
         };
-        Ok(layout)
+        let layout = KernelLayout::discover(&sources).expect("live layout");
+        assert!(layout.set_state.is_some());
+        assert!(layout.send_reset.is_some());
+        assert!(layout.receive_reset.is_some() && layout.destroy_sock.is_some());
+        assert!(layout.timer_start.is_some() && layout.timer_expire_entry.is_some());
+        assert!(matches!(layout.hz, 100 | 250 | 300 | 1000));
+        assert!(!layout.kernel_release.is_empty());
+        assert_ne!(layout.sock.keepalive_timer, ka_common::ABSENT);
+        assert_ne!(layout.sock.sock_keepopen_bit, ka_common::ABSENT);
+        if layout
+            .send_reset
+            .is_some_and(|f| f.reason != ka_common::ABSENT)
+        {
+            assert_eq!(
+                layout.reset_reasons.get(&15).map(String::as_str),
+                Some("tcp_keepalive_timeout")
+            );
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(layout.keepalive_timer_fn.is_some());
+        }
+        for note in &layout.notes {
+            eprintln!("note: {note}");
+        }
+    }
+
+    #[test]
+    fn a_6_1_style_kernel_degrades_with_notes() {
+        let Some(live) = live_sources() else {
+            return;
+        };
+        // 6.1-style tracefs (only two tracepoints, no reason, no err) with
+        // the 6.19-style BTF fixture, which lacks nothing ka reads.
+        let sources = LayoutSources {
+            tracefs: fixtures().join("tracefs/6.1"),
+            btf: fixtures().join("btf/sock-6.19.btf"),
+            kallsyms: live.kallsyms,
+        };
+        let layout = KernelLayout::discover(&sources).expect("layout");
+        let send_reset = layout.send_reset.expect("6.1 tcp_send_reset is usable");
+        assert_eq!(send_reset.reason, ka_common::ABSENT);
+        assert_eq!(layout.retransmit.map(|f| f.err), Some(ka_common::ABSENT));
+        assert!(layout.set_state.is_none());
+        let subjects: Vec<&str> = layout.notes.iter().map(|n| n.subject.as_str()).collect();
+        assert!(
+            subjects.contains(&"tracepoint sock:inet_sock_set_state"),
+            "{subjects:?}"
+        );
+        assert!(
+            subjects.contains(&"tracepoint timer:timer_start"),
+            "{subjects:?}"
+        );
+        // The BTF fixture has the enum: names come from BTF.
+        assert_eq!(
+            layout.reset_reasons.get(&15).map(String::as_str),
+            Some("tcp_keepalive_timeout")
+        );
+    }
+
+    #[test]
+    fn malformed_tracefs_and_btf_are_bad_input() {
+        let Some(live) = live_sources() else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("ka-layout-{}", std::process::id()));
+        let format = dir.join("events/sock/inet_sock_set_state");
+        std::fs::create_dir_all(&format).unwrap();
+        std::fs::copy(
+            fixtures().join("tracefs/malformed/events/ka/bad_offset/format"),
+            format.join("format"),
+        )
+        .unwrap();
+        let error = KernelLayout::discover(&LayoutSources {
+            tracefs: dir.clone(),
+            ..live.clone()
+        })
+        .unwrap_err();
+        assert!(error.is_bad_input(), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("inet_sock_set_state/format:6: cannot parse field"),
+            "{error}"
+        );
+        // A tracepoint lacking a required field is a note, not an error.
+        std::fs::copy(
+            fixtures().join("tracefs/malformed/events/ka/no_skaddr/format"),
+            format.join("format"),
+        )
+        .unwrap();
+        let layout = KernelLayout::discover(&LayoutSources {
+            tracefs: dir.clone(),
+            ..live.clone()
+        })
+        .unwrap();
+        assert!(layout.set_state.is_none());
+        assert!(
+            layout
+                .notes
+                .iter()
+                .any(|n| n.reason.contains("lacks field skaddr")),
+            "{:?}",
+            layout.notes
+        );
+        let garbage = dir.join("garbage.btf");
+        std::fs::write(&garbage, b"not btf").unwrap();
+        let error = KernelLayout::discover(&LayoutSources {
+            btf: garbage,
+            ..live
+        })
+        .unwrap_err();
+        assert!(error.is_bad_input(), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,12 +3,14 @@
 //! kernel programs → [`loader`] (with [`offsets`]) → [`decode`] → [`track`]
 //! (→ [`classify`]) → [`metrics`] / [`http`], wired by [`run`].
 
+pub mod attribution;
 pub mod check;
 pub mod classify;
 pub mod cli;
 pub mod decode;
 pub mod http;
 pub mod idle_timeout;
+pub mod inventory;
 pub mod loader;
 pub mod metrics;
 pub mod model;

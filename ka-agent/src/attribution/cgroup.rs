@@ -159,6 +159,10 @@ mod tests {
 
     /// Paths as they appear on real nodes (ids replaced by `ID`/`UID`).
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one fixture per line reads best as one table"
+    )]
     fn real_world_paths() {
         let uid_ = UID.replace('-', "_");
         let cases: Vec<(String, Workload)> = vec![

@@ -4,6 +4,7 @@
 
 mod destroy_sock;
 mod error_report;
+mod inventory;
 mod keepalive_armed;
 mod keepalive_fired;
 mod rcv_state_process;
@@ -23,6 +24,7 @@ use ka_common::{
 };
 use serde::Serialize;
 
+pub use self::inventory::{KeepaliveSource, ReconcileReport};
 use crate::{
     decode::Event,
     model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
@@ -318,6 +320,7 @@ pub struct Tracker {
     evictions: u64,
     recently_closed: std::collections::VecDeque<ClosedConnection>,
     closing: HashMap<u64, Closing>,
+    inventory: inventory::InventoryState,
 }
 
 impl Tracker {
@@ -329,6 +332,7 @@ impl Tracker {
             evictions: 0,
             recently_closed: std::collections::VecDeque::new(),
             closing: HashMap::new(),
+            inventory: inventory::InventoryState::default(),
         }
     }
 
@@ -427,6 +431,7 @@ impl Tracker {
     /// was not known (it existed before the agent started). `None` for
     /// sockets that are not connections (listeners, closed, time-wait).
     fn adopt(&mut self, snap: &SockSnapshot, ktime_ns: u64) -> Option<&mut Connection> {
+        self.claim_inventoried(snap);
         if !self.connections.contains_key(&snap.sk) {
             let state = TcpState::from_raw(snap.state);
             if matches!(

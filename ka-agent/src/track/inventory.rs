@@ -1,0 +1,457 @@
+//! Reconciles the connection table with a `sock_diag` inventory.
+//!
+//! The table is keyed by the kernel socket address (`sk`) that eBPF events
+//! carry; `sock_diag` gives none, only the socket cookie, which equals the
+//! eBPF snapshot's `cookie` once generated (the dump generates it). So a
+//! connection first found by the inventory is keyed by its cookie (cookies
+//! are small counters, kernel addresses are not: the two never collide),
+//! and moves to its `sk` key when the first eBPF event for it arrives
+//! ([`Tracker::claim_inventoried`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
+
+use super::{Connection, Keepalive, Tracker};
+use crate::{
+    attribution::Owner,
+    inventory::{InventoryUpdate, KeepaliveEvidence, NamespaceInventory, SocketEntry},
+    model::{Direction, TcpState},
+};
+
+/// The tracker's record of what the inventory contributed.
+#[derive(Debug, Default)]
+pub struct InventoryState {
+    /// Records created from a dump and not seen in any event yet, by key
+    /// (their cookie): what the dump proved about their keepalive.
+    adopted: HashMap<u64, KeepaliveEvidence>,
+    /// The same records by (netns, local, remote), for events without a
+    /// cookie (kernels where the cookie offset is absent).
+    adopted_by_tuple: HashMap<(u32, SocketAddr, SocketAddr), u64>,
+    /// At least one inventory was reconciled.
+    first_done: bool,
+    /// Records removed because their socket was gone from a dump.
+    vanished_total: u64,
+}
+
+/// What one reconciliation changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Connections found by the dump that the table did not know.
+    pub adopted: usize,
+    /// Tracked connections whose idle time and probes were refreshed.
+    pub refreshed: usize,
+    /// Tracked connections whose socket was gone without an event.
+    pub vanished: usize,
+    pub namespaces: usize,
+}
+
+/// Where the keepalive settings of a record come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepaliveSource {
+    /// An eBPF snapshot of the socket: exact.
+    Socket,
+    /// A dump: on/off from the pending timer, values from the namespace's
+    /// sysctls (a socket's own shorter `TCP_KEEPIDLE` is not visible).
+    Inventory(KeepaliveEvidence),
+}
+
+/// States worth a record: the ones [`Tracker::adopt`] accepts, less
+/// `SYN_RECV` (request sockets; the handshake's events create the record).
+fn adoptable(state: TcpState) -> bool {
+    !matches!(
+        state,
+        TcpState::Listen
+            | TcpState::Close
+            | TcpState::TimeWait
+            | TcpState::NewSynRecv
+            | TcpState::SynRecv
+            | TcpState::Unknown
+    )
+}
+
+impl Tracker {
+    /// Brings the table in line with an inventory: adopts the connections
+    /// it did not know (they existed before the agent, or their events were
+    /// lost), refreshes idle times of the known ones (correcting the
+    /// extrapolation from their last event), removes those whose socket is
+    /// gone from the dump of their namespace without an event, and names
+    /// the owning process. Namespaces absent from the inventory are left
+    /// alone: a socket cannot be proven gone there.
+    pub fn reconcile(&mut self, update: &InventoryUpdate) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        for namespace in &update.inventory.namespaces {
+            self.reconcile_namespace(namespace, &update.owners, &mut report);
+            report.namespaces += 1;
+        }
+        self.inventory.first_done = true;
+        self.inventory.vanished_total += report.vanished as u64;
+        report
+    }
+
+    /// An inventory was reconciled: `/readyz` may say ready.
+    pub fn inventory_done(&self) -> bool {
+        self.inventory.first_done
+    }
+
+    /// Records removed because their socket vanished between dumps.
+    pub fn vanished_total(&self) -> u64 {
+        self.inventory.vanished_total
+    }
+
+    /// Where the keepalive settings of the record under `key` come from.
+    pub fn keepalive_source(&self, key: u64) -> KeepaliveSource {
+        self.inventory
+            .adopted
+            .get(&key)
+            .map_or(KeepaliveSource::Socket, |e| KeepaliveSource::Inventory(*e))
+    }
+
+    fn reconcile_namespace(
+        &mut self,
+        namespace: &NamespaceInventory,
+        owners: &HashMap<u64, Owner>,
+        report: &mut ReconcileReport,
+    ) {
+        let netns = namespace.netns;
+        let mut by_cookie: HashMap<u64, u64> = HashMap::new();
+        let mut by_tuple: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
+        for conn in self.connections.values().filter(|c| c.netns == netns) {
+            if conn.cookie != 0 {
+                by_cookie.insert(conn.cookie, conn.sk);
+            }
+            by_tuple.insert((conn.local, conn.remote), conn.sk);
+        }
+        let mut seen: HashSet<u64> = HashSet::new();
+        for entry in &namespace.sockets {
+            if !adoptable(entry.state) || entry.cookie == 0 {
+                continue;
+            }
+            let key = by_cookie
+                .get(&entry.cookie)
+                .or_else(|| by_tuple.get(&(entry.local, entry.remote)))
+                .copied();
+            let owner = owners.get(&entry.inode);
+            if let Some(key) = key {
+                seen.insert(key);
+                if self.refresh_from(key, entry, namespace, owner) {
+                    report.refreshed += 1;
+                }
+            } else {
+                seen.insert(entry.cookie);
+                self.adopt_entry(entry, namespace, owner);
+                report.adopted += 1;
+            }
+        }
+        // Gone from the dump, and not touched by an event since it began
+        // (a connection opened during the dump is not in it).
+        let vanished: Vec<u64> = self
+            .connections
+            .values()
+            .filter(|c| {
+                c.netns == netns
+                    && !seen.contains(&c.sk)
+                    && c.last_event_ns < namespace.dumped_at_ns
+            })
+            .map(|c| c.sk)
+            .collect();
+        for key in vanished {
+            if let Some(conn) = self.connections.remove(&key) {
+                self.forget_adopted(&conn);
+                report.vanished += 1;
+            }
+        }
+    }
+
+    /// Refreshes a tracked record from its dump entry; false when an event
+    /// newer than the dump already said more.
+    fn refresh_from(
+        &mut self,
+        key: u64,
+        entry: &SocketEntry,
+        namespace: &NamespaceInventory,
+        owner: Option<&Owner>,
+    ) -> bool {
+        let adopted = self.inventory.adopted.contains_key(&key);
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return false;
+        };
+        if let Some(owner) = owner
+            && conn.comm.is_empty()
+        {
+            conn.comm.clone_from(&owner.comm);
+        }
+        if conn.last_event_ns > namespace.dumped_at_ns {
+            return false;
+        }
+        conn.cookie = entry.cookie;
+        if let Some(idle) = entry.idle_secs() {
+            conn.idle_at_event_secs = idle;
+            conn.last_event_ns = namespace.dumped_at_ns;
+        }
+        if adopted {
+            conn.state = entry.state;
+            let evidence = entry.keepalive_evidence();
+            apply_evidence(&mut conn.keepalive, entry, evidence, namespace);
+            self.inventory.adopted.insert(key, evidence);
+        }
+        true
+    }
+
+    fn adopt_entry(
+        &mut self,
+        entry: &SocketEntry,
+        namespace: &NamespaceInventory,
+        owner: Option<&Owner>,
+    ) {
+        let direction = self.direction_of(entry);
+        let mut conn = Connection::for_tests(entry.local, entry.remote, direction, entry.state);
+        conn.sk = entry.cookie;
+        conn.cookie = entry.cookie;
+        conn.netns = entry.netns;
+        conn.peer_label = self.config.peer_label;
+        conn.was_established = !matches!(entry.state, TcpState::SynSent);
+        conn.state_since_ns = 0;
+        conn.last_event_ns = namespace.dumped_at_ns;
+        conn.idle_at_event_secs = entry.idle_secs().unwrap_or(0.0);
+        conn.comm = owner.map(|o| o.comm.clone()).unwrap_or_default();
+        let evidence = entry.keepalive_evidence();
+        apply_evidence(&mut conn.keepalive, entry, evidence, namespace);
+        self.inventory.adopted.insert(conn.sk, evidence);
+        self.inventory
+            .adopted_by_tuple
+            .insert((conn.netns, conn.local, conn.remote), conn.sk);
+        self.insert(conn);
+    }
+
+    fn direction_of(&self, entry: &SocketEntry) -> Direction {
+        let (low, high) = self.config.ephemeral_ports;
+        let ephemeral = |port: u16| (low..=high).contains(&port);
+        let (local, remote) = (entry.local.port(), entry.remote.port());
+        match (ephemeral(local), ephemeral(remote)) {
+            (true, false) => Direction::Outbound,
+            (false, true) => Direction::Inbound,
+            _ if local < remote => Direction::Inbound,
+            _ => Direction::Outbound,
+        }
+    }
+
+    fn forget_adopted(&mut self, conn: &Connection) {
+        if self.inventory.adopted.remove(&conn.sk).is_some() {
+            self.inventory
+                .adopted_by_tuple
+                .remove(&(conn.netns, conn.local, conn.remote));
+        }
+    }
+
+    /// Moves a record adopted from a dump to the `sk` key of the first
+    /// eBPF event about its socket (matched by cookie, or by addresses when
+    /// the event has no cookie). Called before an event looks its socket up.
+    pub(super) fn claim_inventoried(&mut self, snap: &ka_common::SockSnapshot) {
+        if self.inventory.adopted.is_empty() || self.connections.contains_key(&snap.sk) {
+            return;
+        }
+        let key = if snap.cookie != 0 && self.inventory.adopted.contains_key(&snap.cookie) {
+            Some(snap.cookie)
+        } else {
+            let local = super::socket_addr(snap.family, snap.saddr, snap.sport);
+            let remote = super::socket_addr(snap.family, snap.daddr, snap.dport);
+            self.inventory
+                .adopted_by_tuple
+                .get(&(snap.netns, local, remote))
+                .copied()
+        };
+        let Some(key) = key else { return };
+        if let Some(mut conn) = self.connections.remove(&key) {
+            self.forget_adopted(&conn);
+            conn.sk = snap.sk;
+            self.connections.insert(snap.sk, conn);
+        }
+    }
+}
+
+/// Keepalive of a record known only from dumps.
+fn apply_evidence(
+    keepalive: &mut Keepalive,
+    entry: &SocketEntry,
+    evidence: KeepaliveEvidence,
+    namespace: &NamespaceInventory,
+) {
+    #[expect(clippy::cast_precision_loss, reason = "sysctl seconds are small")]
+    let (time, intvl) = (
+        namespace.keepalive.time_secs as f64,
+        namespace.keepalive.intvl_secs as f64,
+    );
+    match evidence {
+        KeepaliveEvidence::On => keepalive.enabled = true,
+        KeepaliveEvidence::Off => keepalive.enabled = false,
+        // Hidden by another timer: keep what the previous dump showed.
+        KeepaliveEvidence::Unknown => {}
+    }
+    // A pending keepalive timer further away than the sysctl's idle time
+    // proves the socket set a longer TCP_KEEPIDLE of its own: at least that.
+    let timer_secs = f64::from(entry.timer_expires_ms) / 1000.0;
+    let lower_bound = if evidence == KeepaliveEvidence::On && timer_secs > time + 1.0 {
+        Some(timer_secs)
+    } else {
+        None
+    };
+    keepalive.idle_secs = lower_bound.unwrap_or(time);
+    keepalive.idle_from_socket = lower_bound.is_some();
+    keepalive.interval_secs = intvl;
+    keepalive.probes = u8::try_from(namespace.keepalive.probes).unwrap_or(u8::MAX);
+    keepalive.interval_from_socket = false;
+    keepalive.probes_from_socket = false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        inventory::{DiagTimer, Inventory, KeepaliveSysctls, TcpInfoSummary},
+        track::TrackerConfig,
+    };
+
+    fn entry(
+        cookie: u64,
+        local: &str,
+        remote: &str,
+        timer: DiagTimer,
+        idle_ms: u32,
+    ) -> SocketEntry {
+        SocketEntry {
+            netns: 7,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state: TcpState::Established,
+            inode: cookie + 1000,
+            cookie,
+            uid: 0,
+            timer,
+            timer_expires_ms: 5000,
+            timer_retransmits: 0,
+            tcp_info: Some(TcpInfoSummary {
+                state: 1,
+                retransmits: 0,
+                probes: 0,
+                backoff: 0,
+                last_data_sent_ms: idle_ms,
+                last_data_recv_ms: idle_ms,
+                last_ack_recv_ms: idle_ms,
+            }),
+            cgroup_id: None,
+        }
+    }
+
+    fn update(sockets: Vec<SocketEntry>, at_ns: u64) -> InventoryUpdate {
+        let owners = sockets
+            .iter()
+            .map(|s| {
+                (
+                    s.inode,
+                    Owner {
+                        pid: 42,
+                        comm: "client".to_owned(),
+                        workload: crate::attribution::Workload::default(),
+                    },
+                )
+            })
+            .collect();
+        InventoryUpdate {
+            inventory: Inventory {
+                namespaces: vec![NamespaceInventory {
+                    netns: 7,
+                    path: None,
+                    keepalive: KeepaliveSysctls {
+                        time_secs: 600,
+                        intvl_secs: 10,
+                        probes: 3,
+                    },
+                    conntrack_established_secs: None,
+                    dumped_at_ns: at_ns,
+                    sockets,
+                }],
+            },
+            owners,
+            took: std::time::Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn adopts_refreshes_and_forgets() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        assert!(!tracker.inventory_done());
+        let first = update(
+            vec![
+                entry(
+                    1,
+                    "10.0.0.1:40000",
+                    "10.0.0.2:443",
+                    DiagTimer::Keepalive,
+                    3000,
+                ),
+                entry(2, "10.0.0.1:40001", "10.0.0.2:443", DiagTimer::None, 9000),
+            ],
+            1_000_000_000,
+        );
+        let report = tracker.reconcile(&first);
+        assert_eq!(
+            (report.adopted, report.refreshed, report.vanished),
+            (2, 0, 0)
+        );
+        assert!(tracker.inventory_done());
+        let on = tracker.connections.get(&1).unwrap();
+        assert!(on.keepalive.enabled);
+        assert!((on.keepalive.idle_secs - 600.0).abs() < f64::EPSILON);
+        assert_eq!(on.comm, "client");
+        assert_eq!(on.direction, Direction::Outbound);
+        assert!((on.idle_secs(2_000_000_000) - 4.0).abs() < 1e-9);
+        assert!(!tracker.connections.get(&2).unwrap().keepalive.enabled);
+        assert_eq!(
+            tracker.keepalive_source(1),
+            KeepaliveSource::Inventory(KeepaliveEvidence::On)
+        );
+
+        // Second dump: socket 2 is gone, socket 1 was active meanwhile.
+        let second = update(
+            vec![entry(
+                1,
+                "10.0.0.1:40000",
+                "10.0.0.2:443",
+                DiagTimer::Keepalive,
+                100,
+            )],
+            5_000_000_000,
+        );
+        let report = tracker.reconcile(&second);
+        assert_eq!(
+            (report.adopted, report.refreshed, report.vanished),
+            (0, 1, 1)
+        );
+        assert_eq!(tracker.len(), 1);
+        assert!(
+            (tracker
+                .connections
+                .get(&1)
+                .unwrap()
+                .idle_secs(5_000_000_000)
+                - 0.1)
+                .abs()
+                < 1e-9
+        );
+        assert_eq!(tracker.vanished_total(), 1);
+    }
+
+    #[test]
+    fn a_longer_pending_timer_is_a_lower_bound_of_the_socket_idle_time() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut long = entry(1, "10.0.0.1:40000", "10.0.0.2:443", DiagTimer::Keepalive, 0);
+        long.timer_expires_ms = 3_000_000;
+        tracker.reconcile(&update(vec![long], 1));
+        let ka = &tracker.connections.get(&1).unwrap().keepalive;
+        assert!((ka.idle_secs - 3000.0).abs() < f64::EPSILON);
+        assert!(ka.idle_from_socket);
+    }
+}

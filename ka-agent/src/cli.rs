@@ -44,6 +44,54 @@ pub enum Command {
         after_help = "Examples:\n  ka-agent check\n  ka-agent check --btf /path/to/vmlinux.btf"
     )]
     Check(KernelArgs),
+    /// The keepalive audit: which processes and ports will lose connections
+    /// to which idle timeout, and the fix. Needs no running agent.
+    #[command(
+        after_help = "Examples:\n  ka-agent audit\n  ka-agent audit --idle-timeout aws-nlb --idle-timeout 5m --json"
+    )]
+    Audit(AuditArgs),
+    /// One inventory of the current connections (every network namespace)
+    /// with keepalive status, idle time, owner and classification, as
+    /// JSON, then exit. Needs no running agent.
+    #[command(
+        after_help = "Examples:\n  ka-agent snapshot --json\n  ka-agent snapshot --json --idle-timeout 90s"
+    )]
+    Snapshot(SnapshotArgs),
+}
+
+/// `ka-agent audit`.
+#[derive(Clone, Debug, Args)]
+pub struct AuditArgs {
+    /// Middlebox idle timeout to audit against (duration or preset, as for
+    /// `run`). Repeatable. A namespace's own
+    /// `nf_conntrack_tcp_timeout_established` is added where conntrack is
+    /// loaded.
+    #[arg(
+        long = "idle-timeout",
+        env = "KA_IDLE_TIMEOUT",
+        value_delimiter = ',',
+        default_value = "aws-nlb"
+    )]
+    pub idle_timeouts: Vec<IdleTimeout>,
+    /// Print JSON instead of a table.
+    #[arg(long, env = "KA_JSON")]
+    pub json: bool,
+}
+
+/// `ka-agent snapshot`.
+#[derive(Clone, Debug, Args)]
+pub struct SnapshotArgs {
+    /// Idle timeouts for the at-risk classification (as for `run`).
+    #[arg(
+        long = "idle-timeout",
+        env = "KA_IDLE_TIMEOUT",
+        value_delimiter = ',',
+        default_value = "aws-nlb"
+    )]
+    pub idle_timeouts: Vec<IdleTimeout>,
+    /// Print JSON (the only format; accepted for the documented spelling).
+    #[arg(long, env = "KA_JSON")]
+    pub json: bool,
 }
 
 /// Where the kernel facts come from.

@@ -4,6 +4,7 @@
 //! (→ [`classify`]) → [`metrics`] / [`http`], wired by [`run`].
 
 pub mod attribution;
+pub mod audit;
 pub mod check;
 pub mod classify;
 pub mod cli;

@@ -63,6 +63,8 @@ fn main() -> ExitCode {
     }
     let code = match cli.command {
         Command::Check(args) => ka_agent::check::check(&args),
+        Command::Audit(args) => ka_agent::audit::audit_command(&args),
+        Command::Snapshot(args) => ka_agent::audit::snapshot_command(&args),
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

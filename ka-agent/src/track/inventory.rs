@@ -96,6 +96,12 @@ impl Tracker {
         self.inventory.first_done
     }
 
+    /// The record under `key` (`sk`, or the cookie of a record adopted
+    /// from a dump and not evented yet).
+    pub fn connection(&self, key: u64) -> Option<&Connection> {
+        self.connections.get(&key)
+    }
+
     /// Records removed because their socket vanished between dumps.
     pub fn vanished_total(&self) -> u64 {
         self.inventory.vanished_total
@@ -124,6 +130,14 @@ impl Tracker {
             }
             by_tuple.insert((conn.local, conn.remote), conn.sk);
         }
+        // A connection on the port of a listener of its namespace was
+        // accepted: a better witness of direction than port ranges.
+        let listening: HashSet<u16> = namespace
+            .sockets
+            .iter()
+            .filter(|s| s.is_listening())
+            .map(|s| s.local.port())
+            .collect();
         let mut seen: HashSet<u64> = HashSet::new();
         for entry in &namespace.sockets {
             if !adoptable(entry.state) || entry.cookie == 0 {
@@ -141,7 +155,12 @@ impl Tracker {
                 }
             } else {
                 seen.insert(entry.cookie);
-                self.adopt_entry(entry, namespace, owner);
+                let direction = if listening.contains(&entry.local.port()) {
+                    Direction::Inbound
+                } else {
+                    self.direction_of(entry)
+                };
+                self.adopt_entry(entry, direction, namespace, owner);
                 report.adopted += 1;
             }
         }
@@ -203,10 +222,10 @@ impl Tracker {
     fn adopt_entry(
         &mut self,
         entry: &SocketEntry,
+        direction: Direction,
         namespace: &NamespaceInventory,
         owner: Option<&Owner>,
     ) {
-        let direction = self.direction_of(entry);
         let mut conn = Connection::for_tests(entry.local, entry.remote, direction, entry.state);
         conn.sk = entry.cookie;
         conn.cookie = entry.cookie;

@@ -145,6 +145,11 @@ pub struct RunArgs {
     /// Connection series unused this long are removed.
     #[arg(long, env = "KA_SERIES_TTL", default_value = "1h", value_parser = parse_seconds)]
     pub series_ttl: u64,
+    /// How often the sockets of every network namespace are inventoried
+    /// (`sock_diag`): adopts connections without events, corrects idle
+    /// times, removes sockets gone without an event, names owners.
+    #[arg(long, env = "KA_INVENTORY_INTERVAL", default_value = "30s", value_parser = parse_seconds)]
+    pub inventory_interval: u64,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }

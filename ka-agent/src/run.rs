@@ -45,6 +45,8 @@ pub enum RunError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("cannot start the inventory: {0}")]
+    Inventory(std::io::Error),
 }
 
 impl RunError {
@@ -151,6 +153,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut inventory =
+        crate::inventory::spawn(Duration::from_secs(args.inventory_interval.max(1)))
+            .map_err(RunError::Inventory)?;
     let mut gauges = GaugeState::default();
     let mut kernel_counts = KernelCounts::default();
     let mut evictions_seen = 0u64;
@@ -184,7 +189,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
                 tick_count += 1;
                 publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
-                shared.ready.store(true, Ordering::Release);
+                // Ready once attached and the first inventory is in.
+                if tracker.inventory_done() {
+                    shared.ready.store(true, Ordering::Release);
+                }
             }
             // A close waits a few milliseconds for its verdict (see
             // `Tracker::settle_closes`); give it without waiting for the tick.
@@ -195,6 +203,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
             }
             Some(query) = asked.recv() => answer(query, &tracker, &args.idle_timeouts),
+            Some(update) = inventory.updates.recv() => {
+                let report = tracker.reconcile(&update);
+                tracing::debug!(?report, took_ms = update.took.as_millis(), "inventory reconciled");
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = stop_rx.changed() => break,

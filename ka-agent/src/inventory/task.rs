@@ -57,7 +57,17 @@ pub fn spawn(interval: Duration) -> std::io::Result<InventoryTask> {
 /// One inventory of all namespaces, with owners. Also what `snapshot` and
 /// `audit` use.
 pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::InventoryError> {
-    let inventory = dump_all_namespaces()?;
+    let inventory = match dump_all_namespaces() {
+        Ok(inventory) => inventory,
+        // Without CAP_SYS_ADMIN no other namespace can be entered; the
+        // agent's own is still worth its inventory.
+        Err(error) => {
+            tracing::warn!(%error, "inventory limited to the agent's own network namespace");
+            super::Inventory {
+                namespaces: vec![super::dump_namespace(None)?],
+            }
+        }
+    };
     let inodes: Vec<u64> = inventory.sockets().map(|s| s.inode).collect();
     index.refresh_for(&inodes);
     let owners = inodes

@@ -1,7 +1,6 @@
 //! Running commands, and the build/run steps.
 
 use std::{
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -49,24 +48,6 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("ka-agent"))
-}
-
-/// Builds (release) and replaces this process with `ka-agent <sub> <args>`,
-/// through sudo when not root, so Ctrl-C goes straight to the agent.
-pub fn run_agent(sub: &str, args: &[String]) -> anyhow::Result<()> {
-    let binary = build_agent(true)?;
-    let error = if is_root() {
-        Command::new(&binary).arg(sub).args(args).exec()
-    } else if which("sudo").is_some() {
-        eprintln!("xtask: ka-agent needs root for its kernel programs: running it with sudo");
-        Command::new("sudo").arg(&binary).arg(sub).args(args).exec()
-    } else {
-        bail!(
-            "ka-agent needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and sudo is not installed: run {} {sub} as root",
-            binary.display()
-        );
-    };
-    Err(error).with_context(|| format!("cannot run {}", binary.display()))
 }
 
 /// The path of `program` on PATH.

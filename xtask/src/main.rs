@@ -6,6 +6,7 @@
 
 mod cmd;
 mod fuzz;
+mod run;
 mod setup;
 mod soak;
 mod test;
@@ -31,10 +32,12 @@ enum Command {
     },
     /// Build the agent (and, through its build script, the kernel programs).
     Build {
+        /// An optimised build (target/release/ka-agent).
         #[arg(long)]
         release: bool,
     },
-    /// Set up, build and run the agent as root: `ka-agent run [ARGS]`.
+    /// Set up, build (release) and run the agent as root: `ka-agent run
+    /// [ARGS]` (through sudo when not root).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -66,12 +69,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cargo_bin_on_path();
     let result = match cli.command {
         Command::Setup { test_deps } => setup::setup(test_deps),
-        Command::Build { release } => cmd::build_agent(release).map(|_| ()),
-        Command::Run { args } => setup::setup(false).and_then(|()| cmd::run_agent("run", &args)),
+        Command::Build { release } => {
+            setup::setup(false).and_then(|()| cmd::build_agent(release).map(|_| ()))
+        }
+        Command::Run { args } => run::run(&args),
         Command::Test { args } => test::test(&args),
-        Command::Check => setup::setup(false).and_then(|()| cmd::run_agent("check", &[])),
+        Command::Check => run::check(),
         Command::Soak { minutes } => soak::soak(minutes),
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };
@@ -81,5 +87,21 @@ fn main() -> ExitCode {
             eprintln!("xtask: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`, which a fresh
+/// shell may not have on PATH yet: set-up checks it and the BPF build runs
+/// it from there.
+fn cargo_bin_on_path() {
+    let bin = setup::cargo_bin();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|dir| dir == bin) {
+        return;
+    }
+    let joined = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)));
+    if let Ok(joined) = joined {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("PATH", joined) };
     }
 }

@@ -1,55 +1,152 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
+//!
+//! Every step runs even when an earlier one failed (CI then reports all
+//! problems at once); the last line is a summary and the exit status is
+//! non-zero if any step failed.
 
-use std::time::Instant;
+use std::{process::Command, time::Instant};
+
+use anyhow::bail;
 
 use crate::{cmd, setup};
+
+/// The crate built for the BPF target only: its host build is meaningless,
+/// it is built (and checked by rustc) through ka-agent's build script and
+/// linted for its own target below.
+const BPF_CRATE: &str = "ka-ebpf";
 
 pub fn test(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::setup(true)?;
+    let mut test_command = cmd::cargo();
+    test_command.args(["test", "--no-fail-fast"]);
+    if !selects_packages(args) {
+        test_command.args(["--workspace", "--exclude", BPF_CRATE]);
+    }
+    test_command.args(args);
     if !cmd::is_root() {
-        eprintln!(
-            "xtask: WARNING: not root: the kernel and network tests will be SKIPPED (and fail under CI=true)"
-        );
+        if cmd::which("sudo").is_some() {
+            // Build as this user, run the test binaries as root with this
+            // environment: nothing in target/ becomes root's.
+            eprintln!("xtask: not root: the test binaries run through `sudo -E`");
+            test_command.env(runner_variable()?, "sudo -E");
+        } else {
+            eprintln!(
+                "xtask: WARNING: not root and no sudo: the kernel and network tests will be \
+                 SKIPPED (and fail under CI=true)"
+            );
+        }
     }
-    // The default members: everything but the BPF-target crate, which is
-    // built (and checked by rustc) through ka-agent's build script.
-    let steps: [(&str, &[&str]); 2] = [
-        ("format", &["fmt", "--all", "--check"]),
-        ("lint", &["clippy", "--all-targets", "--", "-D", "warnings"]),
-    ];
-    for (name, step) in steps {
-        eprintln!("xtask: {name}: cargo {}", step.join(" "));
-        cmd::run(cmd::cargo().args(step))?;
+
+    let mut steps: Vec<(&str, Command)> = Vec::new();
+    let mut format = cmd::cargo();
+    format.args(["fmt", "--all", "--check"]);
+    steps.push(("format", format));
+    let mut lint = cmd::cargo();
+    lint.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        BPF_CRATE,
+        "--all-targets",
+    ])
+    .args(["--", "-D", "warnings"]);
+    steps.push(("lint", lint));
+    steps.push(("lint kernel programs", kernel_lint()));
+    steps.push(("tests", test_command));
+
+    let mut results = Vec::new();
+    for (name, mut command) in steps {
+        eprintln!("xtask: {name}: {}", shown(&command));
+        let outcome = cmd::run(&mut command);
+        if let Err(error) = &outcome {
+            eprintln!("xtask: {name} FAILED: {error:#}");
+        }
+        results.push((name, outcome.is_ok()));
     }
-    // The kernel programs, linted for the BPF target they are built for.
-    eprintln!("xtask: lint kernel programs: cargo clippy -p ka-ebpf --target bpfel-unknown-none");
-    cmd::run(
-        cmd::cargo()
-            .args([
-                "clippy",
-                "--package",
-                "ka-ebpf",
-                "--release",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--target-dir",
-                "target/ebpf-lint",
-                "--",
-                "-D",
-                "warnings",
-            ])
-            // The BPF target is tier 3: core is built from source, which
-            // needs an unstable flag, allowed for this command only.
-            .env("RUSTC_BOOTSTRAP", "1"),
-    )?;
-    eprintln!("xtask: tests: cargo test --no-fail-fast {}", args.join(" "));
-    cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]).args(args))?;
+    let summary: Vec<String> = results
+        .iter()
+        .map(|(name, ok)| format!("{name} {}", if *ok { "ok" } else { "FAILED" }))
+        .collect();
+    let failed = results.iter().filter(|(_, ok)| !ok).count();
     eprintln!(
-        "xtask: all checks passed in {:.0} s",
+        "xtask: test summary: {} ({failed} failed) in {:.0} s",
+        summary.join(", "),
         started.elapsed().as_secs_f64()
     );
+    if failed > 0 {
+        bail!("{failed} step(s) failed");
+    }
     Ok(())
+}
+
+/// The kernel programs, linted (pedantic, like the rest) for the BPF target
+/// they are built for.
+fn kernel_lint() -> Command {
+    let mut command = cmd::cargo();
+    command
+        .args(["clippy", "--package", BPF_CRATE, "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-lint", "--", "-D", "warnings"])
+        // The BPF target is tier 3: core is built from source, which needs
+        // an unstable flag, allowed for this command only.
+        .env("RUSTC_BOOTSTRAP", "1");
+    command
+}
+
+/// Whether the caller chose packages (`-p xtask`, `--workspace`...) before
+/// any `--` that starts the test binaries' own arguments.
+fn selects_packages(args: &[String]) -> bool {
+    args.iter().take_while(|arg| *arg != "--").any(|arg| {
+        ["-p", "--package", "--workspace", "--all", "--manifest-path"]
+            .iter()
+            .any(|flag| arg == flag || arg.starts_with(&format!("{flag}=")))
+            || (arg.starts_with("-p") && arg.len() > 2)
+    })
+}
+
+/// `CARGO_TARGET_<HOST TRIPLE>_RUNNER`.
+fn runner_variable() -> anyhow::Result<String> {
+    let output = Command::new("rustc").arg("-vV").output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(host) = text.lines().find_map(|line| line.strip_prefix("host: ")) else {
+        bail!("`rustc -vV` does not name the host triple");
+    };
+    Ok(format!(
+        "CARGO_TARGET_{}_RUNNER",
+        host.trim().to_uppercase().replace(['-', '.'], "_")
+    ))
+}
+
+/// `cargo fmt --all --check`, for the log.
+fn shown(command: &Command) -> String {
+    let args: Vec<String> = command
+        .get_args()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    format!("cargo {}", args.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects_packages;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn package_selection_is_recognised_before_the_separator_only() {
+        assert!(selects_packages(&args(&["-p", "xtask"])));
+        assert!(selects_packages(&args(&["-pxtask"])));
+        assert!(selects_packages(&args(&["--package=ka-agent", "probe"])));
+        assert!(selects_packages(&args(&["--workspace"])));
+        assert!(!selects_packages(&args(&["probe", "--", "-p"])));
+        assert!(!selects_packages(&args(&[
+            "--release",
+            "--",
+            "--nocapture"
+        ])));
+        assert!(!selects_packages(&[]));
+    }
 }

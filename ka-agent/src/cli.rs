@@ -11,7 +11,7 @@ use crate::{idle_timeout::IdleTimeout, track::PeerLabel};
     name = "ka-agent",
     version,
     about = "Finds zombie TCP connections from the kernel and exports them to Prometheus",
-    after_help = "Examples:\n  ka-agent run                                 # defaults: 127.0.0.1:9977, idle timeout aws-nlb\n  ka-agent run --idle-timeout seed-dsr --idle-timeout 5m\n  ka-agent check                               # what this kernel allows"
+    after_help = "Examples:\n  ka-agent run                                 # defaults: 127.0.0.1:9977, idle timeout aws-nlb\n  ka-agent run --idle-timeout seed-dsr --idle-timeout 5m\n  ka-agent check                               # what this kernel allows\n  ka-agent top                                 # live view, worst connections first\n  ka-agent audit                               # who will lose connections, and the fix\n  ka-agent snapshot --json\n  ka-agent completions bash > /etc/bash_completion.d/ka-agent"
 )]
 pub struct Cli {
     /// Log format on stderr.
@@ -57,6 +57,109 @@ pub enum Command {
         after_help = "Examples:\n  ka-agent snapshot --json\n  ka-agent snapshot --json --idle-timeout 90s"
     )]
     Snapshot(SnapshotArgs),
+    /// Live terminal view of connections, worst first (zombies, probing,
+    /// at risk, the rest), from a running agent's API. When no agent
+    /// answers at --agent, top starts one as its own child process
+    /// (`ka-agent run --listen 127.0.0.1:<free port>`, needs root) and stops
+    /// it on exit. Keys: q quit, / filter, s sort column, r reverse,
+    /// z/p/a/o class, 0 all classes, arrows scroll.
+    #[command(
+        after_help = "Examples:\n  ka-agent top                                 # the agent on 127.0.0.1:9977, or an own one\n  ka-agent top --agent http://10.0.0.7:9977 --class zombie\n  ka-agent top --filter :443 --refresh 2s\n  KA_AGENT=http://127.0.0.1:9977 ka-agent top --no-spawn"
+    )]
+    Top(TopArgs),
+    /// Print a shell completion script for ka-agent.
+    #[command(
+        after_help = "Examples:\n  ka-agent completions bash > /etc/bash_completion.d/ka-agent\n  ka-agent completions zsh > \"${fpath[1]}/_ka-agent\"\n  ka-agent completions fish > ~/.config/fish/completions/ka-agent.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+/// `ka-agent completions`.
+#[derive(Clone, Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete in.
+    #[arg(env = "KA_SHELL", value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `ka-agent top`.
+#[derive(Clone, Debug, Args)]
+pub struct TopArgs {
+    /// The agent to read: `http://HOST:PORT` (its --listen address).
+    #[arg(long, env = "KA_AGENT", default_value = "http://127.0.0.1:9977")]
+    pub agent: AgentUrl,
+    /// How often the view is refreshed (whole seconds: 1s, 5s).
+    #[arg(long, env = "KA_REFRESH", default_value = "1s", value_parser = parse_refresh)]
+    pub refresh: u64,
+    /// Never start an own agent: keep retrying --agent instead.
+    #[arg(long, env = "KA_NO_SPAWN")]
+    pub no_spawn: bool,
+    /// Show only this class at start (the z/p/a/o keys change it).
+    #[arg(long, env = "KA_CLASS", value_parser = ["zombie", "probing", "at_risk", "ok", "closing"])]
+    pub class: Option<String>,
+    /// Show only connections whose process, pod, addresses, state or class
+    /// contain this text at start (the / key changes it).
+    #[arg(long, env = "KA_FILTER")]
+    pub filter: Option<String>,
+    /// Idle timeouts of an own agent, when top starts one (as for `run`).
+    #[arg(
+        long = "idle-timeout",
+        env = "KA_IDLE_TIMEOUT",
+        value_delimiter = ',',
+        default_value = "aws-nlb"
+    )]
+    pub idle_timeouts: Vec<IdleTimeout>,
+}
+
+/// An agent's HTTP address: `http://HOST:PORT`, resolved once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentUrl {
+    /// As the user should read it: `http://host:port`.
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for AgentUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        use std::net::ToSocketAddrs as _;
+        let rest = match text.split_once("://") {
+            Some(("http", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "invalid agent URL {text:?}: scheme {scheme:?} is not supported (the agent speaks http://)"
+                ));
+            }
+            None => text,
+        };
+        let hostport = rest.strip_suffix('/').unwrap_or(rest);
+        if hostport.is_empty() || hostport.contains('/') {
+            return Err(format!(
+                "invalid agent URL {text:?}: expected http://HOST:PORT"
+            ));
+        }
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("invalid agent URL {text:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("invalid agent URL {text:?}: {hostport} has no address"))?;
+        Ok(Self {
+            url: format!("http://{hostport}"),
+            addr,
+        })
+    }
+}
+
+fn parse_refresh(text: &str) -> Result<u64, String> {
+    match crate::idle_timeout::parse_duration(text) {
+        Ok(0) => Err(format!("refresh interval {text:?} is zero")),
+        Ok(seconds) if seconds > 3600 => Err(format!("refresh interval {text:?} is over an hour")),
+        Ok(seconds) => Ok(seconds),
+        Err(_) => Err(format!(
+            "invalid refresh interval {text:?}: expected whole seconds like 1s or 5s"
+        )),
+    }
 }
 
 /// `ka-agent audit`.

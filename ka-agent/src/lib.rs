@@ -17,4 +17,6 @@ pub mod metrics;
 pub mod model;
 pub mod offsets;
 pub mod run;
+pub mod top;
 pub mod track;
+pub mod version;

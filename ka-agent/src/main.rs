@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use ka_agent::cli::{Cli, Command, LogFormat};
 
 fn init_tracing(cli: &Cli) -> Result<(), String> {
@@ -20,7 +19,18 @@ fn init_tracing(cli: &Cli) -> Result<(), String> {
 
 /// Parses the command line; invalid input is one line on stderr and exit 2.
 fn parse() -> Result<Cli, ExitCode> {
-    match Cli::try_parse() {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let mut command = Cli::command();
+    // The kernel summary reads /proc and /sys: only when it is shown.
+    if std::env::args_os().any(|a| a == "--version" || a == "-V") {
+        command = command.version(ka_agent::version::long_version(
+            &ka_agent::version::Sources::system(),
+        ));
+    }
+    match command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => Ok(cli),
         Err(error) => {
             use clap::error::ErrorKind;
@@ -65,6 +75,23 @@ fn main() -> ExitCode {
         Command::Check(args) => ka_agent::check::check(&args),
         Command::Audit(args) => ka_agent::audit::audit_command(&args),
         Command::Snapshot(args) => ka_agent::audit::snapshot_command(&args),
+        Command::Top(args) => ka_agent::top::top_command(&args),
+        Command::Completions(args) => {
+            use std::io::Write as _;
+
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "ka-agent", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => 0,
+                // `ka-agent completions bash | head` is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                Err(e) => {
+                    eprintln!("ka-agent: cannot write the completion script: {e}");
+                    1
+                }
+            }
+        }
         Command::Run(args) => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

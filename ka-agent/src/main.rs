@@ -50,12 +50,21 @@ fn parse() -> Result<Cli, ExitCode> {
                 );
             }
             let text = error.to_string();
-            let line = text
+            // clap's first paragraph, on one line: "the following required
+            // arguments were not provided: <SHELL>", "invalid value 'x'
+            // for '--class <CLASS>' [possible values: ...]".
+            let paragraph: Vec<&str> = text
                 .lines()
                 .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or("invalid command line")
-                .trim_start_matches("error: ");
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let joined = paragraph.join(" ");
+            let line = if joined.is_empty() {
+                "invalid command line"
+            } else {
+                joined.trim_start_matches("error: ")
+            };
             eprintln!("ka-agent: {line} (see ka-agent --help)");
             Err(ExitCode::from(2))
         }

@@ -207,3 +207,100 @@ fn check_reports_a_missing_keepalive_symbol() {
         "{timer}"
     );
 }
+
+#[test]
+fn invalid_top_and_completions_invocations_exit_2_with_one_line() {
+    assert_bad_input(&["top", "--no-such-flag"], "--no-such-flag");
+    assert_bad_input(&["top", "--agent", "ftp://127.0.0.1:9977"], "ftp");
+    assert_bad_input(&["top", "--agent", "http://127.0.0.1:99999"], "99999");
+    assert_bad_input(&["top", "--agent", "not an address"], "not an address");
+    assert_bad_input(&["top", "--agent", "http://127.0.0.1:9977/x"], "HOST:PORT");
+    assert_bad_input(&["top", "--refresh", "0s"], "zero");
+    assert_bad_input(&["top", "--refresh", "soon"], "soon");
+    assert_bad_input(&["top", "--class", "undead"], "possible values: zombie");
+    assert_bad_input(&["top", "--idle-timeout", "aws-foo"], "aws-foo");
+    assert_bad_input(&["completions"], "SHELL");
+    assert_bad_input(&["completions", "tcsh"], "tcsh");
+    assert_bad_input(&["completions", "bash", "zsh"], "zsh");
+    // Not a terminal (the test's pipes): one line, exit 2, nothing started.
+    assert_bad_input(
+        &["top", "--agent", "http://127.0.0.1:9"],
+        "needs a terminal",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+        .arg("top")
+        .env("KA_REFRESH", "never")
+        .output()
+        .expect("run ka-agent");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("never"));
+}
+
+#[test]
+fn every_command_has_examples_and_version_names_the_kernel() {
+    for command in ["run", "check", "audit", "snapshot", "top", "completions"] {
+        let output = ka(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{command}");
+        assert!(
+            help.contains("Examples:\n  ka-agent") || help.contains("Examples:\n  KA_"),
+            "{command} --help has no examples:\n{help}"
+        );
+    }
+    let top = String::from_utf8_lossy(&ka(&["top", "--help"]).stdout).into_owned();
+    for option in [
+        "KA_AGENT",
+        "KA_REFRESH",
+        "KA_CLASS",
+        "KA_FILTER",
+        "KA_NO_SPAWN",
+    ] {
+        assert!(top.contains(option), "{option} missing:\n{top}");
+    }
+    assert!(top.contains("child process"), "{top}");
+    let version = String::from_utf8_lossy(&ka(&["--version"]).stdout).into_owned();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    assert!(
+        version.starts_with(&format!(
+            "ka-agent {} (kernel {}: ",
+            env!("CARGO_PKG_VERSION"),
+            release.trim()
+        )),
+        "{version}"
+    );
+    assert!(
+        version.contains("tracepoints") && version.contains("kprobes"),
+        "{version}"
+    );
+    assert!(version.contains("reset reasons"), "{version}");
+}
+
+#[test]
+fn completions_for_bash_zsh_fish() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef ka-agent"),
+        ("fish", "complete -c ka-agent"),
+    ] {
+        let output = ka(&["completions", shell]);
+        let script = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{shell}");
+        assert!(script.contains(marker), "{shell}: {marker} missing");
+        for word in ["run", "top", "audit", "idle-timeout", "agent"] {
+            assert!(script.contains(word), "{shell}: {word} missing");
+        }
+    }
+    // bash loads it and registers the completion.
+    if std::path::Path::new("/bin/bash").exists() {
+        let file = std::env::temp_dir().join(format!("ka-completion-{}.bash", std::process::id()));
+        std::fs::write(&file, ka(&["completions", "bash"]).stdout).expect("write");
+        let output = Command::new("/bin/bash")
+            .arg("-c")
+            .arg(format!("source {} && complete -p ka-agent", file.display()))
+            .output()
+            .expect("bash");
+        let _ = std::fs::remove_file(&file);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("ka-agent"));
+    }
+}

@@ -5,6 +5,7 @@
 //! no-op when everything is present.
 
 mod cmd;
+mod demo;
 mod fuzz;
 mod run;
 mod setup;
@@ -56,6 +57,14 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         minutes: u32,
     },
+    /// The seed's story in network namespaces (client, a load balancer
+    /// that forgets idle flows, two backends), narrated with the agent's
+    /// own metrics: the reset after idle, the zombie, the fixes. Root.
+    Demo {
+        /// Short timings, no pauses; fail when an outcome does not show.
+        #[arg(long)]
+        ci: bool,
+    },
     /// Run every fuzz target (cargo-fuzz) for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -79,6 +88,7 @@ fn main() -> ExitCode {
         Command::Test { args } => test::test(&args),
         Command::Check => run::check(),
         Command::Soak { minutes } => soak::soak(minutes),
+        Command::Demo { ci } => demo::demo(ci),
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };
     match result {

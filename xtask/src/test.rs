@@ -64,6 +64,17 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         }
         results.push((name, outcome.is_ok()));
     }
+    // The demo as a newcomer runs it, its narrated outcomes asserted from
+    // the agent's metrics (`cargo xtask demo --ci`, about 20 s), when the
+    // whole suite runs.
+    if args.is_empty() {
+        eprintln!("xtask: demo: cargo xtask demo --ci");
+        let outcome = run_demo();
+        if let Err(error) = &outcome {
+            eprintln!("xtask: demo FAILED: {error:#}");
+        }
+        results.push(("demo", outcome.is_ok()));
+    }
     let summary: Vec<String> = results
         .iter()
         .map(|(name, ok)| format!("{name} {}", if *ok { "ok" } else { "FAILED" }))
@@ -78,6 +89,45 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("{failed} step(s) failed");
     }
     Ok(())
+}
+
+/// `cargo xtask demo --ci` in a process of its own (its own Ctrl-C
+/// handler and namespaces), through `sudo -E` when not root; interrupted
+/// (it cleans up) after five minutes.
+fn run_demo() -> anyhow::Result<()> {
+    let xtask = std::env::current_exe()?;
+    let mut command = if cmd::is_root() {
+        Command::new(&xtask)
+    } else if cmd::which("sudo").is_some() {
+        let mut sudo = Command::new("sudo");
+        sudo.arg("-E").arg(&xtask);
+        sudo
+    } else {
+        bail!("the demo needs root, and sudo is not installed");
+    };
+    command.args(["demo", "--ci"]).current_dir(cmd::root());
+    let mut child = command.spawn()?;
+    let deadline = Instant::now() + std::time::Duration::from_mins(5);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!("cargo xtask demo --ci failed with {status}");
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGINT) };
+            let grace = Instant::now() + std::time::Duration::from_secs(30);
+            while Instant::now() < grace && child.try_wait()?.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("cargo xtask demo --ci did not finish within five minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// The kernel programs, linted (pedantic, like the rest) for the BPF target

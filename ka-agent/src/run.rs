@@ -83,6 +83,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.listen,
             source,
         })?;
+    tracing::info!(btf = %args.kernel.btf.display(), "resolving the kernel layout (BTF, tracefs formats, kallsyms)");
     let layout = crate::check::preflight(&args.kernel)?;
     tracing::info!(
         kernel = %layout.kernel_release,
@@ -93,6 +94,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     for note in &layout.notes {
         tracing::info!(note = %note, "kernel layout");
     }
+    tracing::info!("loading and attaching the kernel programs");
     let mut probes = Probes::load(
         &layout,
         LoadOptions {
@@ -153,6 +155,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tracing::info!("first inventory of every network namespace (sock_diag) started");
     let mut inventory =
         crate::inventory::spawn(Duration::from_secs(args.inventory_interval.max(1)))
             .map_err(RunError::Inventory)?;
@@ -204,8 +207,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
             Some(query) = asked.recv() => answer(query, &tracker, &args.idle_timeouts),
             Some(update) = inventory.updates.recv() => {
+                let first = !tracker.inventory_done();
                 let report = tracker.reconcile(&update);
-                tracing::debug!(?report, took_ms = update.took.as_millis(), "inventory reconciled");
+                if first {
+                    tracing::info!(
+                        namespaces = report.namespaces,
+                        adopted = report.adopted,
+                        took_ms = update.took.as_millis(),
+                        "first inventory of every network namespace reconciled: ready"
+                    );
+                } else {
+                    tracing::debug!(?report, took_ms = update.took.as_millis(), "inventory reconciled");
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -83,7 +83,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             addr: args.listen,
             source,
         })?;
-    tracing::info!(btf = %args.kernel.btf.display(), "resolving the kernel layout (BTF, tracefs formats, kallsyms)");
+    // Bad input (a garbage --btf) must stay one line on stderr: the
+    // layout is logged once resolved (about a second).
     let layout = crate::check::preflight(&args.kernel)?;
     tracing::info!(
         kernel = %layout.kernel_release,

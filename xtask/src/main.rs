@@ -4,6 +4,7 @@
 //! both begin with `setup`, which installs what is missing and is a quick
 //! no-op when everything is present.
 
+mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
@@ -57,6 +58,10 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         minutes: u32,
     },
+    /// The performance benchmark (docs/benchmarks.md): throughput under the
+    /// agent vs none vs tcpstates, program run times, lost events, memory,
+    /// /metrics latency; results in target/bench/results.json.
+    Bench(bench::BenchArgs),
     /// The seed's story in network namespaces (client, a load balancer
     /// that forgets idle flows, two backends), narrated with the agent's
     /// own metrics: the reset after idle, the zombie, the fixes. Root.
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         Command::Test { args } => test::test(&args),
         Command::Check => run::check(),
         Command::Soak { minutes } => soak::soak(minutes),
+        Command::Bench(args) => bench::bench(&args),
         Command::Demo { ci } => demo::demo(ci),
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
     };

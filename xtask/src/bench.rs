@@ -1,0 +1,1335 @@
+//! `cargo xtask bench`: the performance benchmark of docs/benchmarks.md.
+//!
+//! A private nginx on loopback is loaded by `wrk` (connection churn with
+//! `Connection: close`, then HTTP keep-alive), interleaved round by round
+//! under each configuration: nothing attached, `ka-agent run`, libbpf-tools
+//! `tcpstates` (the reference peer) and, when installed, a bpftrace one-liner
+//! that only counts `inet_sock_set_state` in a map (near-ideal). Medians and
+//! ratios against `none` come from the same run. Then, each in its own
+//! bounded step with an agent of its own: a keepalive death's latency to
+//! `/metrics`, the agent's memory with many tracked connections (kernel map
+//! memory apart) and the inventory of them, and `/metrics` with many series.
+//!
+//! Everything is on loopback (the keepalive death in a network namespace of
+//! its own); every process started here is stopped by a guard, also on
+//! error. Results go to `target/bench/results.json`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::cmd;
+
+/// `cargo xtask bench` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Rounds of interleaved runs (each configuration once per round).
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Seconds of each wrk run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Established loopback connections to hold for the memory step (both
+    /// ends are tracked, so half as many pairs are opened).
+    #[arg(long, default_value_t = 100_000)]
+    connections: u32,
+    /// Closed ports to connect to for the `/metrics` step (each makes
+    /// connection series of its own).
+    #[arg(long, default_value_t = 10_000)]
+    ports: u32,
+    /// CI mode: checks the harness works (1 round, 1-second runs, small
+    /// counts); the figures mean nothing.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// The configurations compared, in the order of the first round.
+const CONFIGS: [Config; 4] = [
+    Config::None,
+    Config::Agent,
+    Config::Tcpstates,
+    Config::Bpftrace,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    None,
+    Agent,
+    Tcpstates,
+    Bpftrace,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Agent => "ka-agent",
+            Self::Tcpstates => "tcpstates",
+            Self::Bpftrace => "bpftrace-count",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    Churn,
+    KeepAlive,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Churn => "churn",
+            Self::KeepAlive => "keepalive",
+        }
+    }
+}
+
+/// A child process stopped (signal, then SIGKILL after 5 s) when dropped.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    signal: i32,
+}
+
+impl Proc {
+    fn spawn(name: &str, command: &mut Command, signal: i32) -> anyhow::Result<Self> {
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            signal,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Fails when the process has already exited.
+    fn alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("{} exited early: {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(pid, self.signal) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("ka-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace removed (with its nftables) when dropped.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A JSON value, written by hand (xtask has no serde).
+enum Json {
+    Null,
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn obj<const N: usize>(pairs: [(&str, Json); N]) -> Self {
+        Self::Obj(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    fn opt(value: Option<f64>) -> Self {
+        value.map_or(Self::Null, Self::Num)
+    }
+
+    fn write(&self, out: &mut String) {
+        match self {
+            Self::Num(n) if n.is_finite() => {
+                let _ = write!(out, "{}", (n * 1000.0).round() / 1000.0);
+            }
+            Self::Null | Self::Num(_) => out.push_str("null"),
+            Self::Str(s) => {
+                out.push('"');
+                for c in s.chars() {
+                    match c {
+                        '"' => out.push_str("\\\""),
+                        '\\' => out.push_str("\\\\"),
+                        c if u32::from(c) < 0x20 => {
+                            let _ = write!(out, "\\u{:04x}", u32::from(c));
+                        }
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            Self::Arr(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    item.write(out);
+                }
+                out.push(']');
+            }
+            Self::Obj(pairs) => {
+                out.push('{');
+                for (i, (key, value)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    Self::Str(key.clone()).write(out);
+                    out.push(':');
+                    value.write(out);
+                }
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn num<T: Into<u64>>(value: T) -> Json {
+    Json::Num(float(value.into()))
+}
+
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "counts and sizes far below 2^52"
+)]
+fn float(value: u64) -> f64 {
+    value as f64
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len().is_multiple_of(2) {
+        f64::midpoint(sorted[mid - 1], sorted[mid])
+    } else {
+        sorted[mid]
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The body of `GET path` (HTTP/1.0), and how long the whole answer took.
+fn get(addr: SocketAddr, path: &str) -> Option<(String, Duration)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let took = started.elapsed();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| (body.to_owned(), took))
+}
+
+fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    get(addr, "/metrics")
+        .map(|(body, _)| body)
+        .context("the agent's /metrics did not answer")
+}
+
+/// Every sample of `name`: (label text, value).
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name).then(|| Some((labels, value.parse::<f64>().ok()?)))?
+        })
+        .collect()
+}
+
+fn sum(text: &str, name: &str, filter: &str) -> f64 {
+    samples(text, name)
+        .iter()
+        .filter(|(labels, _)| labels.contains(filter))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// `hook` label → value of a per-program metric.
+fn per_hook(text: &str, name: &str) -> BTreeMap<String, f64> {
+    samples(text, name)
+        .into_iter()
+        .filter_map(|(labels, value)| {
+            let hook = labels.split_once("hook=\"")?.1.split_once('"')?.0;
+            Some((hook.to_owned(), value))
+        })
+        .collect()
+}
+
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Kernel memory of the BPF maps a process holds (`memlock` of each map's
+/// fdinfo, once per map id), in bytes, and how many maps.
+fn map_memory(pid: u32) -> (u64, u64) {
+    let mut seen = BTreeMap::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (0, 0);
+    };
+    for fd in fds.flatten() {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            seen.insert(id, memlock);
+        }
+    }
+    (seen.values().sum(), seen.len() as u64)
+}
+
+/// Whether a process holds a loaded BPF program (attached soon after).
+fn holds_bpf_program(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog")
+        })
+    })
+}
+
+/// Runs `command` with its stdout in a file, killed after `timeout`.
+fn run_bounded(command: &mut Command, timeout: Duration, out: &Path) -> anyhow::Result<String> {
+    let file = std::fs::File::create(out)?;
+    let mut proc = Proc::spawn(
+        &format!("{command:?}"),
+        command.stdout(file).stderr(Stdio::null()),
+        libc::SIGKILL,
+    )?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = proc.child.as_mut().map(Child::try_wait).transpose()?;
+        if let Some(Some(status)) = status {
+            proc.child = None;
+            if !status.success() {
+                bail!("{command:?} failed with {status}");
+            }
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{command:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(std::fs::read_to_string(out)?)
+}
+
+/// The agent under test: `ka-agent run --listen 127.0.0.1:<free port>`.
+struct Agent {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+impl Agent {
+    fn start(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut proc = Proc::spawn(
+            "ka-agent",
+            Command::new(binary)
+                .args(["run", "--listen", &addr.to_string(), "--log", "warn"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(log),
+            libc::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while get(addr, "/readyz").is_none_or(|(b, _)| !b.contains("ready")) {
+            proc.alive().with_context(|| {
+                format!(
+                    "see {}",
+                    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+                )
+            })?;
+            if Instant::now() > deadline {
+                bail!("the agent was not ready within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self { proc, addr })
+    }
+}
+
+/// A tool attached for one configuration of one round.
+enum Attached {
+    Nothing,
+    Agent(Agent),
+    Other(Proc),
+}
+
+fn attach(config: Config, binary: &Path, dir: &Path) -> anyhow::Result<Attached> {
+    let (name, mut command, signal) = match config {
+        Config::None => return Ok(Attached::Nothing),
+        Config::Agent => return Ok(Attached::Agent(Agent::start(binary, dir, &[])?)),
+        Config::Tcpstates => (
+            "tcpstates",
+            Command::new(tcpstates().context("tcpstates (libbpf-tools) is not installed")?),
+            libc::SIGINT,
+        ),
+        Config::Bpftrace => {
+            let mut command = Command::new("bpftrace");
+            command.args([
+                "-e",
+                "tracepoint:sock:inet_sock_set_state { @[args->newstate] = count(); }",
+            ]);
+            ("bpftrace", command, libc::SIGINT)
+        }
+    };
+    let mut proc = Proc::spawn(
+        name,
+        command.stdout(Stdio::null()).stderr(Stdio::null()),
+        signal,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !holds_bpf_program(proc.pid()) {
+        proc.alive()?;
+        if Instant::now() > deadline {
+            bail!("{name} loaded no program within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Loaded; attaching follows within moments.
+    std::thread::sleep(Duration::from_secs(1));
+    proc.alive()?;
+    Ok(Attached::Other(proc))
+}
+
+fn tcpstates() -> Option<PathBuf> {
+    cmd::which("tcpstates").or_else(|| {
+        ["/usr/sbin/tcpstates", "/usr/bin/tcpstates"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    })
+}
+
+/// The private nginx: one process, `access_log off`, a fixed small answer.
+fn start_nginx(dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    let nginx = cmd::which("nginx")
+        .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()))
+        .context("nginx is not installed (cargo xtask setup --test-deps)")?;
+    let d = dir.display();
+    let config = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nworker_rlimit_nofile 65536;\n\
+         events {{ worker_connections 16384; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d};\n proxy_temp_path {d};\n\
+         fastcgi_temp_path {d};\n uwsgi_temp_path {d};\n scgi_temp_path {d};\n\
+         keepalive_requests 1000000;\n\
+         server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), config)?;
+    let mut proc = Proc::spawn(
+        "nginx",
+        Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        libc::SIGTERM,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.alive()?;
+        if Instant::now() > deadline {
+            bail!("nginx did not accept connections within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(proc)
+}
+
+/// Requests (= connections for churn) per second of one bounded wrk run.
+fn wrk(port: u16, workload: Workload, seconds: u32, dir: &Path) -> anyhow::Result<f64> {
+    let mut command = Command::new("wrk");
+    command.args(["-t1", "-c20", &format!("-d{seconds}s"), "--timeout", "2s"]);
+    if workload == Workload::Churn {
+        command.args(["-H", "Connection: close"]);
+    }
+    command.arg(format!("http://127.0.0.1:{port}/"));
+    let output = run_bounded(
+        &mut command,
+        Duration::from_secs(u64::from(seconds) + 15),
+        &dir.join("wrk.out"),
+    )?;
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|rate: &f64| *rate > 0.0)
+        .with_context(|| format!("wrk reported no requests:\n{output}"))
+}
+
+/// What one agent run saw of its own programs during the churn run.
+#[derive(Default)]
+struct AgentRound {
+    /// hook → (runs per second, mean ns per run).
+    hooks: BTreeMap<String, (f64, f64)>,
+    /// event type → events per second received during churn.
+    events_per_sec: BTreeMap<String, f64>,
+    lost: f64,
+    rss_kib: u64,
+    metrics_ms: f64,
+    metrics_series: usize,
+}
+
+fn series_count(text: &str) -> usize {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+/// The main comparison; returns the throughput samples and the agent's
+/// own figures per round.
+type Rates = BTreeMap<(Workload, Config), Vec<f64>>;
+
+fn comparison(
+    args: &BenchArgs,
+    binary: &Path,
+    dir: &Path,
+    configs: &[Config],
+) -> anyhow::Result<(Rates, Vec<AgentRound>)> {
+    let port = free_port()?;
+    let _nginx = start_nginx(dir, port)?;
+    let mut rates: Rates = BTreeMap::new();
+    let mut agent_rounds = Vec::new();
+    for round in 0..args.rounds {
+        // Rotate the order each round so no configuration always runs first.
+        let shift = usize::try_from(round).unwrap_or(0) % configs.len();
+        for &config in configs.iter().cycle().skip(shift).take(configs.len()) {
+            let mut attached = attach(config, binary, dir)?;
+            let agent = match &attached {
+                Attached::Agent(agent) => Some(agent),
+                _ => None,
+            };
+            let before = agent.map(|a| metrics(a.addr)).transpose()?;
+            let churn = wrk(port, Workload::Churn, args.seconds, dir)?;
+            let mut agent_round = None;
+            if let (Some(agent), Some(before)) = (agent, &before) {
+                // The agent reads the kernel's program stats once a second.
+                std::thread::sleep(Duration::from_millis(1300));
+                let after = metrics(agent.addr)?;
+                agent_round = Some(agent_figures(before, &after, args.seconds));
+            }
+            let keepalive = wrk(port, Workload::KeepAlive, args.seconds, dir)?;
+            if let (Some(agent), Some(mut figures)) = (agent, agent_round) {
+                std::thread::sleep(Duration::from_millis(1300));
+                let times: Vec<f64> = (0..5)
+                    .filter_map(|_| get(agent.addr, "/metrics"))
+                    .map(|(_, took)| took.as_secs_f64() * 1000.0)
+                    .collect();
+                let text = metrics(agent.addr)?;
+                figures.lost = sum(&text, "ka_events_lost_total", "");
+                figures.rss_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
+                figures.metrics_ms = median(&times).unwrap_or(f64::NAN);
+                figures.metrics_series = series_count(&text);
+                agent_rounds.push(figures);
+            }
+            // A tool that died during the runs would make its figures those of `none`.
+            match &mut attached {
+                Attached::Agent(agent) => agent.proc.alive()?,
+                Attached::Other(proc) => proc.alive()?,
+                Attached::Nothing => {}
+            }
+            eprintln!(
+                "bench: round {}/{} {:<15} churn {churn:>9.0} conn/s  keep-alive {keepalive:>9.0} req/s",
+                round + 1,
+                args.rounds,
+                config.name()
+            );
+            rates
+                .entry((Workload::Churn, config))
+                .or_default()
+                .push(churn);
+            rates
+                .entry((Workload::KeepAlive, config))
+                .or_default()
+                .push(keepalive);
+            // Let TIME_WAIT and the detached programs settle.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Ok((rates, agent_rounds))
+}
+
+fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
+    let secs = f64::from(seconds);
+    let runs = (
+        per_hook(before, "ka_program_runs_total"),
+        per_hook(after, "ka_program_runs_total"),
+    );
+    let time = (
+        per_hook(before, "ka_program_run_seconds_total"),
+        per_hook(after, "ka_program_run_seconds_total"),
+    );
+    let mut hooks = BTreeMap::new();
+    for (hook, after_runs) in &runs.1 {
+        let delta_runs = after_runs - runs.0.get(hook).copied().unwrap_or(0.0);
+        let delta_time =
+            time.1.get(hook).copied().unwrap_or(0.0) - time.0.get(hook).copied().unwrap_or(0.0);
+        let mean_ns = if delta_runs > 0.0 {
+            delta_time * 1e9 / delta_runs
+        } else {
+            f64::NAN
+        };
+        hooks.insert(hook.clone(), (delta_runs / secs, mean_ns));
+    }
+    let mut events_per_sec = BTreeMap::new();
+    let types = |text: &str| -> BTreeMap<String, f64> {
+        samples(text, "ka_events_total")
+            .into_iter()
+            .filter_map(|(labels, v)| {
+                Some((
+                    labels
+                        .split_once("type=\"")?
+                        .1
+                        .split_once('"')?
+                        .0
+                        .to_owned(),
+                    v,
+                ))
+            })
+            .collect()
+    };
+    let (b, a) = (types(before), types(after));
+    for (kind, value) in &a {
+        events_per_sec.insert(
+            kind.clone(),
+            (value - b.get(kind).copied().unwrap_or(0.0)) / secs,
+        );
+    }
+    AgentRound {
+        hooks,
+        events_per_sec,
+        lost: 0.0,
+        rss_kib: 0,
+        metrics_ms: f64::NAN,
+        metrics_series: 0,
+    }
+}
+
+/// Opens `argv[1]` established loopback connection pairs to a listener of
+/// its own (sources 127.0.N.1, 20,000 each, so no source runs out of
+/// ephemeral ports), prints `ready`, and holds them until stdin closes (or
+/// `argv[2]` seconds pass).
+const HOLD_CONNECTIONS_PY: &str = r#"
+import resource, signal, socket, sys
+signal.alarm(int(sys.argv[2]))
+pairs = int(sys.argv[1])
+want = 2 * pairs + 1024
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(4096)
+port = srv.getsockname()[1]
+held = []
+for i in range(pairs):
+    c = socket.socket()
+    c.bind(("127.0.%d.1" % (1 + i // 20000), 0))
+    c.connect(("127.0.0.1", port))
+    s, _ = srv.accept()
+    held.append((c, s))
+print("ready", port, flush=True)
+sys.stdin.read()
+"#;
+
+/// Agent memory with many tracked connections, kernel map memory, and the
+/// time of an inventory of them.
+struct Tracked {
+    pairs: u32,
+    count: f64,
+    lost: f64,
+    rss_idle_kib: u64,
+    rss_kib: u64,
+    map_bytes: u64,
+    maps: u64,
+    open_secs: f64,
+    snapshot_secs: Option<f64>,
+}
+
+fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result<Tracked> {
+    let agent = Agent::start(binary, dir, &[])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
+    let pairs = connections.div_ceil(2);
+    let python = cmd::which("python3").context("python3 is not installed")?;
+    let started = Instant::now();
+    let mut helper = Proc::spawn(
+        "python3 (connection holder)",
+        Command::new(python)
+            .args(["-c", HOLD_CONNECTIONS_PY, &pairs.to_string(), "100"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+        libc::SIGKILL,
+    )?;
+    let stdout = helper
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("helper stdout")?;
+    // Bounded by the helper's own alarm (100 s).
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("ready") {
+        helper.alive()?;
+        bail!("the connection helper did not get ready: {line:?}");
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    // Let the agent drain the burst and publish its gauges.
+    let want = f64::from(pairs) * 2.0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = metrics(agent.addr)?;
+    while sum(&text, "ka_tracked_connections", "") < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        text = metrics(agent.addr)?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    text = metrics(agent.addr)?;
+    let rss_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
+    let (map_bytes, maps) = map_memory(agent.proc.pid());
+    // One inventory of every connection, with owners and JSON output: an
+    // upper bound of the agent's periodic sock_diag inventory.
+    let snapshot_started = Instant::now();
+    let snapshot = Command::new(binary)
+        .args(["snapshot", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let snapshot_secs = snapshot
+        .ok()
+        .filter(std::process::ExitStatus::success)
+        .map(|_| snapshot_started.elapsed().as_secs_f64());
+    // Closing stdin ends the helper; its guard makes sure.
+    if let Some(stdin) = helper.child.as_mut().and_then(|c| c.stdin.take()) {
+        drop(stdin);
+    }
+    drop(helper);
+    Ok(Tracked {
+        pairs,
+        count: sum(&text, "ka_tracked_connections", ""),
+        lost: sum(&text, "ka_events_lost_total", ""),
+        rss_idle_kib,
+        rss_kib,
+        map_bytes,
+        maps,
+        open_secs,
+        snapshot_secs,
+    })
+}
+
+/// `/metrics` with many series: connections refused by `ports` closed
+/// ports each make series of their own.
+struct Series {
+    ports: u32,
+    lines: usize,
+    bytes: usize,
+    overflow: f64,
+    median_ms: f64,
+    max_ms: f64,
+}
+
+fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<Series> {
+    let agent = Agent::start(binary, dir, &[])?;
+    // Below the ephemeral range: nothing else uses most of these.
+    let first: u16 = 10_000;
+    let count = u16::try_from(ports.min(22_000)).unwrap_or(22_000);
+    let deadline = Instant::now() + Duration::from_mins(1);
+    for port in first..first + count {
+        if Instant::now() > deadline {
+            bail!("connecting to {count} closed ports took over 60 s");
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+    // Closes settle within 25 ms and series appear as they are applied.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut times = Vec::new();
+    let mut text = String::new();
+    for _ in 0..10 {
+        let (body, took) = get(agent.addr, "/metrics").context("/metrics did not answer")?;
+        times.push(took.as_secs_f64() * 1000.0);
+        text = body;
+    }
+    Ok(Series {
+        ports,
+        lines: series_count(&text),
+        bytes: text.len(),
+        overflow: sum(&text, "ka_series_overflow_total", ""),
+        median_ms: median(&times).unwrap_or(f64::NAN),
+        max_ms: times.iter().copied().fold(0.0, f64::max),
+    })
+}
+
+fn keepalive_on(stream: &TcpStream) {
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2),
+    ] {
+        // SAFETY: a valid fd and a pointer to an int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                4,
+            );
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `netns`.
+fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{netns}")).context("open netns")?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns affects only this thread, which exists only to run `f`.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                (rc == 0).then(f)
+            })
+            .join()
+    })
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    .context("setns")
+}
+
+/// Milliseconds from a keepalive death (the application's read failing
+/// with ETIMEDOUT) to `ka_connections_closed_total{cause="keepalive_timeout"}`
+/// counting it, per trial. `None` without `ip`/`nft`.
+fn keepalive_latency(binary: &Path, dir: &Path, trials: u32) -> anyhow::Result<Option<Vec<f64>>> {
+    if cmd::which("ip").is_none() || cmd::which("nft").is_none() {
+        eprintln!("bench: no ip/nft: the keepalive death latency is skipped");
+        return Ok(None);
+    }
+    let name = format!("kabench{}", std::process::id());
+    cmd::run(Command::new("ip").args(["netns", "add", &name]))?;
+    let _netns = Netns(name.clone());
+    cmd::run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    nft.stdin.take().context("nft stdin")?.write_all(
+        b"table inet kabench {\n set dead { type inet_service; }\n\
+          chain out { type filter hook output priority 0; tcp dport @dead drop; tcp sport @dead drop; }\n}\n",
+    )?;
+    if !nft.wait()?.success() {
+        bail!("nft failed");
+    }
+    let agent = Agent::start(binary, dir, &[])?;
+    let filter = "cause=\"keepalive_timeout\"";
+    let mut latencies = Vec::new();
+    for trial in 0..trials {
+        let port = 7500 + u16::try_from(trial).unwrap_or(0);
+        let before = sum(&metrics(agent.addr)?, "ka_connections_closed_total", filter);
+        let (died, seen) = std::thread::scope(|scope| -> anyhow::Result<_> {
+            let worker = scope.spawn(|| {
+                in_netns(&name, || -> anyhow::Result<Instant> {
+                    let listener = TcpListener::bind(("127.0.0.1", port))?;
+                    let mut client = TcpStream::connect(("127.0.0.1", port))?;
+                    let _accepted = listener.accept()?;
+                    keepalive_on(&client);
+                    client.set_read_timeout(Some(Duration::from_secs(15)))?;
+                    cmd::run(Command::new("ip").args([
+                        "netns",
+                        "exec",
+                        &name,
+                        "nft",
+                        "add",
+                        "element",
+                        "inet",
+                        "kabench",
+                        "dead",
+                        &format!("{{ {port} }}"),
+                    ]))?;
+                    let mut buf = [0u8; 1];
+                    let error = client.read(&mut buf);
+                    let at = Instant::now();
+                    match error {
+                        Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => Ok(at),
+                        other => bail!("expected a keepalive timeout, got {other:?}"),
+                    }
+                })
+            });
+            let deadline = Instant::now() + Duration::from_secs(25);
+            let mut seen = None;
+            while Instant::now() < deadline {
+                let now = metrics(agent.addr)?;
+                if sum(&now, "ka_connections_closed_total", filter) > before {
+                    seen = Some(Instant::now());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let died = worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("keepalive worker panicked"))???;
+            Ok((
+                died,
+                seen.context("the keepalive death never reached /metrics")?,
+            ))
+        })?;
+        let latency = seen.saturating_duration_since(died).as_secs_f64() * 1000.0;
+        eprintln!("bench: keepalive death visible on /metrics after {latency:.1} ms");
+        latencies.push(latency);
+    }
+    Ok(Some(latencies))
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "the benchmark's steps and report, start to finish"
+)]
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("the benchmark needs root (kernel programs, BPF stats, network namespaces)");
+    }
+    let started = Instant::now();
+    let mut args = args.clone();
+    if args.quick {
+        args.rounds = 1;
+        args.seconds = 1;
+        args.connections = args.connections.min(2_000);
+        args.ports = args.ports.min(300);
+    }
+    if args.rounds == 0 || args.seconds == 0 {
+        bail!("--rounds and --seconds must be at least 1");
+    }
+    for tool in ["wrk", "nginx"] {
+        if cmd::which(tool).is_none() && !Path::new("/usr/sbin").join(tool).is_file() {
+            bail!("{tool} is not installed (cargo xtask setup --test-deps)");
+        }
+    }
+    let binary = cmd::build_agent(true)?;
+    let dir = TempDir::new("run")?;
+    let configs: Vec<Config> = CONFIGS
+        .into_iter()
+        .filter(|c| match c {
+            Config::Tcpstates => {
+                let found = tcpstates().is_some();
+                if !found {
+                    eprintln!("bench: tcpstates (libbpf-tools) not installed: skipped");
+                }
+                found
+            }
+            Config::Bpftrace => {
+                let found = cmd::which("bpftrace").is_some();
+                if !found {
+                    eprintln!("bench: bpftrace not installed: its reference is skipped");
+                }
+                found
+            }
+            _ => true,
+        })
+        .collect();
+    eprintln!(
+        "bench: {} round(s) of {} s runs (churn, then keep-alive) under {}",
+        args.rounds,
+        args.seconds,
+        configs
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (rates, agent_rounds) = comparison(&args, &binary, &dir.0, &configs)?;
+    eprintln!("bench: keepalive death latency");
+    let latencies = keepalive_latency(&binary, &dir.0, if args.quick { 1 } else { 3 })?;
+    eprintln!(
+        "bench: memory with {} tracked connections",
+        args.connections
+    );
+    let tracked = tracked_memory(&binary, &dir.0, args.connections)?;
+    eprintln!("bench: /metrics after {} refused connections", args.ports);
+    let series = metrics_with_series(&binary, &dir.0, args.ports)?;
+
+    // Report.
+    let mut json_rates = Vec::new();
+    println!();
+    println!(
+        "throughput (medians of {} interleaved rounds, {} s each)",
+        args.rounds, args.seconds
+    );
+    println!(
+        "  {:<10} {:<15} {:>12} {:>8}   rounds",
+        "workload", "config", "median/s", "vs none"
+    );
+    let mut ratios = BTreeMap::new();
+    for workload in [Workload::Churn, Workload::KeepAlive] {
+        let baseline = rates.get(&(workload, Config::None)).and_then(|v| median(v));
+        for &config in &configs {
+            let values = rates.get(&(workload, config)).cloned().unwrap_or_default();
+            let med = median(&values);
+            let ratio = med.zip(baseline).map(|(m, b)| m / b);
+            ratios.insert((workload, config), ratio);
+            println!(
+                "  {:<10} {:<15} {:>12.0} {:>8.3}   {}",
+                workload.name(),
+                config.name(),
+                med.unwrap_or(f64::NAN),
+                ratio.unwrap_or(f64::NAN),
+                values
+                    .iter()
+                    .map(|v| format!("{v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            json_rates.push(Json::obj([
+                ("workload", Json::Str(workload.name().into())),
+                ("config", Json::Str(config.name().into())),
+                ("median_per_sec", Json::opt(med)),
+                ("ratio_vs_none", Json::opt(ratio)),
+                (
+                    "rounds",
+                    Json::Arr(values.into_iter().map(Json::Num).collect()),
+                ),
+            ]));
+        }
+    }
+
+    let mut hooks: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut events: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for round in &agent_rounds {
+        for (hook, (rate, ns)) in &round.hooks {
+            let entry = hooks.entry(hook.clone()).or_default();
+            entry.0.push(*rate);
+            entry.1.push(*ns);
+        }
+        for (kind, rate) in &round.events_per_sec {
+            events.entry(kind.clone()).or_default().push(*rate);
+        }
+    }
+    println!("\nka-agent kernel programs during churn (BPF stats, medians over rounds)");
+    println!("  {:<24} {:>12} {:>10}", "hook", "runs/s", "mean ns");
+    let mut json_hooks = Vec::new();
+    for (hook, (rates, ns)) in &hooks {
+        let (rate, ns) = (median(rates), median(ns));
+        println!(
+            "  {hook:<24} {:>12.0} {:>10.1}",
+            rate.unwrap_or(f64::NAN),
+            ns.unwrap_or(f64::NAN)
+        );
+        json_hooks.push(Json::obj([
+            ("hook", Json::Str(hook.clone())),
+            ("runs_per_sec", Json::opt(rate)),
+            ("mean_ns", Json::opt(ns)),
+        ]));
+    }
+    println!("  events received by the agent per second during churn:");
+    let mut json_events = Vec::new();
+    for (kind, rates) in &events {
+        let rate = median(rates);
+        println!("    {kind:<22} {:>12.0}", rate.unwrap_or(f64::NAN));
+        json_events.push(Json::obj([
+            ("type", Json::Str(kind.clone())),
+            ("per_sec", Json::opt(rate)),
+        ]));
+    }
+    let lost: f64 = agent_rounds.iter().map(|r| r.lost).sum();
+    let rss: Vec<f64> = agent_rounds.iter().map(|r| float(r.rss_kib)).collect();
+    let scrape: Vec<f64> = agent_rounds.iter().map(|r| r.metrics_ms).collect();
+    let scrape_series = agent_rounds.iter().map(|r| r.metrics_series).max();
+    println!("  lost events over all rounds: {lost}");
+    println!(
+        "  agent RSS after each round's runs: median {:.1} MiB",
+        median(&rss).unwrap_or(f64::NAN) / 1024.0
+    );
+    println!(
+        "  /metrics after the runs: median {:.2} ms ({} series)",
+        median(&scrape).unwrap_or(f64::NAN),
+        scrape_series.unwrap_or(0)
+    );
+
+    println!("\nextra steps");
+    let latency = latencies.as_deref().and_then(median);
+    match &latencies {
+        Some(values) => println!(
+            "  keepalive death visible on /metrics: median {:.1} ms ({})",
+            latency.unwrap_or(f64::NAN),
+            values
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => println!("  keepalive death latency: skipped"),
+    }
+    println!(
+        "  {} connection pairs opened in {:.1} s: {} tracked, {} lost events; agent RSS {:.1} MiB \
+         ({:.1} MiB before); kernel maps {:.1} MiB in {} maps",
+        tracked.pairs,
+        tracked.open_secs,
+        tracked.count,
+        tracked.lost,
+        float(tracked.rss_kib) / 1024.0,
+        float(tracked.rss_idle_kib) / 1024.0,
+        float(tracked.map_bytes) / 1_048_576.0,
+        tracked.maps
+    );
+    println!(
+        "  ka-agent snapshot --json of them (inventory + owners + JSON): {}",
+        tracked
+            .snapshot_secs
+            .map_or_else(|| "failed".to_owned(), |s| format!("{s:.2} s"))
+    );
+    println!(
+        "  /metrics after {} refused connections: {} series, {} KiB, median {:.1} ms, max {:.1} ms \
+         ({} folded into `other`)",
+        series.ports,
+        series.lines,
+        series.bytes / 1024,
+        series.median_ms,
+        series.max_ms,
+        series.overflow
+    );
+
+    let churn_ratio = ratios
+        .get(&(Workload::Churn, Config::Agent))
+        .copied()
+        .flatten();
+    let keepalive_ratio = ratios
+        .get(&(Workload::KeepAlive, Config::Agent))
+        .copied()
+        .flatten();
+    let tcp_hooks_ns = hooks
+        .iter()
+        .filter(|(hook, _)| !hook.starts_with("timer_"))
+        .filter_map(|(_, (_, ns))| median(ns))
+        .fold(None, |max: Option<f64>, v| {
+            Some(max.map_or(v, |m| m.max(v)))
+        });
+    let timer_ns = hooks.get("timer_start").and_then(|(_, ns)| median(ns));
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "ok",
+        Some(false) => "MISSED",
+        None => "n/a",
+    };
+    println!(
+        "\ntargets{}",
+        if args.quick {
+            " (quick mode: figures mean nothing)"
+        } else {
+            ""
+        }
+    );
+    let targets = [
+        (
+            "churn throughput ratio >= 0.97",
+            churn_ratio.map(|r| r >= 0.97),
+        ),
+        (
+            "keep-alive throughput ratio >= 0.99",
+            keepalive_ratio.map(|r| r >= 0.99),
+        ),
+        ("no lost events during churn", Some(lost == 0.0)),
+        ("TCP hooks <= 150 ns", tcp_hooks_ns.map(|n| n <= 150.0)),
+        (
+            "timer_start (mostly non-keepalive) <= 40 ns",
+            timer_ns.map(|n| n <= 40.0),
+        ),
+        (
+            "RSS with 100,000 tracked <= 64 MiB",
+            (args.connections >= 100_000).then_some(tracked.rss_kib <= 64 * 1024),
+        ),
+        (
+            "/metrics with 10,000 series <= 50 ms",
+            (series.lines >= 10_000).then_some(series.median_ms <= 50.0),
+        ),
+        (
+            "inventory of 100,000 <= 1 s (snapshot upper bound)",
+            (args.connections >= 100_000)
+                .then_some(tracked.snapshot_secs.is_some_and(|s| s <= 1.0)),
+        ),
+        (
+            "keepalive death on /metrics <= 1 s",
+            latency.map(|l| l <= 1000.0),
+        ),
+    ];
+    for (what, ok) in &targets {
+        println!("  {:<52} {}", what, verdict(*ok));
+    }
+
+    let machine = Json::obj([
+        (
+            "nproc",
+            num(std::thread::available_parallelism().map_or(0, |n| n.get() as u64)),
+        ),
+        (
+            "kernel",
+            Json::Str(
+                std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            ),
+        ),
+        (
+            "cpu",
+            Json::Str(
+                std::fs::read_to_string("/proc/cpuinfo")
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+    ]);
+    let json = Json::obj([
+        ("quick", Json::Str(args.quick.to_string())),
+        ("rounds", num(args.rounds)),
+        ("seconds", num(args.seconds)),
+        ("machine", machine),
+        ("throughput", Json::Arr(json_rates)),
+        ("programs_during_churn", Json::Arr(json_hooks)),
+        ("events_per_sec_during_churn", Json::Arr(json_events)),
+        ("lost_events", Json::Num(lost)),
+        ("agent_rss_kib_median", Json::opt(median(&rss))),
+        ("metrics_ms_after_runs", Json::opt(median(&scrape))),
+        (
+            "keepalive_death_to_metrics_ms",
+            latencies.map_or(Json::Null, |v| {
+                Json::Arr(v.into_iter().map(Json::Num).collect())
+            }),
+        ),
+        (
+            "tracked",
+            Json::obj([
+                ("pairs", num(tracked.pairs)),
+                ("tracked_connections", Json::Num(tracked.count)),
+                ("lost_events", Json::Num(tracked.lost)),
+                ("open_secs", Json::Num(tracked.open_secs)),
+                ("agent_rss_kib_idle", num(tracked.rss_idle_kib)),
+                ("agent_rss_kib", num(tracked.rss_kib)),
+                ("kernel_map_bytes", num(tracked.map_bytes)),
+                ("kernel_maps", num(tracked.maps)),
+                ("snapshot_secs", Json::opt(tracked.snapshot_secs)),
+            ]),
+        ),
+        (
+            "metrics_series",
+            Json::obj([
+                ("refused_ports", num(series.ports)),
+                ("series", num(series.lines as u64)),
+                ("bytes", num(series.bytes as u64)),
+                ("folded_other", Json::Num(series.overflow)),
+                ("median_ms", Json::Num(series.median_ms)),
+                ("max_ms", Json::Num(series.max_ms)),
+            ]),
+        ),
+        (
+            "targets",
+            Json::Obj(
+                targets
+                    .iter()
+                    .map(|(what, ok)| ((*what).to_owned(), Json::Str(verdict(*ok).to_owned())))
+                    .collect(),
+            ),
+        ),
+        ("took_secs", Json::Num(started.elapsed().as_secs_f64())),
+    ]);
+    let mut text = String::new();
+    json.write(&mut text);
+    text.push('\n');
+    let out = cmd::root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join(if args.quick {
+        "results-quick.json"
+    } else {
+        "results.json"
+    });
+    std::fs::write(&file, text)?;
+    println!(
+        "\nbench: results in {} ({:.0} s)",
+        file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

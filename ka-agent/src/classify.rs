@@ -43,7 +43,10 @@ pub fn close_cause(e: &DeathEvidence) -> CloseCause {
         return CloseCause::ResetReceived;
     }
     if e.sk_err == ETIMEDOUT {
-        return if e.reset_reason_keepalive || e.in_keepalive_timer {
+        // Of the timeouts only the keepalive timer sends an RST
+        // (tcp_send_active_reset): the evidence on kernels without reset
+        // reasons (< 6.10) when the timer-callback window is missed.
+        return if e.reset_reason_keepalive || e.in_keepalive_timer || e.reset_sent {
             CloseCause::KeepaliveTimeout
         } else if e.retransmits > 0 {
             CloseCause::RetransmitTimeout
@@ -136,6 +139,12 @@ mod tests {
             ..with_reason
         };
         assert_eq!(close_cause(&without_reason), CloseCause::KeepaliveTimeout);
+        // 6.1 under a slow clock: the RST without a reason still tells.
+        let rst_only = DeathEvidence {
+            in_keepalive_timer: false,
+            ..without_reason
+        };
+        assert_eq!(close_cause(&rst_only), CloseCause::KeepaliveTimeout);
     }
 
     #[test]

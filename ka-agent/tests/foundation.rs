@@ -171,9 +171,13 @@ fn resets_are_counted_like_the_kernel_counts_them() {
     });
     let out_rsts = delta(&before, &server.counters(), "Tcp.OutRsts");
     assert_eq!(out_rsts, 1, "only the kernel's own RST counts in OutRsts");
+    // Before 6.10 (no enum sk_rst_reason) tcp_send_reset fires only for a
+    // socket: the kernel's answer to a SYN nobody listens for is not traced.
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+    let traced = i64::from(btf.windows(15).any(|w| w == b"\0sk_rst_reason\0"));
     assert_eq!(
         m.count("ka_resets_sent_total", &[("netns", &sn)]),
-        1,
+        traced,
         "resets sent equal the namespace's OutRsts delta\n{}",
         m.text
     );
@@ -182,7 +186,7 @@ fn resets_are_counted_like_the_kernel_counts_them() {
             "ka_resets_sent_total",
             &[("netns", &sn), ("reason", "no_socket")]
         ),
-        1
+        traced
     );
     assert_eq!(
         m.count(

@@ -12,6 +12,7 @@ mod run;
 mod setup;
 mod soak;
 mod test;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -79,6 +80,21 @@ enum Command {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Boot a stock Debian kernel under QEMU (software emulation) and run
+    /// the root integration tests in it; a representative subset without
+    /// a filter.
+    VmTest {
+        /// `6.1.0-56-amd64`, `6.12.117+deb12-amd64`, or a series (`6.1`,
+        /// `6.12`) for its newest generic amd64 package.
+        #[arg(long)]
+        kernel: String,
+        /// Seconds allowed for the virtual machine, boot to power-off.
+        #[arg(long, default_value_t = vm_test::DEFAULT_TIMEOUT_SECS)]
+        timeout: u64,
+        /// `cargo test` filter arguments for every integration test binary.
+        #[arg(last = true)]
+        filter: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +112,11 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args),
         Command::Demo { ci } => demo::demo(ci),
         Command::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
+        Command::VmTest {
+            kernel,
+            timeout,
+            filter,
+        } => vm_test::vm_test(&kernel, std::time::Duration::from_secs(timeout), &filter),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,10 @@ use std::{process::Command, time::Instant};
 
 use anyhow::bail;
 
-use crate::{cmd, setup};
+use crate::{
+    cmd, setup,
+    vm_test::{self, CI_KERNELS},
+};
 
 /// The crate built for the BPF target only: its host build is meaningless,
 /// it is built (and checked by rustc) through ka-agent's build script and
@@ -63,6 +66,17 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
             eprintln!("xtask: {name} FAILED: {error:#}");
         }
         results.push((name, outcome.is_ok()));
+    }
+    // The kernel matrix (docs/kernels.md): a subset of the scenarios on
+    // Debian's 6.1 and 6.12 in virtual machines, one after the other, when
+    // the whole suite runs.
+    if args.is_empty() {
+        eprintln!("xtask: kernel matrix: cargo xtask vm-test on {CI_KERNELS:?}");
+        let outcome = vm_test::matrix();
+        if let Err(error) = &outcome {
+            eprintln!("xtask: kernel matrix FAILED: {error:#}");
+        }
+        results.push(("kernel matrix", outcome.is_ok()));
     }
     // The demo as a newcomer runs it, its narrated outcomes asserted from
     // the agent's metrics (`cargo xtask demo --ci`, about 20 s), when the

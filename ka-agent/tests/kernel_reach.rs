@@ -1,0 +1,121 @@
+//! What the running kernel allows is used, and what it lacks is reported:
+//! the `tcp_rcv_state_process` kprobe attaches wherever the kernel has
+//! kprobes (Debian's 6.1 and 6.12, run by `cargo xtask vm-test`) and is
+//! reported unavailable or failed where it has none (the 6.18 development
+//! machines); reset reasons are present exactly when BTF has
+//! `enum sk_rst_reason`. The evidence is the kernel's own (sysfs, the raw
+//! BTF), not the agent's.
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use common::{Agent, require_root};
+
+/// The kernel registered the kprobe PMU: it has kprobes.
+fn kernel_has_kprobes() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
+/// Whether the kernel's BTF names `enum sk_rst_reason` (6.10 and later):
+/// looked up in the raw string section, without the agent's BTF parser.
+fn btf_has_reset_reasons() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+    btf.windows(15).any(|w| w == b"\0sk_rst_reason\0")
+}
+
+fn check_report() -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+        .arg("check")
+        .output()
+        .unwrap_or_else(|e| panic!("run ka-agent check: {e}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+fn line_of<'a>(report: &'a str, prefix: &str) -> &'a str {
+    report
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{report}"))
+}
+
+/// One `ka-agent check` (a load costs ~20 s under software emulation):
+/// the kprobe, every tracepoint hook, and reset reasons.
+#[test]
+fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
+    if !require_root("check_uses_what_the_kernel_has_and_reports_what_it_lacks") {
+        return;
+    }
+    let report = check_report();
+    let line = line_of(&report, "kprobe:tcp_rcv_state_process");
+    let status = line.split_whitespace().nth(1).unwrap_or_default();
+    if kernel_has_kprobes() {
+        assert_eq!(status, "attached", "the kernel has kprobes:\n{report}");
+    } else {
+        assert!(
+            status == "unavailable" || status == "failed",
+            "the kernel has no kprobes:\n{report}"
+        );
+    }
+    // Every tracepoint hook attaches on every kernel of the matrix, the
+    // reset hook too where it has the old layout (ports, no reason).
+    for line in report.lines().filter(|l| {
+        ["sock:", "tcp:", "timer:"]
+            .iter()
+            .any(|prefix| l.starts_with(prefix))
+    }) {
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("attached"),
+            "{line}\n{report}"
+        );
+    }
+    let reasons = line_of(&report, "reset reasons");
+    if btf_has_reset_reasons() {
+        assert!(
+            reasons.contains("present"),
+            "BTF has sk_rst_reason:\n{report}"
+        );
+    } else {
+        assert!(
+            reasons.contains("absent"),
+            "BTF has no sk_rst_reason:\n{report}"
+        );
+    }
+}
+
+#[test]
+fn the_agent_exports_the_kprobe_as_attached_where_the_kernel_has_kprobes() {
+    if !require_root("the_agent_exports_the_kprobe_as_attached_where_the_kernel_has_kprobes") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let metrics = agent.metrics();
+    let attached = metrics.count("ka_hook_attached", &[("hook", "tcp_rcv_state_process")]);
+    assert_eq!(
+        attached,
+        i64::from(kernel_has_kprobes()),
+        "ka_hook_attached{{hook=\"tcp_rcv_state_process\"}}\n{}",
+        metrics.text
+    );
+    for hook in [
+        "inet_sock_set_state",
+        "tcp_send_reset",
+        "timer_start",
+        "timer_expire_entry",
+    ] {
+        assert_eq!(
+            metrics.count("ka_hook_attached", &[("hook", hook)]),
+            1,
+            "{hook}\n{}",
+            metrics.text
+        );
+    }
+}

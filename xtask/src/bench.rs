@@ -690,31 +690,35 @@ fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
 }
 
 /// Opens `argv[1]` established loopback connection pairs to a listener of
-/// its own (sources 127.0.N.1, 20,000 each, so no source runs out of
-/// ephemeral ports), prints `ready`, and holds them until stdin closes (or
-/// `argv[2]` seconds pass).
+/// its own from source 127.0.`argv[3]`.1, prints `ready`, and holds them
+/// until stdin closes (or `argv[2]` seconds pass).
 const HOLD_CONNECTIONS_PY: &str = r#"
 import resource, signal, socket, sys
 signal.alarm(int(sys.argv[2]))
 pairs = int(sys.argv[1])
-want = 2 * pairs + 1024
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0))
 srv.listen(4096)
 port = srv.getsockname()[1]
+source = "127.0.%d.1" % int(sys.argv[3])
 held = []
 for i in range(pairs):
     c = socket.socket()
-    c.bind(("127.0.%d.1" % (1 + i // 20000), 0))
+    c.bind((source, 0))
     c.connect(("127.0.0.1", port))
     s, _ = srv.accept()
     held.append((c, s))
 print("ready", port, flush=True)
 sys.stdin.read()
 "#;
+
+/// Connection pairs per helper process: both ends' descriptors stay under
+/// a hard `RLIMIT_NOFILE` of 20,000 (raising it needs a capability a
+/// container may not have), and one source address has enough ports.
+const PAIRS_PER_HELPER: u32 = 9_000;
 
 /// Agent memory with many tracked connections, kernel map memory, and the
 /// time of an inventory of them.
@@ -737,26 +741,36 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
     let pairs = connections.div_ceil(2);
     let python = cmd::which("python3").context("python3 is not installed")?;
     let started = Instant::now();
-    let mut helper = Proc::spawn(
-        "python3 (connection holder)",
-        Command::new(python)
-            .args(["-c", HOLD_CONNECTIONS_PY, &pairs.to_string(), "100"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit()),
-        libc::SIGKILL,
-    )?;
-    let stdout = helper
-        .child
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("helper stdout")?;
-    // Bounded by the helper's own alarm (100 s).
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    if !line.starts_with("ready") {
-        helper.alive()?;
-        bail!("the connection helper did not get ready: {line:?}");
+    let mut helpers = Vec::new();
+    let mut left = pairs;
+    let mut source = 1u32;
+    while left > 0 && source < 250 {
+        let these = left.min(PAIRS_PER_HELPER);
+        let mut helper = Proc::spawn(
+            "python3 (connection holder)",
+            Command::new(&python)
+                .args(["-c", HOLD_CONNECTIONS_PY])
+                .args([these, 100, source].map(|n| n.to_string()))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+            libc::SIGKILL,
+        )?;
+        let stdout = helper
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("helper stdout")?;
+        // Bounded by the helper's own alarm (100 s).
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("ready") {
+            helper.alive()?;
+            bail!("the connection helper did not get ready: {line:?}");
+        }
+        helpers.push(helper);
+        left -= these;
+        source += 1;
     }
     let open_secs = started.elapsed().as_secs_f64();
     // Let the agent drain the burst and publish its gauges.
@@ -783,11 +797,8 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
         .ok()
         .filter(std::process::ExitStatus::success)
         .map(|_| snapshot_started.elapsed().as_secs_f64());
-    // Closing stdin ends the helper; its guard makes sure.
-    if let Some(stdin) = helper.child.as_mut().and_then(|c| c.stdin.take()) {
-        drop(stdin);
-    }
-    drop(helper);
+    // Their guards end the helpers.
+    drop(helpers);
     Ok(Tracked {
         pairs,
         count: sum(&text, "ka_tracked_connections", ""),

@@ -89,6 +89,19 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         }
         results.push(("demo", outcome.is_ok()));
     }
+    // The benchmark's harness (`cargo xtask bench --quick`: every step once,
+    // small, about 40 s once built; its figures mean nothing), when the
+    // whole suite runs as root.
+    if args.is_empty() && cmd::is_root() {
+        eprintln!("xtask: bench harness: cargo xtask bench --quick");
+        let outcome = std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|xtask| cmd::run(Command::new(xtask).args(["bench", "--quick"])));
+        if let Err(error) = &outcome {
+            eprintln!("xtask: bench harness FAILED: {error:#}");
+        }
+        results.push(("bench harness", outcome.is_ok()));
+    }
     let summary: Vec<String> = results
         .iter()
         .map(|(name, ok)| format!("{name} {}", if *ok { "ok" } else { "FAILED" }))

@@ -251,21 +251,66 @@ fn fix_for(
     timeout: &IdleTimeout,
 ) -> String {
     let limit = timeout.seconds;
-    match reason {
-        "keepalive_disabled" if namespace.keepalive.time_secs < limit => {
-            "enable SO_KEEPALIVE".to_owned()
-        }
-        "keepalive_disabled" => {
-            format!("enable SO_KEEPALIVE and set TCP_KEEPIDLE below {limit} s")
-        }
-        _ if connection.keepalive.idle_from_socket => {
-            format!("set TCP_KEEPIDLE below {limit} s")
-        }
-        _ => format!(
-            "lower net.ipv4.tcp_keepalive_time below {limit} s in namespace {}",
-            namespace.netns
-        ),
+    if reason == "keepalive_disabled" {
+        enable_keepalive_fix(namespace, limit)
+    } else {
+        faster_keepalive_fix(connection, namespace, limit)
     }
+}
+
+/// Keepalive is off: turn it on, with socket values below the timeout
+/// where the namespace's defaults are not.
+fn enable_keepalive_fix(namespace: &NamespaceInventory, limit: u64) -> String {
+    let sysctls = &namespace.keepalive;
+    let options: Vec<&str> = [
+        (sysctls.time_secs >= limit, "TCP_KEEPIDLE"),
+        (sysctls.intvl_secs >= limit, "TCP_KEEPINTVL"),
+    ]
+    .into_iter()
+    .filter_map(|(too_long, option)| too_long.then_some(option))
+    .collect();
+    if options.is_empty() {
+        "enable SO_KEEPALIVE".to_owned()
+    } else {
+        format!(
+            "enable SO_KEEPALIVE and set {} below {limit} s",
+            options.join(" and ")
+        )
+    }
+}
+
+/// Keepalive is on but leaves silences longer than the timeout: shorten
+/// the idle time and/or the interval, where they are set.
+fn faster_keepalive_fix(
+    connection: &Connection,
+    namespace: &NamespaceInventory,
+    limit: u64,
+) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "timeouts are far below 2^52 s")]
+    let limit_secs = limit as f64;
+    let keepalive = &connection.keepalive;
+    let mut fixes = Vec::new();
+    if keepalive.idle_secs >= limit_secs {
+        fixes.push(if keepalive.idle_from_socket {
+            format!("set TCP_KEEPIDLE below {limit} s")
+        } else {
+            format!(
+                "lower net.ipv4.tcp_keepalive_time below {limit} s in namespace {}",
+                namespace.netns
+            )
+        });
+    }
+    if keepalive.interval_secs >= limit_secs {
+        fixes.push(if keepalive.interval_from_socket {
+            format!("set TCP_KEEPINTVL below {limit} s")
+        } else {
+            format!(
+                "lower net.ipv4.tcp_keepalive_intvl below {limit} s in namespace {}",
+                namespace.netns
+            )
+        });
+    }
+    fixes.join(" and ")
 }
 
 /// (timeout seconds, timeout name, reason, fix) → (at risk, exposed): the

@@ -192,8 +192,12 @@ impl Probes {
         let timer_expire = layout
             .timer_expire_entry
             .unwrap_or(ka_common::TimerFields::ABSENT);
+        // A quarter full wakes the agent early; below that its drain timer
+        // collects the events (see the kernel's `emit::submit`).
+        let wakeup_bytes = u64::from(options.ring_buffer_bytes / 4);
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", &layout.sock, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("KEEPALIVE_TIMER_FN", &keepalive_fn, true)
             .override_global("SET_STATE_FIELDS", &set_state, true)
             .override_global("RETRANSMIT_FIELDS", &retransmit, true)
@@ -282,6 +286,11 @@ impl KernelStats {
         self.slot(Stat::submitted(kind))
     }
 
+    /// Events the programs filtered out (counted, not sent), by kind.
+    pub fn filtered(&self, kind: EventKind) -> u64 {
+        self.slot(Stat::filtered(kind))
+    }
+
     /// Events lost, by kind.
     pub fn lost_of(&self, kind: EventKind) -> u64 {
         self.slot(Stat::lost(kind))
@@ -296,7 +305,8 @@ impl KernelStats {
     }
 }
 
-const _: () = assert!(Stat::SubmittedBase as u32 + 9 < STAT_SLOTS);
+const _: () = assert!(Stat::SubmittedBase as u32 + 9 < Stat::FilteredBase as u32);
+const _: () = assert!(Stat::FilteredBase as u32 + 9 < STAT_SLOTS);
 
 /// Why this kernel cannot support `hook`, judged from the layout alone.
 fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {

@@ -194,7 +194,7 @@ impl Metrics {
             kernel_events: IntCounterVec::new(
                 Opts::new(
                     "ka_kernel_events_total",
-                    "Events the kernel programs produced, by type and outcome (submitted to the ring buffer, or lost): submitted = received + not yet read.",
+                    "Events the kernel programs produced, by type and outcome: submitted to the ring buffer (= received + not yet read), lost (ring buffer full), or filtered (not needed by the agent, counted in the kernel and never sent).",
                 ),
                 &["type", "outcome"],
             )?,

@@ -27,6 +27,10 @@ use crate::{
 };
 
 /// Why the agent stopped with an error; `exit_code` tells the status.
+/// How often the agent collects events the programs submitted without a
+/// wake-up: the latency of an event on the quiet path.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot listen on {addr}: {source}")]
@@ -156,6 +160,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The programs wake the agent only when the ring buffer fills up (a
+    // wake-up per event costs more than the event): drain it on a timer.
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!("first inventory of every network namespace (sock_diag) started");
     let mut inventory =
         crate::inventory::spawn(Duration::from_secs(args.inventory_interval.max(1)))
@@ -176,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 drain(guard.get_inner_mut(), &mut tracker, &metrics);
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &mut tracker, &metrics),
             _ = tick.tick() => {
                 let now = monotonic_ns();
                 tracker.sweep(now);
@@ -259,7 +268,28 @@ fn report_hooks(probes: &Probes, metrics: &Metrics) {
 struct KernelCounts {
     lost: u64,
     read_failures: u64,
-    by_kind: HashMap<(ka_common::EventKind, bool), u64>,
+    by_kind: HashMap<(ka_common::EventKind, Outcome), u64>,
+}
+
+/// What became of an event a kernel program produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Outcome {
+    /// In the ring buffer: received by the agent or about to be.
+    Submitted,
+    /// The ring buffer was full.
+    Lost,
+    /// Not needed by the agent: counted in the kernel, never sent.
+    Filtered,
+}
+
+impl Outcome {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Submitted => "submitted",
+            Self::Lost => "lost",
+            Self::Filtered => "filtered",
+        }
+    }
 }
 
 impl KernelCounts {
@@ -273,18 +303,18 @@ impl KernelCounts {
             .inc_by(failures.saturating_sub(self.read_failures));
         self.read_failures = self.read_failures.max(failures);
         for kind in ka_common::EventKind::ALL {
-            for (was_lost, outcome) in [(false, "submitted"), (true, "lost")] {
-                let now = if was_lost {
-                    stats.lost_of(kind)
-                } else {
-                    stats.submitted(kind)
+            for outcome in [Outcome::Submitted, Outcome::Lost, Outcome::Filtered] {
+                let now = match outcome {
+                    Outcome::Submitted => stats.submitted(kind),
+                    Outcome::Lost => stats.lost_of(kind),
+                    Outcome::Filtered => stats.filtered(kind),
                 };
-                let seen = self.by_kind.entry((kind, was_lost)).or_default();
+                let seen = self.by_kind.entry((kind, outcome)).or_default();
                 let delta = now.saturating_sub(*seen);
                 if delta > 0 {
                     metrics
                         .kernel_events
-                        .with_label_values(&[kind.name(), outcome])
+                        .with_label_values(&[kind.name(), outcome.name()])
                         .inc_by(delta);
                 }
                 *seen = (*seen).max(now);
@@ -414,7 +444,7 @@ pub fn at_risk_of(
             }
             let reason = if !connection.keepalive.enabled {
                 "keepalive_disabled"
-            } else if connection.keepalive.idle_secs >= limit {
+            } else if connection.keepalive.longest_silence_secs() >= limit {
                 "keepalive_slower_than_idle_timeout"
             } else {
                 return None;

@@ -83,8 +83,8 @@ fn ipv4_and_ipv6_connections_are_tracked_from_open_to_close() {
     if !require_root("ipv4_and_ipv6_connections_are_tracked_from_open_to_close") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("lc");
+    let agent = Agent::start(&[]);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     for (server_addr, client_ip) in [
         ("198.18.10.2:8080", "198.18.10.1"),
@@ -141,8 +141,8 @@ fn resets_are_counted_like_the_kernel_counts_them() {
     if !require_root("resets_are_counted_like_the_kernel_counts_them") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("rs");
+    let agent = Agent::start(&[]);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     let before = server.counters();
     // Nobody listens: the server's kernel answers the SYN with an RST.
@@ -202,8 +202,8 @@ fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
     if !require_root("retransmissions_match_retranssegs_and_the_dead_peer_is_found") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("rt");
+    let agent = Agent::start(&[]);
     let cn = client.inode().to_string();
     let addr: SocketAddr = "198.18.10.2:8082".parse().unwrap();
     let listener = server.listen(addr);

@@ -28,8 +28,8 @@ fn ordinary_http_traffic_is_all_normal() {
     ) else {
         return;
     };
-    let agent = Agent::start(&[]);
     let (client, server) = pair("ht");
+    let agent = Agent::start(&[]);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     let _nginx = Nginx::start(&server, &nginx, "198.18.10.2:8088", 1);
     let url = "http://198.18.10.2:8088/";

@@ -219,9 +219,11 @@ fn two_namespaces_with_different_keepalive_sysctls_give_exact_at_risk_counts() {
     let addr: SocketAddr = SERVER.parse().expect("addr");
     let _l1 = fast_server.listen(addr);
     let _l2 = slow_server.listen(addr);
-    // Keepalive after 1 s of silence in one namespace, the default 7200 s
-    // in the other; the middlebox forgets after 2 s.
+    // Keepalive after 1 s of silence and then every second in one
+    // namespace, the defaults (7200 s, then 75 s) in the other; the
+    // middlebox forgets after 2 s.
     fast_client.sysctl("net.ipv4.tcp_keepalive_time", "1");
+    fast_client.sysctl("net.ipv4.tcp_keepalive_intvl", "1");
     let _fast = open(&fast_client, addr, 3, 2);
     let _slow = open(&slow_client, addr, 3, 2);
     std::thread::sleep(Duration::from_secs(3));
@@ -251,13 +253,18 @@ fn two_namespaces_with_different_keepalive_sysctls_give_exact_at_risk_counts() {
             )
         })
         .collect();
+    // Both the idle time and the interval between probes (the silence
+    // after each answered probe) are longer than the timeout.
     let lower = format!(
-        "3x lower net.ipv4.tcp_keepalive_time below 2 s in namespace {}",
+        "3x lower net.ipv4.tcp_keepalive_time below 2 s in namespace {0} \
+         and lower net.ipv4.tcp_keepalive_intvl below 2 s in namespace {0}",
         slow_client.inode()
     );
     assert!(fixes.contains(&lower), "{fixes:?}");
     assert!(
-        fixes.contains(&"2x enable SO_KEEPALIVE and set TCP_KEEPIDLE below 2 s".to_owned()),
+        fixes.contains(
+            &"2x enable SO_KEEPALIVE and set TCP_KEEPIDLE and TCP_KEEPINTVL below 2 s".to_owned()
+        ),
         "{fixes:?}"
     );
 }

@@ -56,8 +56,8 @@ fn timeout_deaths(m: &Metrics, netns: &str) -> i64 {
 }
 
 fn dead_peer_keepalive(tag: &str, addr: &str) {
-    let agent = Agent::start(&[]);
     let (client, server) = pair(tag);
+    let agent = Agent::start(&[]);
     let cn = client.inode().to_string();
     let before = client.counters();
     let (_listener, stream, _accepted) = connected(&client, &server, addr, &FAST_KEEPALIVE);
@@ -131,8 +131,8 @@ fn answered_probes_are_counted_and_nothing_dies() {
     if !require_root("answered_probes_are_counted_and_nothing_dies") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("ka");
+    let agent = Agent::start(&[]);
     let cn = client.inode().to_string();
     let before = client.counters();
     let (_listener, stream, _accepted) =
@@ -176,8 +176,8 @@ fn peer_reboot_is_a_reset_not_a_timeout() {
     if !require_root("peer_reboot_is_a_reset_not_a_timeout") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("rb");
+    let agent = Agent::start(&[]);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     let options = SocketOptions {
         keepalive: Some((1, 1, 5)),
@@ -211,7 +211,13 @@ fn peer_reboot_is_a_reset_not_a_timeout() {
             &[("netns", &cn), ("cause", "reset_received")],
         ) == 1
     });
-    assert_eq!(m.count("ka_zombies_total", &[("netns", &cn)]), 0);
+    assert_eq!(
+        m.count("ka_zombies_total", &[("netns", &cn)]),
+        0,
+        "{}\n--- log ---\n{}",
+        m.text,
+        agent.log()
+    );
     assert_eq!(timeout_deaths(&m, &cn), 0);
     assert!(
         m.count(
@@ -226,8 +232,8 @@ fn close_wait_leak_is_counted_once() {
     if !require_root("close_wait_leak_is_counted_once") {
         return;
     }
-    let agent = Agent::start(&["--close-wait-threshold", "2s"]);
     let (client, server) = pair("cw");
+    let agent = Agent::start(&["--close-wait-threshold", "2s"]);
     let cn = client.inode().to_string();
     let (_listener, stream, accepted) = connected(
         &client,
@@ -312,8 +318,8 @@ fn idle_before_close_reveals_the_peers_keepalive_timeout() {
     if !require_root("idle_before_close_reveals_the_peers_keepalive_timeout") {
         return;
     }
-    let agent = Agent::start(&[]);
     let (client, server) = pair("ib");
+    let agent = Agent::start(&[]);
     let cn = client.inode().to_string();
     let (_listener, mut stream, mut accepted) = connected(
         &client,

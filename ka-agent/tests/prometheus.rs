@@ -121,9 +121,9 @@ fn prometheus_sees_a_dead_peer_through_promql() {
     let Some(binary) = require_program("prometheus", TEST) else {
         return;
     };
+    let (client, server) = pair("pq");
     let agent = Agent::start(&[]);
     let prometheus = Prometheus::start(&binary, agent.addr);
-    let (client, server) = pair("pq");
     let cn = client.inode();
     let addr: SocketAddr = "198.18.10.2:7101".parse().unwrap();
     let listener = server.listen(addr);

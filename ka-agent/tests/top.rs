@@ -123,8 +123,8 @@ fn top_shows_filters_and_quits_restoring_the_terminal() {
     {
         return;
     }
-    let agent = Agent::start(&["--idle-timeout", "3s"]);
     let (client, server) = pair("tp");
+    let agent = Agent::start(&["--idle-timeout", "3s"]);
     // Two known connections: one idle with keepalive off (at risk of the
     // 3 s idle timeout), one with keepalive on 1s/1s×3 (ok).
     let listener_risk = server.listen("198.18.10.2:7101".parse().unwrap());

@@ -17,6 +17,10 @@ pub enum Stat {
     /// what the agent receives plus what it has yet to read, so that
     /// received + lost accounts for every event the programs produced.
     SubmittedBase = 32,
+    /// The program ran but the event was one the agent does not need (a
+    /// transition it can reconstruct, a timer of a socket without
+    /// keepalive). Slots `FilteredBase + kind`: counted, not sent.
+    FilteredBase = 48,
 }
 
 impl Stat {
@@ -28,5 +32,10 @@ impl Stat {
     /// Slot counting submitted events of `kind`.
     pub const fn submitted(kind: EventKind) -> u32 {
         Self::SubmittedBase as u32 + kind as u32
+    }
+
+    /// Slot counting events of `kind` filtered out in the kernel.
+    pub const fn filtered(kind: EventKind) -> u32 {
+        Self::FilteredBase as u32 + kind as u32
     }
 }

@@ -1,12 +1,13 @@
 //! Reserving events in the ring buffer and counting in place.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     maps::ring_buf::RingBufEntry,
 };
 use ka_common::{EventHeader, EventKind, Stat};
 
-use crate::{EVENTS, STATS};
+use crate::{EVENTS, STATS, WAKEUP_BYTES};
 
 /// Adds one to a `STATS` slot on this CPU.
 #[inline(always)]
@@ -33,6 +34,25 @@ pub fn reserve<T: 'static>(kind: EventKind) -> Option<RingBufEntry<T>> {
     };
     count(Stat::submitted(kind));
     Some(entry)
+}
+
+/// Counts an event of `kind` the agent does not need.
+#[inline(always)]
+pub fn filtered(kind: EventKind) {
+    count(Stat::filtered(kind));
+}
+
+/// Submits an event without waking the agent, unless the ring buffer holds
+/// more than `WAKEUP_BYTES`: the agent drains on a short timer, and a wake-up
+/// per event (an `irq_work` and a task wake-up) cost more than the program.
+#[inline(always)]
+pub fn submit<T>(entry: RingBufEntry<T>) {
+    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(flags));
 }
 
 /// The header every event starts with.

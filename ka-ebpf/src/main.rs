@@ -53,6 +53,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
+/// Bytes waiting in `EVENTS` above which a submit wakes the agent; below,
+/// the agent's drain timer collects them. Set from the ring size at load.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(0);
+
 /// Address of `tcp_keepalive_timer` from /proc/kallsyms: the timer hooks keep
 /// only timers with this callback.
 #[unsafe(no_mangle)]

@@ -3,15 +3,10 @@
 use aya_ebpf::helpers::{bpf_jiffies64, generated};
 use ka_common::{
     ABSENT, AF_INET, AF_INET6, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET, SNAP_INCOMPLETE,
-    SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SockOffsets, SockSnapshot, Stat,
+    SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SockOffsets, SockSnapshot, Stat, tcp_state,
 };
 
 use crate::{SOCK_OFFSETS, emit::count};
-
-/// TCP states whose socket is not a full `struct sock`: only `sock_common`
-/// may be read from them.
-const TCP_TIME_WAIT: u8 = 6;
-const TCP_NEW_SYN_RECV: u8 = 12;
 
 /// Reads a `T` at `base + offset`: zero for an absent field or a failed read
 /// (the latter is counted). The destination is initialized before the read,
@@ -38,6 +33,20 @@ fn field<T: Copy + Default>(base: *const u8, offset: u16) -> T {
         return T::default();
     }
     value
+}
+
+/// The socket's TCP state.
+#[inline(always)]
+pub fn state(sk: *const u8) -> u8 {
+    field::<u8>(sk, SOCK_OFFSETS.load().skc_state)
+}
+
+/// Whether the socket has `SO_KEEPALIVE` on (a full socket only).
+#[inline(always)]
+pub fn keepalive_on(sk: *const u8) -> bool {
+    let off: SockOffsets = SOCK_OFFSETS.load();
+    off.sock_keepopen_bit < 64
+        && field::<u64>(sk, off.sk_flags) & (1u64 << off.sock_keepopen_bit) != 0
 }
 
 /// Fills `out` from the socket at `sk`, in place (the event lives in the ring
@@ -78,9 +87,10 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
         out.netns = field::<u32>(net, off.net_ns_inum);
     }
 
-    if out.state != TCP_TIME_WAIT && out.state != TCP_NEW_SYN_RECV {
-        let sk_flags = field::<u64>(sk, off.sk_flags);
-        if off.sock_keepopen_bit < 64 && sk_flags & (1u64 << off.sock_keepopen_bit) != 0 {
+    // Time-wait and request sockets are not a full `struct sock`: only
+    // `sock_common` may be read from them.
+    if out.state != tcp_state::TIME_WAIT && out.state != tcp_state::NEW_SYN_RECV {
+        if keepalive_on(sk) {
             flags |= SNAP_KEEPALIVE_ON;
         }
         out.sk_err = field::<i32>(sk, off.sk_err);

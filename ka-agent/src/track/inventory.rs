@@ -309,10 +309,11 @@ fn apply_evidence(
         // Hidden by another timer: keep what the previous dump showed.
         KeepaliveEvidence::Unknown => {}
     }
-    // A pending keepalive timer further away than the sysctl's idle time
-    // proves the socket set a longer TCP_KEEPIDLE of its own: at least that.
+    // A pending keepalive timer further away than both the sysctl's idle
+    // time and its interval (the timer is re-armed at the interval after
+    // each probe) proves the socket set a longer TCP_KEEPIDLE of its own.
     let timer_secs = f64::from(entry.timer_expires_ms) / 1000.0;
-    let lower_bound = if evidence == KeepaliveEvidence::On && timer_secs > time + 1.0 {
+    let lower_bound = if evidence == KeepaliveEvidence::On && timer_secs > time.max(intvl) + 1.0 {
         Some(timer_secs)
     } else {
         None
@@ -472,5 +473,18 @@ mod tests {
         let ka = &tracker.connections.get(&1).unwrap().keepalive;
         assert!((ka.idle_secs - 3000.0).abs() < f64::EPSILON);
         assert!(ka.idle_from_socket);
+    }
+
+    #[test]
+    fn a_timer_at_the_interval_after_a_probe_is_not_a_socket_idle_time() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut probed = entry(1, "10.0.0.1:40000", "10.0.0.2:443", DiagTimer::Keepalive, 0);
+        probed.timer_expires_ms = 9_000;
+        let mut inventory = update(vec![probed], 1);
+        inventory.inventory.namespaces[0].keepalive.time_secs = 1;
+        tracker.reconcile(&inventory);
+        let ka = &tracker.connections.get(&1).unwrap().keepalive;
+        assert!(!ka.idle_from_socket);
+        assert!((ka.longest_silence_secs() - 10.0).abs() < f64::EPSILON);
     }
 }

@@ -189,6 +189,17 @@ pub struct Keepalive {
     pub armed_in_secs: Option<f64>,
 }
 
+impl Keepalive {
+    /// The longest silence keepalive leaves on an idle connection whose
+    /// probes are answered: the idle time before the first probe, then the
+    /// interval between the next ones (the kernel re-arms at the interval
+    /// after every probe). A middlebox timeout shorter than this forgets
+    /// the flow even though keepalive is on.
+    pub fn longest_silence_secs(&self) -> f64 {
+        self.idle_secs.max(self.interval_secs)
+    }
+}
+
 /// A keepalive timer expiry whose outcome is not known yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PendingFire {

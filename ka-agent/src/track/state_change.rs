@@ -19,21 +19,33 @@ impl Tracker {
         let ktime = event.header.ktime_ns;
         let old = TcpState::from_raw(event.oldstate);
         let new = TcpState::from_raw(event.newstate);
-        match new {
-            TcpState::Listen => return,
-            TcpState::SynSent | TcpState::SynRecv => {
-                // A new connection, possibly on a reused socket address.
-                let direction = if new == TcpState::SynSent {
-                    Direction::Outbound
-                } else {
-                    Direction::Inbound
-                };
+        // The kernel sends only the transitions that matter (see the
+        // program); a connection is born at ESTABLISHED, whose old state
+        // says who opened it. SYN_SENT/SYN_RECV are handled too, for a
+        // program that sends them.
+        let opened_from = match (old, new) {
+            (_, TcpState::Listen) => return,
+            (_, TcpState::SynSent | TcpState::SynRecv) => Some(new),
+            (TcpState::SynSent | TcpState::SynRecv, TcpState::Established) => Some(old),
+            _ => None,
+        };
+        if let Some(opening) = opened_from {
+            // A new connection, possibly on a reused socket address.
+            let direction = if opening == TcpState::SynSent {
+                Direction::Outbound
+            } else {
+                Direction::Inbound
+            };
+            let already_opening = self
+                .connections
+                .get(&snap.sk)
+                .is_some_and(|c| !c.was_established && c.history.last() == Some(&opening));
+            if !already_opening {
                 let conn = self.new_connection(snap, direction, ktime);
                 self.settle(snap.sk);
                 self.connections.remove(&snap.sk);
                 self.insert(conn);
             }
-            _ => {}
         }
         if old == TcpState::Listen && new == TcpState::Close {
             return;
@@ -44,10 +56,12 @@ impl Tracker {
         };
         conn.state = new;
         conn.state_since_ns = ktime;
-        if conn.history.len() >= super::HISTORY {
-            conn.history.remove(0);
+        // States between the transitions the kernel sent are the old state
+        // of this one.
+        if conn.history.last() != Some(&old) && old != TcpState::Close {
+            push_history(&mut conn.history, old);
         }
-        conn.history.push(new);
+        push_history(&mut conn.history, new);
         match (old, new) {
             (TcpState::SynSent | TcpState::SynRecv, TcpState::Established) => {
                 conn.was_established = true;
@@ -166,6 +180,13 @@ impl Tracker {
             idle_before_close,
         });
     }
+}
+
+fn push_history(history: &mut Vec<TcpState>, state: TcpState) {
+    if history.len() >= super::HISTORY {
+        history.remove(0);
+    }
+    history.push(state);
 }
 
 /// Idle seconds at the first FIN: since the last data in either direction.

@@ -35,6 +35,11 @@ fn free_port() -> u16 {
 
 impl Agent {
     /// Starts `ka-agent run` with `args` and waits until /readyz says ready.
+    ///
+    /// Create the test's namespaces first: the kernel reuses the inode
+    /// number of a namespace another test just deleted, and an agent
+    /// started before ours existed may have counted that test's events under
+    /// the same `netns` label.
     pub fn start(args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");

@@ -53,6 +53,6 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
         (*event).dport = dport;
         (*event).reserved = [0; 6];
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

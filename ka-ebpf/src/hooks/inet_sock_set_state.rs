@@ -1,7 +1,12 @@
 //! `sock:inet_sock_set_state`: every TCP state transition.
+//!
+//! Under churn this fires five times per socket. Only three transitions
+//! carry something the agent cannot learn later: the connection is up, the
+//! first FIN (who closed, idle before it), and the end. The states in
+//! between are the next event's `oldstate`, so the agent still knows them.
 
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
-use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent};
+use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent, tcp_state};
 
 use super::record;
 use crate::{emit, sock};
@@ -23,6 +28,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
     let sk = record::<u64>(ctx, fields.skaddr)?;
     let oldstate = record::<i32>(ctx, fields.oldstate)?;
     let newstate = record::<i32>(ctx, fields.newstate)?;
+    if !needed(oldstate, newstate) {
+        emit::filtered(EventKind::StateChange);
+        return None;
+    }
     let mut entry = emit::reserve::<StateChangeEvent>(EventKind::StateChange)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
@@ -41,6 +50,22 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         }
         (*event).reserved = [0; 6];
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
+}
+
+/// Whether the agent needs this transition (see the module comment).
+#[inline(always)]
+fn needed(oldstate: i32, newstate: i32) -> bool {
+    const ESTABLISHED: i32 = tcp_state::ESTABLISHED as i32;
+    const CLOSE: i32 = tcp_state::CLOSE as i32;
+    const LISTEN: i32 = tcp_state::LISTEN as i32;
+    const FIN_WAIT1: i32 = tcp_state::FIN_WAIT1 as i32;
+    const CLOSE_WAIT: i32 = tcp_state::CLOSE_WAIT as i32;
+    match newstate {
+        ESTABLISHED => true,
+        CLOSE => oldstate != LISTEN,
+        FIN_WAIT1 | CLOSE_WAIT => oldstate == ESTABLISHED,
+        _ => false,
+    }
 }

@@ -1,7 +1,11 @@
 //! `tcp:tcp_destroy_sock`: the kernel frees a socket.
+//!
+//! A socket reaches CLOSE before it is freed, and that transition already
+//! told the agent everything; only a socket freed in another state (which
+//! the agent would otherwise keep as a stale record) is sent.
 
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
-use ka_common::{DestroySockEvent, EventKind, SkRecordFields};
+use ka_common::{DestroySockEvent, EventKind, SkRecordFields, tcp_state};
 
 use super::record;
 use crate::{emit, sock};
@@ -17,6 +21,10 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
     let sk = record::<u64>(ctx, DESTROY_SOCK_FIELDS.load().skaddr)?;
+    if sock::state(sk as *const u8) == tcp_state::CLOSE {
+        emit::filtered(EventKind::DestroySock);
+        return None;
+    }
     let mut entry = emit::reserve::<DestroySockEvent>(EventKind::DestroySock)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
@@ -25,6 +33,6 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
         (*event).header = emit::header(EventKind::DestroySock);
         sock::snapshot(sk as *const u8, &mut (*event).sock);
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

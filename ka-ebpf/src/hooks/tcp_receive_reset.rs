@@ -25,6 +25,6 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Option<()> {
         (*event).header = emit::header(EventKind::ReceiveReset);
         sock::snapshot(sk as *const u8, &mut (*event).sock);
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

@@ -39,6 +39,6 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Option<()> {
         }
         (*event).reason = reason;
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

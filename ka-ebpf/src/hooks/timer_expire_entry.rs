@@ -27,6 +27,12 @@ fn try_timer_expire_entry(ctx: &TracePointContext) -> Option<()> {
     emit::count(Stat::KeepaliveTimerHits as u32);
     let timer = record::<u64>(ctx, fields.timer)?;
     let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
+    // The same timer is the FIN_WAIT2 timer of every closing socket; only a
+    // socket with SO_KEEPALIVE can be probing.
+    if !sock::keepalive_on(sk as *const u8) {
+        emit::filtered(EventKind::KeepaliveFired);
+        return None;
+    }
     let mut entry = emit::reserve::<KeepaliveFiredEvent>(EventKind::KeepaliveFired)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
@@ -35,6 +41,6 @@ fn try_timer_expire_entry(ctx: &TracePointContext) -> Option<()> {
         (*event).header = emit::header(EventKind::KeepaliveFired);
         sock::snapshot(sk as *const u8, &mut (*event).sock);
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

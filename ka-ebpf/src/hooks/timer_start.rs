@@ -29,6 +29,12 @@ fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
     let timer = record::<u64>(ctx, fields.timer)?;
     let expires = record::<u64>(ctx, fields.expires).unwrap_or(0);
     let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
+    // The same timer is the FIN_WAIT2 timer of every closing socket; only a
+    // socket with SO_KEEPALIVE can be probing.
+    if !sock::keepalive_on(sk as *const u8) {
+        emit::filtered(EventKind::KeepaliveArmed);
+        return None;
+    }
     let mut entry = emit::reserve::<KeepaliveArmedEvent>(EventKind::KeepaliveArmed)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
@@ -38,6 +44,6 @@ fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
         sock::snapshot(sk as *const u8, &mut (*event).sock);
         (*event).expires = expires;
     }
-    entry.submit(0);
+    emit::submit(entry);
     Some(())
 }

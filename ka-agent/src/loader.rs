@@ -300,6 +300,23 @@ impl KernelStats {
         self.slot(Stat::ReadFailures as u32)
     }
 
+    /// The ring buffer's high-water mark (bytes waiting) since the last
+    /// call, which starts the next period.
+    pub fn take_ring_high_water(&mut self) -> u64 {
+        let slot = Stat::RingHighWater as u32;
+        let high = self
+            .array
+            .get(&slot, 0)
+            .map_or(0, |values| values.iter().copied().max().unwrap_or(0));
+        if let Ok(cpus) = aya::util::nr_cpus()
+            && let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
+        {
+            // A submit racing with this write loses one sample of a mark.
+            let _ = self.array.set(slot, zeros, 0);
+        }
+        high
+    }
+
     pub fn keepalive_timer_hits(&self) -> u64 {
         self.slot(Stat::KeepaliveTimerHits as u32)
     }

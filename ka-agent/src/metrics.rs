@@ -7,8 +7,8 @@ use std::{
 };
 
 use prometheus::{
-    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::track::{Labels, Observation};
@@ -39,6 +39,7 @@ pub struct Metrics {
     pub hook_attached: IntGaugeVec,
     pub events: IntCounterVec,
     pub events_lost: IntCounter,
+    pub ring_fill: Gauge,
     pub decode_errors: IntCounter,
     pub opened: IntCounterVec,
     pub closed: IntCounterVec,
@@ -139,6 +140,10 @@ impl Metrics {
                 "ka_events_lost_total",
                 "Events the kernel programs could not deliver (ring buffer full).",
             )?,
+            ring_fill: Gauge::new(
+                "ka_ring_buffer_fill_ratio",
+                "Highest fill of the event ring buffer during the last second, as a fraction of its size (--ring-buffer-bytes); near 1 means events are about to be lost.",
+            )?,
             decode_errors: IntCounter::new(
                 "ka_event_decode_errors_total",
                 "Ring-buffer records that were not valid events (agent/program mismatch).",
@@ -226,6 +231,7 @@ impl Metrics {
             Box::new(metrics.hook_attached.clone()),
             Box::new(metrics.events.clone()),
             Box::new(metrics.events_lost.clone()),
+            Box::new(metrics.ring_fill.clone()),
             Box::new(metrics.decode_errors.clone()),
             Box::new(metrics.connections.clone()),
             Box::new(metrics.probing.clone()),

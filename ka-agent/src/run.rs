@@ -121,7 +121,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     report_hooks(&probes, &metrics);
     spawn_kernel_logger(&mut probes);
     let ring = probes.take_events()?;
-    let stats = probes.take_stats()?;
+    let mut stats = probes.take_stats()?;
 
     let (queries, mut asked) = tokio::sync::mpsc::channel::<ApiQuery>(16);
     let shared = Arc::new(Shared {
@@ -192,6 +192,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     metrics.apply(&observation);
                 }
                 kernel_counts.update(&stats, &metrics);
+                #[expect(clippy::cast_precision_loss, reason = "ring sizes are far below 2^52")]
+                metrics.ring_fill.set(
+                    stats.take_ring_high_water() as f64 / f64::from(args.ring_buffer_bytes.max(1)),
+                );
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
                 if bpf_stats.is_some() {

@@ -185,7 +185,25 @@ fn overload_is_counted_never_silent() {
     // A ring buffer of one page: 32 events.
     let agent = Agent::start(&["--ring-buffer-bytes", "4096"]);
     let ns = Netns::new("ov");
-    storm(&ns, "127.0.0.1:7202".parse().unwrap(), 2000);
+    // The fill gauge is the high-water mark of each second: the first
+    // reading after the storm began shows it near full, and stays for a
+    // second, so scraping until a second after the storm catches it.
+    let fill = std::thread::scope(|scope| {
+        let storming = scope.spawn(|| storm(&ns, "127.0.0.1:7202".parse().unwrap(), 2000));
+        let mut highest = 0.0f64;
+        let mut after = None;
+        while after
+            .is_none_or(|done: std::time::Instant| done.elapsed() < Duration::from_millis(1500))
+        {
+            highest = highest.max(agent.metrics().sum("ka_ring_buffer_fill_ratio", &[]));
+            if after.is_none() && storming.is_finished() {
+                after = Some(std::time::Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        highest
+    });
+    assert!(fill > 0.5 && fill <= 1.0, "ring fill high-water {fill}");
     // Quiet now: wait for the agent to have read everything that was
     // submitted (kernel counters are read once a second).
     // submitted (read once a second) and received (live) must meet at some

@@ -13,6 +13,10 @@ pub enum Stat {
     ReadFailures = 16,
     /// Keepalive timer callbacks seen (after the function filter).
     KeepaliveTimerHits = 17,
+    /// Most bytes seen waiting in the ring buffer at a submit since the
+    /// agent last read (and zeroed) this slot: a high-water mark, not a
+    /// count.
+    RingHighWater = 18,
     /// An event was reserved and submitted. Slots `SubmittedBase + kind`:
     /// what the agent receives plus what it has yet to read, so that
     /// received + lost accounts for every event the programs produced.

@@ -47,7 +47,17 @@ pub fn filtered(kind: EventKind) {
 /// per event (an `irq_work` and a task wake-up) cost more than the program.
 #[inline(always)]
 pub fn submit<T>(entry: RingBufEntry<T>) {
-    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES.load() {
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    if let Some(high) = STATS.get_ptr_mut(Stat::RingHighWater as u32) {
+        // SAFETY: a per-CPU slot from a successful lookup, touched only by
+        // this CPU while the program runs (the agent only reads and zeroes).
+        unsafe {
+            if waiting > *high {
+                *high = waiting;
+            }
+        }
+    }
+    let flags = if waiting >= WAKEUP_BYTES.load() {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

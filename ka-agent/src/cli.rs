@@ -253,6 +253,11 @@ pub struct RunArgs {
     /// times, removes sockets gone without an event, names owners.
     #[arg(long, env = "KA_INVENTORY_INTERVAL", default_value = "30s", value_parser = parse_seconds)]
     pub inventory_interval: u64,
+    /// This node's name, in Kubernetes (the `DaemonSet` sets it from
+    /// `spec.nodeName`): connections of pods on this node get `namespace`,
+    /// `pod` and `container` labels from the API (pods of this node only).
+    #[arg(long, env = "KA_NODE_NAME")]
+    pub node_name: Option<String>,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }

@@ -11,10 +11,22 @@ use prometheus::{
     Opts, Registry,
 };
 
-use crate::track::{Labels, Observation};
+use crate::{
+    attribution::PodLabels,
+    track::{Labels, Observation},
+};
 
 /// Labels every connection metric carries.
-pub const CONNECTION_LABELS: [&str; 5] = ["netns", "direction", "port", "comm", "peer"];
+pub const CONNECTION_LABELS: [&str; 8] = [
+    "netns",
+    "direction",
+    "port",
+    "comm",
+    "peer",
+    "namespace",
+    "pod",
+    "container",
+];
 
 /// The value of every connection label of a series folded by `--max-series`.
 pub const OVERFLOW: &str = "other";
@@ -294,6 +306,7 @@ impl Metrics {
                     port: 0,
                     comm: String::new(),
                     peer: String::new(),
+                    pod: PodLabels::default(),
                 };
                 let v = self.series(
                     Family::ResetsSent,
@@ -441,6 +454,9 @@ pub fn connection_values(labels: &Labels) -> Vec<String> {
         },
         labels.comm.clone(),
         labels.peer.clone(),
+        labels.pod.namespace.clone(),
+        labels.pod.pod.clone(),
+        labels.pod.container.clone(),
     ]
 }
 
@@ -465,6 +481,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
         port: 80,
         comm: String::new(),
         peer: String::new(),
+        pod: PodLabels::default(),
     };
     for observation in [
         Observation::Opened(labels.clone()),
@@ -510,7 +527,8 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          Connection labels (on every metric that lists `…conn`): `netns` (network namespace inode), \
          `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
          never an ephemeral port), `comm` (process name), `peer` (remote address or network, only with \
-         `--peer-label ip|cidr`). Past `--max-series` label sets, new ones fold into `other` \
+         `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
+         (empty elsewhere). Past `--max-series` label sets, new ones fold into `other` \
          (`ka_series_overflow_total`); sets unused for `--series-ttl` are removed.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
@@ -602,6 +620,7 @@ mod tests {
                 port: 1000 + port,
                 comm: String::new(),
                 peer: format!("198.18.{}.{}", port / 256, port % 256),
+                pod: PodLabels::default(),
             }));
         }
         let families = metrics.registry.gather();

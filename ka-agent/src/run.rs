@@ -165,9 +165,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!("first inventory of every network namespace (sock_diag) started");
-    let mut inventory =
-        crate::inventory::spawn(Duration::from_secs(args.inventory_interval.max(1)))
-            .map_err(RunError::Inventory)?;
+    let mut inventory = crate::inventory::spawn(
+        Duration::from_secs(args.inventory_interval.max(1)),
+        args.node_name.clone(),
+    )
+    .map_err(RunError::Inventory)?;
     let mut gauges = GaugeState::default();
     let mut kernel_counts = KernelCounts::default();
     let mut evictions_seen = 0u64;

@@ -111,6 +111,7 @@ fn prepared() -> InventoryUpdate {
         pid,
         comm: comm.to_owned(),
         workload: Workload::default(),
+        pod: None,
     };
     let mut owners = HashMap::new();
     for cookie in 1..=3 {

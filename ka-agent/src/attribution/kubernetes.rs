@@ -4,7 +4,13 @@
 //! client is a plain HTTPS request, so no Kubernetes client framework is
 //! pulled in for it.
 
-use std::{collections::HashMap, fmt::Write as _, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +43,9 @@ pub enum KubernetesError {
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
+    /// Container names by container id (the id without its `runtime://`).
+    #[serde(skip)]
+    pub containers: BTreeMap<String, String>,
 }
 
 /// The pods of one node, by UID.
@@ -59,6 +68,25 @@ struct ListMeta {
 #[derive(Deserialize)]
 struct Pod {
     metadata: PodMeta,
+    #[serde(default)]
+    status: PodStatus,
+}
+
+#[derive(Default, Deserialize)]
+struct PodStatus {
+    #[serde(rename = "containerStatuses", default)]
+    container_statuses: Vec<ContainerStatus>,
+    #[serde(rename = "initContainerStatuses", default)]
+    init_container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Deserialize)]
+struct ContainerStatus {
+    name: String,
+    /// `containerd://<id>`, `cri-o://<id>`, `docker://<id>`; absent while
+    /// the container is being created.
+    #[serde(rename = "containerID", default)]
+    container_id: String,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +187,16 @@ impl KubernetesClient {
                     PodRef {
                         namespace: pod.metadata.namespace,
                         name: pod.metadata.name,
+                        containers: pod
+                            .status
+                            .container_statuses
+                            .into_iter()
+                            .chain(pod.status.init_container_statuses)
+                            .filter_map(|c| {
+                                let (_, id) = c.container_id.split_once("://")?;
+                                Some((id.to_owned(), c.name))
+                            })
+                            .collect(),
                     },
                 );
             }
@@ -259,7 +297,7 @@ mod tests {
     }
 
     const PAGE_1: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"123456","continue":"eyJ2IjoibWV0YS5rOHMuaW8vdjEiLCJydiI6MTIzNDU2LCJzdGFydCI6ImRlZmF1bHQvd2ViLTEifQ=="},
-      "items":[{"metadata":{"name":"web-7d4b9c8f6d-x2x9k","generateName":"web-7d4b9c8f6d-","namespace":"default","uid":"5d6f9a3e-1b2c-4d5e-8f9a-0b1c2d3e4f50","resourceVersion":"1000","labels":{"app":"web"}},"spec":{"nodeName":"node-a"},"status":{"phase":"Running"}}]}"#;
+      "items":[{"metadata":{"name":"web-7d4b9c8f6d-x2x9k","generateName":"web-7d4b9c8f6d-","namespace":"default","uid":"5d6f9a3e-1b2c-4d5e-8f9a-0b1c2d3e4f50","resourceVersion":"1000","labels":{"app":"web"}},"spec":{"nodeName":"node-a"},"status":{"phase":"Running","containerStatuses":[{"name":"nginx","containerID":"containerd://4f0c7d3b9e2a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e","ready":true},{"name":"sidecar","ready":false}]}}]}"#;
     const PAGE_2: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"123456"},
       "items":[{"metadata":{"name":"coredns-5d78c9869d-abcde","namespace":"kube-system","uid":"0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"},"spec":{"nodeName":"node-a"}}]}"#;
 
@@ -273,7 +311,12 @@ mod tests {
             pods["5d6f9a3e-1b2c-4d5e-8f9a-0b1c2d3e4f50"],
             PodRef {
                 namespace: "default".to_owned(),
-                name: "web-7d4b9c8f6d-x2x9k".to_owned()
+                name: "web-7d4b9c8f6d-x2x9k".to_owned(),
+                // The sidecar has no container yet: no id to match.
+                containers: BTreeMap::from([(
+                    "4f0c7d3b9e2a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e".to_owned(),
+                    "nginx".to_owned()
+                )]),
             }
         );
         assert_eq!(

@@ -23,6 +23,37 @@ pub struct Owner {
     pub comm: String,
     #[serde(flatten)]
     pub workload: Workload,
+    /// Its pod and container, in Kubernetes (`--node-name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodLabels>,
+}
+
+/// Where a process runs in Kubernetes: the `namespace`, `pod` and
+/// `container` labels of its connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl PodLabels {
+    /// The pod of `workload` (a pod UID from its cgroup) among this node's
+    /// pods, with the container's name when its id is known.
+    pub fn of(workload: &Workload, pods: &kubernetes::PodsByUid) -> Option<Self> {
+        let pod = pods.get(workload.pod_uid.as_ref()?)?;
+        let container = workload
+            .container_id
+            .as_ref()
+            .and_then(|id| pod.containers.get(id))
+            .cloned()
+            .unwrap_or_default();
+        Some(Self {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            container,
+        })
+    }
 }
 
 /// What was learnt about one process.
@@ -75,6 +106,7 @@ impl ProcessIndex {
             pid,
             comm: record.comm.clone(),
             workload: record.workload.clone(),
+            pod: None,
         })
     }
 
@@ -252,5 +284,37 @@ mod tests {
         .unwrap();
         assert_eq!(start_time(&dir, 42), Some(123_456));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_process_in_a_pod_gets_its_pod_and_container_names() {
+        let workload = parse_cgroup_path(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5d6f9a3e_1b2c_4d5e_8f9a_0b1c2d3e4f50.slice/cri-containerd-4f0c7d3b9e2a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e.scope",
+        );
+        let pods = kubernetes::PodsByUid::from([(
+            "5d6f9a3e-1b2c-4d5e-8f9a-0b1c2d3e4f50".to_owned(),
+            kubernetes::PodRef {
+                namespace: "default".to_owned(),
+                name: "web-7d4b9c8f6d-x2x9k".to_owned(),
+                containers: std::collections::BTreeMap::from([(
+                    "4f0c7d3b9e2a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e".to_owned(),
+                    "nginx".to_owned(),
+                )]),
+            },
+        )]);
+        assert_eq!(
+            PodLabels::of(&workload, &pods),
+            Some(PodLabels {
+                namespace: "default".to_owned(),
+                pod: "web-7d4b9c8f6d-x2x9k".to_owned(),
+                container: "nginx".to_owned(),
+            })
+        );
+        // A pod of another node, or a process outside any pod: no labels.
+        assert_eq!(
+            PodLabels::of(&workload, &kubernetes::PodsByUid::new()),
+            None
+        );
+        assert_eq!(PodLabels::of(&Workload::default(), &pods), None);
     }
 }

@@ -9,7 +9,10 @@ use std::{
 };
 
 use super::{Inventory, dump_all_namespaces};
-use crate::attribution::{Owner, ProcessIndex};
+use crate::attribution::{
+    Owner, PodLabels, ProcessIndex,
+    kubernetes::{KubernetesClient, PodsByUid},
+};
 
 /// One inventory with the owners of its sockets (by socket inode).
 #[derive(Clone, Debug, Default)]
@@ -27,17 +30,21 @@ pub struct InventoryTask {
 
 /// Starts the background inventory: one right away, then every `interval`.
 /// The thread ends when the receiver is dropped.
-pub fn spawn(interval: Duration) -> std::io::Result<InventoryTask> {
+pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<InventoryTask> {
     // One pending update at most: a slow loop gets the newest, not a queue.
     let (sender, updates) = tokio::sync::mpsc::channel(1);
     std::thread::Builder::new()
         .name("ka-inventory".to_owned())
         .spawn(move || {
             let mut index = ProcessIndex::new();
+            let mut pods = node.as_deref().and_then(PodDirectory::in_cluster);
             loop {
                 let started = Instant::now();
                 match take(&mut index) {
                     Ok(mut update) => {
+                        if let Some(pods) = &mut pods {
+                            pods.label(&mut update);
+                        }
                         update.took = started.elapsed();
                         if sender.blocking_send(update).is_err() {
                             return;
@@ -79,4 +86,44 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         owners,
         took: Duration::ZERO,
     })
+}
+
+/// This node's pods from the Kubernetes API, asked again with every
+/// inventory; the last good answer stays when the API does not answer.
+struct PodDirectory {
+    client: KubernetesClient,
+    pods: PodsByUid,
+}
+
+impl PodDirectory {
+    fn in_cluster(node: &str) -> Option<Self> {
+        match KubernetesClient::in_cluster(node) {
+            Ok(client) => {
+                tracing::info!(
+                    node,
+                    "pod labels from the Kubernetes API (pods of this node)"
+                );
+                Some(Self {
+                    client,
+                    pods: PodsByUid::new(),
+                })
+            }
+            Err(error) => {
+                tracing::warn!(%error, node, "no pod labels: the Kubernetes API is not reachable");
+                None
+            }
+        }
+    }
+
+    fn label(&mut self, update: &mut InventoryUpdate) {
+        match self.client.pods_on_node() {
+            Ok(pods) => self.pods = pods,
+            Err(error) => {
+                tracing::warn!(%error, "listing this node's pods failed; keeping the last list");
+            }
+        }
+        for owner in update.owners.values_mut() {
+            owner.pod = PodLabels::of(&owner.workload, &self.pods);
+        }
+    }
 }

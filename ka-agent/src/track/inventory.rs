@@ -197,10 +197,11 @@ impl Tracker {
         let Some(conn) = self.connections.get_mut(&key) else {
             return false;
         };
-        if let Some(owner) = owner
-            && conn.comm.is_empty()
-        {
-            conn.comm.clone_from(&owner.comm);
+        if let Some(owner) = owner {
+            if conn.comm.is_empty() {
+                conn.comm.clone_from(&owner.comm);
+            }
+            conn.pod.clone_from(&owner.pod);
         }
         if conn.last_event_ns > namespace.dumped_at_ns {
             return false;
@@ -236,6 +237,7 @@ impl Tracker {
         conn.last_event_ns = namespace.dumped_at_ns;
         conn.idle_at_event_secs = entry.idle_secs().unwrap_or(0.0);
         conn.comm = owner.map(|o| o.comm.clone()).unwrap_or_default();
+        conn.pod = owner.and_then(|o| o.pod.clone());
         let evidence = entry.keepalive_evidence();
         apply_evidence(&mut conn.keepalive, entry, evidence, namespace);
         self.inventory.adopted.insert(conn.sk, evidence);
@@ -375,6 +377,7 @@ mod tests {
                         pid: 42,
                         comm: "client".to_owned(),
                         workload: crate::attribution::Workload::default(),
+                        pod: None,
                     },
                 )
             })

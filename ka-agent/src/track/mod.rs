@@ -26,6 +26,7 @@ use serde::Serialize;
 
 pub use self::inventory::{KeepaliveSource, ReconcileReport};
 use crate::{
+    attribution::PodLabels,
     decode::Event,
     model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
 };
@@ -103,6 +104,8 @@ pub struct Labels {
     pub comm: String,
     /// Remote address or network, only with `--peer-label ip|cidr`.
     pub peer: String,
+    /// Kubernetes namespace, pod and container (empty outside Kubernetes).
+    pub pod: PodLabels,
 }
 
 /// How the remote address appears in labels (`--peer-label`).
@@ -222,6 +225,10 @@ pub struct Connection {
     /// The states it went through, oldest first (at most [`HISTORY`]).
     pub history: Vec<TcpState>,
     pub comm: String,
+    /// Its pod and container, in Kubernetes (from the owner's cgroup and
+    /// the API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodLabels>,
     /// Was it seen reaching ESTABLISHED (or found established)?
     #[serde(skip)]
     pub was_established: bool,
@@ -273,6 +280,7 @@ impl Connection {
             port,
             comm: self.comm.clone(),
             peer: peer_label.render(self.remote.ip()),
+            pod: self.pod.clone().unwrap_or_default(),
         }
     }
 
@@ -294,6 +302,7 @@ impl Connection {
             state,
             history: vec![state],
             comm: String::new(),
+            pod: None,
             was_established: true,
             state_since_ns: 0,
             last_event_ns: 0,
@@ -503,6 +512,7 @@ impl Tracker {
             state: TcpState::from_raw(snap.state),
             history: Vec::new(),
             comm: String::new(),
+            pod: None,
             was_established: false,
             state_since_ns: ktime_ns,
             last_event_ns: ktime_ns,

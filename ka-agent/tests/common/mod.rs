@@ -291,6 +291,7 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("SKIPPED (not root): {test}");
     false
 }
+pub mod dashboards;
 pub mod lab;
 
 pub fn pair(tag: &str) -> (Netns, Netns) {

@@ -99,6 +99,15 @@ pub struct Snapshot {
     pub namespaces: Vec<SnapshotNamespace>,
     /// Worst first, then longest idle.
     pub connections: Vec<SnapshotConnection>,
+    /// How long the inventory took: the `sock_diag` dump of every
+    /// namespace, and the dump with the owners' attribution (/proc).
+    pub took_ms: SnapshotTimings,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SnapshotTimings {
+    pub dump: f64,
+    pub inventory: f64,
 }
 
 /// A connection of the inventory with its table record.
@@ -182,6 +191,10 @@ pub fn snapshot(update: &InventoryUpdate, timeouts: &[IdleTimeout], now_ns: u64)
         idle_timeouts: timeouts.to_vec(),
         namespaces,
         connections,
+        took_ms: SnapshotTimings {
+            dump: update.dump_took.as_secs_f64() * 1000.0,
+            inventory: update.took.as_secs_f64() * 1000.0,
+        },
     }
 }
 

@@ -131,6 +131,7 @@ fn prepared() -> InventoryUpdate {
         },
         owners,
         took: Duration::ZERO,
+        dump_took: Duration::ZERO,
     }
 }
 

@@ -732,6 +732,9 @@ struct Tracked {
     maps: u64,
     open_secs: f64,
     snapshot_secs: Option<f64>,
+    /// The `sock_diag` dump of every namespace alone, as the snapshot
+    /// reports it (`took_ms.dump`).
+    dump_ms: Option<f64>,
 }
 
 fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result<Tracked> {
@@ -790,13 +793,16 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
     let snapshot_started = Instant::now();
     let snapshot = Command::new(binary)
         .args(["snapshot", "--json"])
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
-    let snapshot_secs = snapshot
+        .output()
         .ok()
-        .filter(std::process::ExitStatus::success)
+        .filter(|o| o.status.success());
+    let snapshot_secs = snapshot
+        .as_ref()
         .map(|_| snapshot_started.elapsed().as_secs_f64());
+    let dump_ms = snapshot
+        .as_ref()
+        .and_then(|o| snapshot_dump_ms(&String::from_utf8_lossy(&o.stdout)));
     // Their guards end the helpers.
     drop(helpers);
     Ok(Tracked {
@@ -809,7 +815,16 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
         maps,
         open_secs,
         snapshot_secs,
+        dump_ms,
     })
+}
+
+/// `took_ms.dump` of `ka-agent snapshot --json`.
+fn snapshot_dump_ms(json: &str) -> Option<f64> {
+    let took = &json[json.find("\"took_ms\"")?..];
+    let value = took[took.find("\"dump\":")? + "\"dump\":".len()..].trim_start();
+    let end = value.find([',', '\n', '}']).unwrap_or(value.len());
+    value[..end].trim().parse().ok()
 }
 
 /// `/metrics` with many series: connections refused by `ports` closed
@@ -1165,10 +1180,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         tracked.maps
     );
     println!(
-        "  ka-agent snapshot --json of them (inventory + owners + JSON): {}",
+        "  ka-agent snapshot --json of them (inventory + owners + JSON): {}; the sock_diag dump alone: {}",
         tracked
             .snapshot_secs
-            .map_or_else(|| "failed".to_owned(), |s| format!("{s:.2} s"))
+            .map_or_else(|| "failed".to_owned(), |s| format!("{s:.2} s")),
+        tracked.dump_ms.map_or_else(
+            || "unknown".to_owned(),
+            |ms| format!("{:.2} s", ms / 1000.0)
+        )
     );
     println!(
         "  /metrics after {} refused connections: {} series, {} KiB, median {:.1} ms, max {:.1} ms \
@@ -1234,9 +1253,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             (series.lines >= 10_000).then_some(series.median_ms <= 50.0),
         ),
         (
-            "inventory of 100,000 <= 1 s (snapshot upper bound)",
-            (args.connections >= 100_000)
-                .then_some(tracked.snapshot_secs.is_some_and(|s| s <= 1.0)),
+            "inventory (sock_diag dump) of 100,000 <= 1 s",
+            (args.connections >= 100_000).then_some(tracked.dump_ms.is_some_and(|ms| ms <= 1000.0)),
         ),
         (
             "keepalive death on /metrics <= 1 s",
@@ -1302,6 +1320,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 ("kernel_map_bytes", num(tracked.map_bytes)),
                 ("kernel_maps", num(tracked.maps)),
                 ("snapshot_secs", Json::opt(tracked.snapshot_secs)),
+                ("inventory_dump_ms", Json::opt(tracked.dump_ms)),
             ]),
         ),
         (

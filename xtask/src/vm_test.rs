@@ -637,7 +637,7 @@ fn guest_script(out: &Path, agent: &Path, plan: &[Step]) -> String {
         "#!/bin/sh\n# Written by cargo xtask vm-test; runs as root in the guest.\n\
          out={out}\n\
          cd {root}\n\
-         export CI={ci} RUST_BACKTRACE=1\n\
+         export CI={ci} RUST_BACKTRACE=1 KA_TEST_READY_SECS=120\n\
          grep -q ' /sys/kernel/tracing ' /proc/mounts || mount -t tracefs tracefs /sys/kernel/tracing\n\
          grep -q ' /sys/fs/bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf\n\
          uname -r > \"$out/uname\"\n\

@@ -398,6 +398,7 @@ mod tests {
                 }],
             },
             owners,
+            dump_took: std::time::Duration::ZERO,
             took: std::time::Duration::ZERO,
         }
     }

@@ -62,7 +62,12 @@ impl Agent {
             addr,
             stderr_path,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Software emulation (`cargo xtask vm-test`) is many times slower.
+        let ready_secs = std::env::var("KA_TEST_READY_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
+        let deadline = Instant::now() + Duration::from_secs(ready_secs);
         loop {
             if let Some(status) = agent
                 .child
@@ -76,7 +81,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "ka-agent not ready in 30 s:\n{}",
+                "ka-agent not ready in {ready_secs} s:\n{}",
                 agent.log()
             );
             std::thread::sleep(Duration::from_millis(100));

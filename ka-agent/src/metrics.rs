@@ -72,6 +72,8 @@ pub struct Metrics {
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     series: Mutex<SeriesLimiter>,
+    /// Connection series carry the Kubernetes labels.
+    pod_labels: bool,
 }
 
 /// Which counter or histogram a connection series belongs to.
@@ -161,6 +163,9 @@ type AdmittedSet = (Instant, Vec<(Family, Vec<String>)>);
 pub struct SeriesLimits {
     pub max_series: usize,
     pub ttl: Duration,
+    /// With the Kubernetes `namespace`, `pod` and `container` labels
+    /// (`--node-name`); without, the series do not carry them at all.
+    pub pod_labels: bool,
 }
 
 impl Default for SeriesLimits {
@@ -168,14 +173,19 @@ impl Default for SeriesLimits {
         Self {
             max_series: 10_000,
             ttl: Duration::from_hours(1),
+            pod_labels: false,
         }
     }
 }
 
-fn with_connection_labels<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut labels = extra.to_vec();
-    labels.extend_from_slice(&CONNECTION_LABELS);
-    labels
+/// The connection label names in use: the Kubernetes ones only with
+/// `--node-name`.
+fn connection_labels(pod_labels: bool) -> &'static [&'static str] {
+    if pod_labels {
+        &CONNECTION_LABELS
+    } else {
+        &CONNECTION_LABELS[..5]
+    }
 }
 
 impl Metrics {
@@ -185,12 +195,19 @@ impl Metrics {
     )]
     pub fn new(limits: SeriesLimits) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let counter =
-            |name: &str, help: &str, extra: &[&str]| -> Result<IntCounterVec, MetricsError> {
-                let m = IntCounterVec::new(Opts::new(name, help), &with_connection_labels(extra))?;
-                registry.register(Box::new(m.clone()))?;
-                Ok(m)
-            };
+        let with_connection_labels = |extra: &[&'static str]| -> Vec<&'static str> {
+            let mut names = extra.to_vec();
+            names.extend_from_slice(connection_labels(limits.pod_labels));
+            names
+        };
+        let counter = |name: &str,
+                       help: &str,
+                       extra: &[&'static str]|
+         -> Result<IntCounterVec, MetricsError> {
+            let m = IntCounterVec::new(Opts::new(name, help), &with_connection_labels(extra))?;
+            registry.register(Box::new(m.clone()))?;
+            Ok(m)
+        };
         let metrics = Self {
             build_info: IntGaugeVec::new(
                 Opts::new("ka_build_info", "Always 1: the agent's version and the kernel it runs on."),
@@ -233,7 +250,7 @@ impl Metrics {
             )?,
             probing: IntGaugeVec::new(
                 Opts::new("ka_connections_probing", "Established connections with at least one unanswered keepalive probe."),
-                &CONNECTION_LABELS,
+                connection_labels(limits.pod_labels),
             )?,
             retransmits: counter("ka_retransmits_total", "Retransmitted segments.", &[])?,
             resets_received: counter("ka_resets_received_total", "RSTs that reset a connection.", &[])?,
@@ -283,6 +300,7 @@ impl Metrics {
                 Opts::new("ka_program_run_seconds_total", "Time spent in each kernel program (kernel BPF stats)."),
                 &["hook"],
             )?,
+            pod_labels: limits.pod_labels,
             series: Mutex::new(SeriesLimiter {
                 max: limits.max_series,
                 ttl: limits.ttl,
@@ -366,6 +384,38 @@ impl Metrics {
         }
     }
 
+    /// The connection label values, in [`CONNECTION_LABELS`] order (the
+    /// Kubernetes ones only with `--node-name`).
+    pub fn connection_values(&self, labels: &Labels) -> Vec<String> {
+        let mut values = vec![
+            labels.netns.to_string(),
+            labels.direction.name().to_owned(),
+            if labels.port == 0 {
+                String::new()
+            } else {
+                labels.port.to_string()
+            },
+            labels.comm.clone(),
+            labels.peer.clone(),
+        ];
+        if self.pod_labels {
+            values.extend([
+                labels.pod.namespace.clone(),
+                labels.pod.pod.clone(),
+                labels.pod.container.clone(),
+            ]);
+        }
+        values
+    }
+
+    /// Label values: the metric's own first, then the connection labels
+    /// (gauges, which are rebuilt every second and so need no limiter).
+    pub fn values(&self, extra: &[&str], labels: &Labels) -> Vec<String> {
+        let mut values: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        values.extend(self.connection_values(labels));
+        values
+    }
+
     fn count(&self, family: Family, own: &str, labels: &Labels) {
         if let Child::Counter(c) = self.child(family, own, labels) {
             c.inc();
@@ -377,7 +427,7 @@ impl Metrics {
     /// second); a new one is admitted against `--max-series` first.
     fn child(&self, family: Family, own: &str, labels: &Labels) -> Child {
         let Ok(mut limiter) = self.series.lock() else {
-            return self.make_child(family, &values(&own_labels(own), labels));
+            return self.make_child(family, &self.values(&own_labels(own), labels));
         };
         let now = Instant::now();
         let query = SeriesQuery {
@@ -440,13 +490,13 @@ impl Metrics {
         labels: &Labels,
         now: Instant,
     ) -> (Vec<String>, Vec<String>) {
-        let key = connection_values(labels);
+        let key = self.connection_values(labels);
         let admitted = limiter.admitted.contains_key(&key) || limiter.admitted.len() < limiter.max;
         let key = if admitted {
             key
         } else {
             self.series_overflow.inc();
-            let mut folded = vec![OVERFLOW.to_owned(); CONNECTION_LABELS.len()];
+            let mut folded = vec![OVERFLOW.to_owned(); connection_labels(self.pod_labels).len()];
             folded[0] = labels.netns.to_string();
             labels.direction.name().clone_into(&mut folded[1]);
             folded
@@ -567,38 +617,16 @@ pub fn to_openmetrics(text: &str) -> String {
     out
 }
 
-/// The connection label values, in [`CONNECTION_LABELS`] order.
-pub fn connection_values(labels: &Labels) -> Vec<String> {
-    vec![
-        labels.netns.to_string(),
-        labels.direction.name().to_owned(),
-        if labels.port == 0 {
-            String::new()
-        } else {
-            labels.port.to_string()
-        },
-        labels.comm.clone(),
-        labels.peer.clone(),
-        labels.pod.namespace.clone(),
-        labels.pod.pod.clone(),
-        labels.pod.container.clone(),
-    ]
-}
-
-/// Label values: the metric's own first, then the connection labels
-/// (gauges, which are rebuilt every second and so need no limiter).
-pub fn values(extra: &[&str], labels: &Labels) -> Vec<String> {
-    let mut v: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-    v.extend(connection_values(labels));
-    v
-}
-
 /// The metrics reference (docs/metrics.md), generated from the registry so
 /// it cannot drift from the code.
 pub fn reference_markdown() -> Result<String, MetricsError> {
     use std::fmt::Write as _;
 
-    let metrics = Metrics::new(SeriesLimits::default())?;
+    // With every label the agent can use (the Kubernetes ones too).
+    let metrics = Metrics::new(SeriesLimits {
+        pod_labels: true,
+        ..SeriesLimits::default()
+    })?;
     // Vector metrics appear in a gather only once they have a series.
     let labels = Labels {
         netns: 1,
@@ -630,7 +658,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
     ] {
         metrics.apply(&observation);
     }
-    let values = values(&["x", "y"], &labels);
+    let values = metrics.values(&["x", "y"], &labels);
     let values: Vec<&str> = values.iter().map(String::as_str).collect();
     metrics.at_risk.with_label_values(&values).set(0.0);
     metrics.connections.with_label_values(&values[1..]).set(0);
@@ -653,7 +681,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
          never an ephemeral port), `comm` (process name), `peer` (remote address or network, only with \
          `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
-         (empty elsewhere). Past `--max-series` label sets, new ones fold into `other` \
+         (absent elsewhere). Past `--max-series` label sets, new ones fold into `other` \
          (`ka_series_overflow_total`); sets unused for `--series-ttl` are removed.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
@@ -736,6 +764,7 @@ mod tests {
         let metrics = Metrics::new(SeriesLimits {
             max_series: 10,
             ttl: Duration::from_secs(0),
+            pod_labels: false,
         })
         .unwrap();
         for port in 0..1000u16 {

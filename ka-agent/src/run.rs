@@ -21,7 +21,7 @@ use crate::{
     http::{self, ApiQuery, AtRisk, ConnectionView, Shared},
     idle_timeout::IdleTimeout,
     loader::{LoadOptions, Probes},
-    metrics::{Metrics, SeriesLimits, values},
+    metrics::{Metrics, SeriesLimits},
     model::TcpState,
     track::{Connection, Tracker, TrackerConfig},
 };
@@ -114,6 +114,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new(SeriesLimits {
         max_series: usize::try_from(args.max_series).unwrap_or(usize::MAX),
         ttl: Duration::from_secs(args.series_ttl),
+        pod_labels: args.node_name.is_some(),
     })?);
     // Kernel-side run time and count per program, while the agent runs.
     let bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -483,14 +484,14 @@ fn publish(
     for connection in tracker.connections() {
         let labels = connection.labels();
         *by_state
-            .entry(values(&[connection.state.name()], &labels))
+            .entry(metrics.values(&[connection.state.name()], &labels))
             .or_default() += 1;
         if connection.state == TcpState::Established && connection.keepalive.unanswered > 0 {
-            *probing.entry(values(&[], &labels)).or_default() += 1;
+            *probing.entry(metrics.values(&[], &labels)).or_default() += 1;
         }
         for risk in at_risk_of(connection, connection.idle_secs(now), timeouts) {
             *at_risk
-                .entry(values(&[risk.reason, &risk.idle_timeout], &labels))
+                .entry(metrics.values(&[risk.reason, &risk.idle_timeout], &labels))
                 .or_default() += 1.0;
         }
     }

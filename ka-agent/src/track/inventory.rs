@@ -99,7 +99,7 @@ impl Tracker {
     /// The record under `key` (`sk`, or the cookie of a record adopted
     /// from a dump and not evented yet).
     pub fn connection(&self, key: u64) -> Option<&Connection> {
-        self.connections.get(&key)
+        self.connections.get(&key).map(|c| &**c)
     }
 
     /// Records removed because their socket vanished between dumps.
@@ -201,7 +201,7 @@ impl Tracker {
             if conn.comm.is_empty() {
                 conn.comm.clone_from(&owner.comm);
             }
-            conn.pod.clone_from(&owner.pod);
+            conn.pod = owner.pod.clone().map(Box::new);
         }
         if conn.last_event_ns > namespace.dumped_at_ns {
             return false;
@@ -237,7 +237,7 @@ impl Tracker {
         conn.last_event_ns = namespace.dumped_at_ns;
         conn.idle_at_event_secs = entry.idle_secs().unwrap_or(0.0);
         conn.comm = owner.map(|o| o.comm.clone()).unwrap_or_default();
-        conn.pod = owner.and_then(|o| o.pod.clone());
+        conn.pod = owner.and_then(|o| o.pod.clone()).map(Box::new);
         let evidence = entry.keepalive_evidence();
         apply_evidence(&mut conn.keepalive, entry, evidence, namespace);
         self.inventory.adopted.insert(conn.sk, evidence);

@@ -36,7 +36,7 @@ pub const SETTLE_NS: u64 = 20_000_000;
 
 /// A connection that reached CLOSE, waiting for its verdict.
 struct Closing {
-    connection: Connection,
+    connection: Box<Connection>,
     old_state: TcpState,
     event: ka_common::StateChangeEvent,
 }
@@ -228,7 +228,7 @@ pub struct Connection {
     /// Its pod and container, in Kubernetes (from the owner's cgroup and
     /// the API).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<PodLabels>,
+    pub pod: Option<Box<PodLabels>>,
     /// Was it seen reaching ESTABLISHED (or found established)?
     #[serde(skip)]
     pub was_established: bool,
@@ -280,7 +280,7 @@ impl Connection {
             port,
             comm: self.comm.clone(),
             peer: peer_label.render(self.remote.ip()),
-            pod: self.pod.clone().unwrap_or_default(),
+            pod: self.pod.as_deref().cloned().unwrap_or_default(),
         }
     }
 
@@ -336,7 +336,9 @@ fn ns_to_secs(ns: u64) -> f64 {
 pub struct Tracker {
     config: TrackerConfig,
     /// By socket address: a fast hash, these lookups run for every event.
-    connections: hashbrown::HashMap<u64, Connection>,
+    /// Boxed: the table's slack (up to half its slots) costs a pointer per
+    /// slot, not a whole record, with 100,000 connections.
+    connections: hashbrown::HashMap<u64, Box<Connection>>,
     observations: Vec<Observation>,
     evictions: u64,
     recently_closed: std::collections::VecDeque<ClosedConnection>,
@@ -382,7 +384,7 @@ impl Tracker {
     }
 
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
-        self.connections.values()
+        self.connections.values().map(|c| &**c)
     }
 
     pub fn len(&self) -> usize {
@@ -494,7 +496,7 @@ impl Tracker {
                 self.evictions += 1;
             }
         }
-        self.connections.insert(conn.sk, conn);
+        self.connections.insert(conn.sk, Box::new(conn));
     }
 
     fn new_connection(

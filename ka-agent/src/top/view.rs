@@ -68,7 +68,11 @@ impl Row {
             class: c["class"].as_str()?.to_owned(),
             why,
             process: text(&c["comm"]),
-            pod: text(&c["pod"]),
+            // `namespace/pod` (the API's `pod` object, in Kubernetes).
+            pod: match (c["pod"]["namespace"].as_str(), c["pod"]["pod"].as_str()) {
+                (Some(namespace), Some(pod)) if !pod.is_empty() => format!("{namespace}/{pod}"),
+                _ => String::new(),
+            },
             local: text(&c["local"]),
             remote: text(&c["remote"]),
             state: text(&c["state"]),
@@ -621,6 +625,10 @@ mod tests {
         assert_eq!(row.why, "keepalive_disabled>3s");
         assert_eq!((row.probes_sent, row.unanswered), (5, 2));
         assert_eq!(row.pod, "");
+        let mut in_pod = json("ok", "x", 1.0, false);
+        in_pod["pod"] =
+            serde_json::json!({"namespace": "shop", "pod": "web-1", "container": "nginx"});
+        assert_eq!(Row::from_json(&in_pod).unwrap().pod, "shop/web-1");
         let mut c = json("ok", "x", 1.0, false);
         c["keepalive"]["idle_secs"] = 7200.into();
         assert_eq!(Row::from_json(&c).unwrap().keepalive, "off");

@@ -18,7 +18,7 @@ use crate::{
     idle_timeout::IdleTimeout,
     inventory::{DiagTimer, InventoryUpdate, KeepaliveSysctls, NamespaceInventory, SocketEntry},
     model::{Direction, TcpState},
-    run::at_risk_of,
+    run::{at_risk_of, ephemeral_ports},
     track::{Connection, KeepaliveSource, Tracker, TrackerConfig},
 };
 
@@ -48,17 +48,6 @@ pub fn table_from(update: &InventoryUpdate, ephemeral_ports: (u16, u16)) -> Trac
     });
     tracker.reconcile(update);
     tracker
-}
-
-/// `net.ipv4.ip_local_port_range` of the caller's namespace.
-pub fn ephemeral_ports() -> (u16, u16) {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|text| {
-            let mut parts = text.split_whitespace().map(str::parse::<u16>);
-            Some((parts.next()?.ok()?, parts.next()?.ok()?))
-        })
-        .unwrap_or((32768, 60999))
 }
 
 /// One connection of `ka-agent snapshot --json`.
@@ -302,28 +291,35 @@ fn faster_keepalive_fix(
     #[expect(clippy::cast_precision_loss, reason = "timeouts are far below 2^52 s")]
     let limit_secs = limit as f64;
     let keepalive = &connection.keepalive;
-    let mut fixes = Vec::new();
-    if keepalive.idle_secs >= limit_secs {
-        fixes.push(if keepalive.idle_from_socket {
-            format!("set TCP_KEEPIDLE below {limit} s")
+    // (value, set on the socket, socket option, sysctl)
+    [
+        (
+            keepalive.idle_secs,
+            keepalive.idle_from_socket,
+            "TCP_KEEPIDLE",
+            "tcp_keepalive_time",
+        ),
+        (
+            keepalive.interval_secs,
+            keepalive.interval_from_socket,
+            "TCP_KEEPINTVL",
+            "tcp_keepalive_intvl",
+        ),
+    ]
+    .into_iter()
+    .filter(|(secs, ..)| *secs >= limit_secs)
+    .map(|(_, from_socket, option, sysctl)| {
+        if from_socket {
+            format!("set {option} below {limit} s")
         } else {
             format!(
-                "lower net.ipv4.tcp_keepalive_time below {limit} s in namespace {}",
+                "lower net.ipv4.{sysctl} below {limit} s in namespace {}",
                 namespace.netns
             )
-        });
-    }
-    if keepalive.interval_secs >= limit_secs {
-        fixes.push(if keepalive.interval_from_socket {
-            format!("set TCP_KEEPINTVL below {limit} s")
-        } else {
-            format!(
-                "lower net.ipv4.tcp_keepalive_intvl below {limit} s in namespace {}",
-                namespace.netns
-            )
-        });
-    }
-    fixes.join(" and ")
+        }
+    })
+    .collect::<Vec<_>>()
+    .join(" and ")
 }
 
 /// (timeout seconds, timeout name, reason, fix) → (at risk, exposed): the

@@ -418,8 +418,8 @@ fn spawn_kernel_logger(probes: &mut Probes) {
     }
 }
 
-/// `net.ipv4.ip_local_port_range` of the agent's namespace.
-fn ephemeral_ports() -> (u16, u16) {
+/// `net.ipv4.ip_local_port_range` of the caller's namespace.
+pub fn ephemeral_ports() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|text| {

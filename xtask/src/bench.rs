@@ -821,10 +821,7 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
 
 /// `took_ms.dump` of `ka-agent snapshot --json`.
 fn snapshot_dump_ms(json: &str) -> Option<f64> {
-    let took = &json[json.find("\"took_ms\"")?..];
-    let value = took[took.find("\"dump\":")? + "\"dump\":".len()..].trim_start();
-    let end = value.find([',', '\n', '}']).unwrap_or(value.len());
-    value[..end].trim().parse().ok()
+    serde_json::from_str::<serde_json::Value>(json).ok()?["took_ms"]["dump"].as_f64()
 }
 
 /// `/metrics` with many series: connections refused by `ports` closed
@@ -1362,4 +1359,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_dump_time_is_read_from_the_snapshot() {
+        let json =
+            r#"{"idle_timeouts":[],"connections":[],"took_ms":{"dump":261.5,"inventory":2400.0}}"#;
+        assert_eq!(super::snapshot_dump_ms(json), Some(261.5));
+        assert_eq!(super::snapshot_dump_ms("not json"), None);
+    }
 }

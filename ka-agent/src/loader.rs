@@ -197,6 +197,10 @@ impl Probes {
         let wakeup_bytes = u64::from(options.ring_buffer_bytes / 4);
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", &layout.sock, true)
+            .override_global("SOCK_COPY_COMMON", &layout.sock_copy.common, true)
+            .override_global("SOCK_COPY_FULL", &layout.sock_copy.full, true)
+            .override_global("SOCK_COPY_NET", &layout.sock_copy.net, true)
+            .override_global("SOCK_COPY_AT", &layout.sock_copy.at, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("KEEPALIVE_TIMER_FN", &keepalive_fn, true)
             .override_global("SET_STATE_FIELDS", &set_state, true)

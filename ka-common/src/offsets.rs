@@ -26,6 +26,15 @@ pub struct SetStateFields {
 }
 
 impl SetStateFields {
+    /// The layout every kernel since 4.16 reports: the programs load these
+    /// offsets directly (no helper call) when tracefs says exactly this.
+    pub const USUAL: Self = Self {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        protocol: 30,
+    };
+
     pub const ABSENT: Self = Self {
         skaddr: ABSENT,
         oldstate: ABSENT,
@@ -85,6 +94,12 @@ pub struct SkRecordFields {
 }
 
 impl SkRecordFields {
+    /// The usual layout (see [`SetStateFields::USUAL`]).
+    pub const USUAL: Self = Self {
+        skaddr: 8,
+        reserved: [0; 3],
+    };
+
     pub const ABSENT: Self = Self {
         skaddr: ABSENT,
         reserved: [0; 3],
@@ -134,6 +149,22 @@ pub struct TimerFields {
 }
 
 impl TimerFields {
+    /// The usual `timer_start` layout (see [`SetStateFields::USUAL`]).
+    pub const START_USUAL: Self = Self {
+        timer: 8,
+        function: 16,
+        expires: 24,
+        reserved: 0,
+    };
+
+    /// The usual `timer_expire_entry` layout (no `expires`).
+    pub const EXPIRE_USUAL: Self = Self {
+        timer: 8,
+        function: 24,
+        expires: ABSENT,
+        reserved: 0,
+    };
+
     pub const ABSENT: Self = Self {
         timer: ABSENT,
         function: ABSENT,
@@ -226,6 +257,61 @@ impl SockOffsets {
     };
 }
 
+/// Bytes one [`Span`] copies at most.
+pub const SPAN_BYTES: u16 = 128;
+/// Spans of `sock_common` (readable in every kind of socket).
+pub const COMMON_SPANS: usize = 2;
+/// Spans of the full socket (`sock`, `inet_connection_sock`, `tcp_sock`).
+pub const FULL_SPANS: usize = 10;
+/// Spans of the socket's `struct net`.
+pub const NET_SPANS: usize = 2;
+/// Size of the per-CPU copy the spans land in: one [`SPAN_BYTES`] slot per
+/// span, rounded up to a power of two so a mask bounds every position for
+/// the verifier, plus room for the widest field read at the last position.
+pub const SOCK_COPY_BYTES: usize = 2048 + 16;
+/// Mask applied to positions in the copy (see [`SOCK_COPY_BYTES`]).
+pub const SOCK_COPY_MASK: u16 = 2047;
+
+/// A run of bytes a program copies with one helper call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    /// Start, relative to the structure's pointer.
+    pub offset: u16,
+    /// Length in bytes (at most [`SPAN_BYTES`]; 0 = unused).
+    pub len: u16,
+}
+
+/// How the programs read a socket: a few spans copied into a per-CPU
+/// buffer, then every field loaded from there.
+///
+/// Reading each field with its own `bpf_probe_read_kernel` cost ~25 helper
+/// calls per event; the fields the programs read cluster in a handful of
+/// places, so the agent groups them at start-up (from the BTF offsets in
+/// [`SockOffsets`]) into spans. Span `i` of `common`, `full`, `net` lands in
+/// slot `i`, `COMMON_SPANS + i`, `COMMON_SPANS + FULL_SPANS + i` of the copy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockCopyPlan {
+    pub common: [Span; COMMON_SPANS],
+    pub full: [Span; FULL_SPANS],
+    pub net: [Span; NET_SPANS],
+    /// Each field's position in the copy, under the field's name; [`ABSENT`]
+    /// for a field this kernel lacks and for those the programs read
+    /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`,
+    /// `sock_keepopen_bit`).
+    pub at: SockOffsets,
+}
+
+impl SockCopyPlan {
+    pub const ABSENT: Self = Self {
+        common: [Span { offset: 0, len: 0 }; COMMON_SPANS],
+        full: [Span { offset: 0, len: 0 }; FULL_SPANS],
+        net: [Span { offset: 0, len: 0 }; NET_SPANS],
+        at: SockOffsets::ABSENT,
+    };
+}
+
 const _: () = assert!(size_of::<SetStateFields>() == 8);
 const _: () = assert!(size_of::<RetransmitFields>() == 8);
 const _: () = assert!(size_of::<SendResetFields>() == 8);
@@ -233,6 +319,12 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<SockOffsets>() == 64);
+const _: () = assert!(size_of::<Span>() == 4);
+const _: () =
+    assert!(size_of::<SockCopyPlan>() == 4 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 64);
+const _: () = assert!(
+    (COMMON_SPANS + FULL_SPANS + NET_SPANS) * SPAN_BYTES as usize <= SOCK_COPY_MASK as usize + 1
+);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -251,4 +343,6 @@ mod pod {
     unsafe impl aya::Pod for super::TimerFields {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Span {}
 }

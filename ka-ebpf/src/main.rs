@@ -25,7 +25,10 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use ka_common::{DEFAULT_RING_BYTES, STAT_SLOTS, SockOffsets};
+use ka_common::{
+    COMMON_SPANS, DEFAULT_RING_BYTES, FULL_SPANS, NET_SPANS, SOCK_COPY_BYTES, STAT_SLOTS,
+    SockCopyPlan, SockOffsets, Span,
+};
 
 /// Every event, in the order the hooks reserved them. The agent resizes it at
 /// load time (`--ring-buffer-bytes`).
@@ -40,6 +43,24 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 /// Socket structure offsets from BTF, set by the agent before load.
 #[unsafe(no_mangle)]
 static SOCK_OFFSETS: Global<SockOffsets> = Global::new(SockOffsets::ABSENT);
+
+// Which spans of a socket a snapshot copies, and where each field lands in
+// the copy: `ka_common::SockCopyPlan`, in parts, because a global is loaded
+// whole onto the 512-byte stack each time it is read.
+#[unsafe(no_mangle)]
+static SOCK_COPY_COMMON: Global<[Span; COMMON_SPANS]> = Global::new(SockCopyPlan::ABSENT.common);
+#[unsafe(no_mangle)]
+static SOCK_COPY_FULL: Global<[Span; FULL_SPANS]> = Global::new(SockCopyPlan::ABSENT.full);
+#[unsafe(no_mangle)]
+static SOCK_COPY_NET: Global<[Span; NET_SPANS]> = Global::new(SockCopyPlan::ABSENT.net);
+#[unsafe(no_mangle)]
+static SOCK_COPY_AT: Global<SockOffsets> = Global::new(SockCopyPlan::ABSENT.at);
+
+/// The per-CPU copy a snapshot reads its fields from. Programs on one CPU
+/// do not nest (the kernel's per-CPU `bpf_prog_active` guard for tracepoint
+/// and kprobe programs), so one copy per CPU suffices.
+#[map]
+static SOCK_COPY: PerCpuArray<[u8; SOCK_COPY_BYTES]> = PerCpuArray::with_max_entries(1, 0);
 
 #[cfg(not(test))]
 #[panic_handler]

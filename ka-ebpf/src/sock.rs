@@ -1,12 +1,18 @@
-//! Reading a `struct sock` at the offsets the agent resolved from BTF.
+//! Reading a `struct sock` at the offsets the agent resolved from BTF: a
+//! snapshot copies a few spans (`ka_common::SockCopyPlan`) and loads its fields from
+//! the copy; the filters read their one field directly.
 
 use aya_ebpf::helpers::{bpf_jiffies64, generated};
 use ka_common::{
-    ABSENT, AF_INET, AF_INET6, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET, SNAP_INCOMPLETE,
-    SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SockOffsets, SockSnapshot, Stat, tcp_state,
+    ABSENT, AF_INET, AF_INET6, COMMON_SPANS, FULL_SPANS, SNAP_CNT_FROM_SOCKET,
+    SNAP_IDLE_FROM_SOCKET, SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON,
+    SOCK_COPY_MASK, SPAN_BYTES, SockOffsets, SockSnapshot, Span, Stat, tcp_state,
 };
 
-use crate::{SOCK_OFFSETS, emit::count};
+use crate::{
+    SOCK_COPY, SOCK_COPY_AT, SOCK_COPY_COMMON, SOCK_COPY_FULL, SOCK_COPY_NET, SOCK_OFFSETS,
+    emit::count,
+};
 
 /// Reads a `T` at `base + offset`: zero for an absent field or a failed read
 /// (the latter is counted). The destination is initialized before the read,
@@ -49,27 +55,83 @@ pub fn keepalive_on(sk: *const u8) -> bool {
         && field::<u64>(sk, off.sk_flags) & (1u64 << off.sock_keepopen_bit) != 0
 }
 
+/// Copies `spans` of the structure at `base` into the copy's slots from
+/// `first_slot` on: one helper call per span instead of one per field. A
+/// failed copy is counted; the helper zeroes its destination, so the
+/// fields in it read as zero rather than as a previous socket's.
+#[inline(always)]
+fn copy_spans<const N: usize>(
+    copy: *mut u8,
+    first_slot: usize,
+    base: *const u8,
+    spans: &[Span; N],
+) {
+    for (i, span) in spans.iter().enumerate() {
+        // The agent fills spans in order; the first unused one ends them.
+        if span.len == 0 {
+            break;
+        }
+        let len = span.len.min(SPAN_BYTES);
+        let slot = copy.wrapping_add((first_slot + i) * usize::from(SPAN_BYTES));
+        // SAFETY: the destination is slot `first_slot + i` of the per-CPU
+        // copy, which has room for every slot (asserted in ka-common), and
+        // `len` is at most one slot; bpf_probe_read_kernel validates the
+        // source itself and fails cleanly on an unmapped address.
+        let ret = unsafe {
+            generated::bpf_probe_read_kernel(
+                slot.cast(),
+                u32::from(len),
+                base.wrapping_add(usize::from(span.offset)).cast(),
+            )
+        };
+        if ret != 0 {
+            count(Stat::ReadFailures as u32);
+        }
+    }
+}
+
+/// The `T` at `position` in the copy; zero for a field not copied.
+#[inline(always)]
+fn at<T: Copy + Default>(copy: *const u8, position: u16) -> T {
+    if position == ABSENT {
+        return T::default();
+    }
+    let position = usize::from(position & SOCK_COPY_MASK);
+    // SAFETY: the mask keeps the position inside the copy with room for the
+    // widest field (SOCK_COPY_BYTES), which the verifier checks too; the
+    // copy is 8-byte aligned and every position keeps its field's alignment
+    // in the socket (the agent starts spans at 8-byte boundaries), so the
+    // load is aligned.
+    unsafe { copy.add(position).cast::<T>().read() }
+}
+
 /// Fills `out` from the socket at `sk`, in place (the event lives in the ring
 /// buffer; a copy on the 512-byte stack would not fit twice).
 #[inline(always)]
 pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
     clear(out);
-    let off: SockOffsets = SOCK_OFFSETS.load();
-    let mut complete = true;
-    let mut flags = 0u8;
-
     out.sk = sk as u64;
     // SAFETY: helper without preconditions.
     out.jiffies = unsafe { bpf_jiffies64() };
-    out.family = field::<u16>(sk, off.skc_family);
-    out.state = field::<u8>(sk, off.skc_state);
-    out.sport = field::<u16>(sk, off.skc_num);
-    out.dport = u16::from_be(field::<u16>(sk, off.skc_dport));
-    out.cookie = field::<u64>(sk, off.skc_cookie);
+    let Some(copy) = SOCK_COPY.get_ptr_mut(0) else {
+        out.flags = SNAP_INCOMPLETE;
+        return;
+    };
+    let copy = copy.cast::<u8>();
+    let at_: SockOffsets = SOCK_COPY_AT.load();
+    let mut complete = true;
+    let mut flags = 0u8;
+
+    copy_spans(copy, 0, sk, &SOCK_COPY_COMMON.load());
+    out.family = at::<u16>(copy, at_.skc_family);
+    out.state = at::<u8>(copy, at_.skc_state);
+    out.sport = at::<u16>(copy, at_.skc_num);
+    out.dport = u16::from_be(at::<u16>(copy, at_.skc_dport));
+    out.cookie = at::<u64>(copy, at_.skc_cookie);
     if out.family == AF_INET {
         // Stored as one u32 each: a byte-wise copy would become a loop.
-        let saddr = field::<u32>(sk, off.skc_rcv_saddr).to_ne_bytes();
-        let daddr = field::<u32>(sk, off.skc_daddr).to_ne_bytes();
+        let saddr = at::<u32>(copy, at_.skc_rcv_saddr).to_ne_bytes();
+        let daddr = at::<u32>(copy, at_.skc_daddr).to_ne_bytes();
         out.saddr = [
             saddr[0], saddr[1], saddr[2], saddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
@@ -77,43 +139,46 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
             daddr[0], daddr[1], daddr[2], daddr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
     } else if out.family == AF_INET6 {
-        out.saddr = field::<[u8; 16]>(sk, off.skc_v6_rcv_saddr);
-        out.daddr = field::<[u8; 16]>(sk, off.skc_v6_daddr);
+        out.saddr = at::<[u8; 16]>(copy, at_.skc_v6_rcv_saddr);
+        out.daddr = at::<[u8; 16]>(copy, at_.skc_v6_daddr);
     }
-    let net = field::<u64>(sk, off.skc_net) as *const u8;
+    let net = at::<u64>(copy, at_.skc_net) as *const u8;
     if net.is_null() {
         complete = false;
     } else {
-        out.netns = field::<u32>(net, off.net_ns_inum);
+        copy_spans(copy, COMMON_SPANS + FULL_SPANS, net, &SOCK_COPY_NET.load());
+        out.netns = at::<u32>(copy, at_.net_ns_inum);
     }
 
     // Time-wait and request sockets are not a full `struct sock`: only
     // `sock_common` may be read from them.
     if out.state != tcp_state::TIME_WAIT && out.state != tcp_state::NEW_SYN_RECV {
-        if keepalive_on(sk) {
+        copy_spans(copy, COMMON_SPANS, sk, &SOCK_COPY_FULL.load());
+        let bit = SOCK_OFFSETS.load().sock_keepopen_bit;
+        if bit < 64 && at::<u64>(copy, at_.sk_flags) & (1u64 << bit) != 0 {
             flags |= SNAP_KEEPALIVE_ON;
         }
-        out.sk_err = field::<i32>(sk, off.sk_err);
-        out.probes_out = field::<u8>(sk, off.icsk_probes_out);
-        out.retransmits = field::<u8>(sk, off.icsk_retransmits);
-        out.user_timeout_ms = field::<u32>(sk, off.icsk_user_timeout);
-        out.lrcvtime = field::<u32>(sk, off.icsk_ack_lrcvtime);
-        out.rcv_tstamp = field::<u32>(sk, off.tp_rcv_tstamp);
-        out.lsndtime = field::<u32>(sk, off.tp_lsndtime);
-        out.packets_out = field::<u32>(sk, off.tp_packets_out);
+        out.sk_err = at::<i32>(copy, at_.sk_err);
+        out.probes_out = at::<u8>(copy, at_.icsk_probes_out);
+        out.retransmits = at::<u8>(copy, at_.icsk_retransmits);
+        out.user_timeout_ms = at::<u32>(copy, at_.icsk_user_timeout);
+        out.lrcvtime = at::<u32>(copy, at_.icsk_ack_lrcvtime);
+        out.rcv_tstamp = at::<u32>(copy, at_.tp_rcv_tstamp);
+        out.lsndtime = at::<u32>(copy, at_.tp_lsndtime);
+        out.packets_out = at::<u32>(copy, at_.tp_packets_out);
 
         // Zero on the socket means "use the namespace's sysctl" (which is in
         // jiffies for time and interval, like the socket's own values).
-        let idle = field::<u32>(sk, off.tp_keepalive_time);
-        let intvl = field::<u32>(sk, off.tp_keepalive_intvl);
-        let cnt = field::<u8>(sk, off.tp_keepalive_probes);
+        let idle = at::<u32>(copy, at_.tp_keepalive_time);
+        let intvl = at::<u32>(copy, at_.tp_keepalive_intvl);
+        let cnt = at::<u8>(copy, at_.tp_keepalive_probes);
         out.keepalive_time = if idle != 0 {
             flags |= SNAP_IDLE_FROM_SOCKET;
             idle
         } else if net.is_null() {
             0
         } else {
-            field::<u32>(net, off.net_keepalive_time)
+            at::<u32>(copy, at_.net_keepalive_time)
         };
         out.keepalive_intvl = if intvl != 0 {
             flags |= SNAP_INTVL_FROM_SOCKET;
@@ -121,7 +186,7 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
         } else if net.is_null() {
             0
         } else {
-            field::<u32>(net, off.net_keepalive_intvl)
+            at::<u32>(copy, at_.net_keepalive_intvl)
         };
         out.keepalive_probes = if cnt != 0 {
             flags |= SNAP_CNT_FROM_SOCKET;
@@ -129,7 +194,7 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
         } else if net.is_null() {
             0
         } else {
-            field::<u8>(net, off.net_keepalive_probes)
+            at::<u8>(copy, at_.net_keepalive_probes)
         };
     }
     if !complete {

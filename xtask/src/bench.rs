@@ -367,6 +367,58 @@ fn holds_bpf_program(pid: u32) -> bool {
     })
 }
 
+/// Run time and run count summed over the BPF programs `pid` holds, from
+/// their fdinfo (counted while `kernel.bpf_stats_enabled` is on).
+fn program_stats(pid: u32) -> (u64, u64) {
+    let mut totals = (0, 0);
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return totals;
+    };
+    for fd in fds.flatten() {
+        if !std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        let Ok(text) = std::fs::read_to_string(info) else {
+            continue;
+        };
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        totals.0 += value("run_time_ns:");
+        totals.1 += value("run_cnt:");
+    }
+    totals
+}
+
+/// Turns the kernel's BPF run-time statistics on for the whole comparison,
+/// so the reference tools' programs are timed (and pay the same small cost
+/// of timing) like the agent's, which turns them on itself; restores the
+/// previous setting on drop.
+struct BpfStatsOn(Option<String>);
+
+impl BpfStatsOn {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn new() -> Self {
+        let previous = std::fs::read_to_string(Self::SYSCTL).ok();
+        if let Err(error) = std::fs::write(Self::SYSCTL, "1") {
+            eprintln!("bench: cannot enable BPF stats ({error}): reference run times unknown");
+        }
+        Self(previous)
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.0 {
+            let _ = std::fs::write(Self::SYSCTL, previous.trim());
+        }
+    }
+}
+
 /// Runs `command` with its stdout in a file, killed after `timeout`.
 fn run_bounded(command: &mut Command, timeout: Duration, out: &Path) -> anyhow::Result<String> {
     let file = std::fs::File::create(out)?;
@@ -563,17 +615,22 @@ fn series_count(text: &str) -> usize {
 /// The main comparison; returns the throughput samples and the agent's
 /// own figures per round.
 type Rates = BTreeMap<(Workload, Config), Vec<f64>>;
+/// A reference tool's mean run time per program invocation during churn,
+/// one sample per round.
+type ReferenceRunTimes = BTreeMap<Config, Vec<f64>>;
 
 fn comparison(
     args: &BenchArgs,
     binary: &Path,
     dir: &Path,
     configs: &[Config],
-) -> anyhow::Result<(Rates, Vec<AgentRound>)> {
+) -> anyhow::Result<(Rates, Vec<AgentRound>, ReferenceRunTimes)> {
     let port = free_port()?;
     let _nginx = start_nginx(dir, port)?;
+    let _stats = BpfStatsOn::new();
     let mut rates: Rates = BTreeMap::new();
     let mut agent_rounds = Vec::new();
+    let mut reference_ns = ReferenceRunTimes::new();
     for round in 0..args.rounds {
         // Rotate the order each round so no configuration always runs first.
         let shift = usize::try_from(round).unwrap_or(0) % configs.len();
@@ -584,7 +641,19 @@ fn comparison(
                 _ => None,
             };
             let before = agent.map(|a| metrics(a.addr)).transpose()?;
+            let reference = match &attached {
+                Attached::Other(proc) => Some(proc.pid()),
+                _ => None,
+            };
+            let stats_before = reference.map(program_stats);
             let churn = wrk(port, Workload::Churn, args.seconds, dir)?;
+            if let (Some(pid), Some((time, runs))) = (reference, stats_before) {
+                let (time_after, runs_after) = program_stats(pid);
+                if runs_after > runs {
+                    let mean = float(time_after - time) / float(runs_after - runs);
+                    reference_ns.entry(config).or_default().push(mean);
+                }
+            }
             let mut agent_round = None;
             if let (Some(agent), Some(before)) = (agent, &before) {
                 // The agent reads the kernel's program stats once a second.
@@ -630,7 +699,7 @@ fn comparison(
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    Ok((rates, agent_rounds))
+    Ok((rates, agent_rounds, reference_ns))
 }
 
 fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
@@ -1042,7 +1111,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let (rates, agent_rounds) = comparison(&args, &binary, &dir.0, &configs)?;
+    let (rates, agent_rounds, reference_ns) = comparison(&args, &binary, &dir.0, &configs)?;
     eprintln!("bench: keepalive death latency");
     let latencies = keepalive_latency(&binary, &dir.0, if args.quick { 1 } else { 3 })?;
     eprintln!(
@@ -1122,6 +1191,21 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         json_hooks.push(Json::obj([
             ("hook", Json::Str(hook.clone())),
             ("runs_per_sec", Json::opt(rate)),
+            ("mean_ns", Json::opt(ns)),
+        ]));
+    }
+    // The floor any program on these hooks pays here: the reference tools'
+    // own programs, timed the same way.
+    let mut json_references = Vec::new();
+    for (config, samples) in &reference_ns {
+        let ns = median(samples);
+        println!(
+            "  reference: {:<15} {:>23.1}   (mean per run of its programs, all hooks)",
+            config.name(),
+            ns.unwrap_or(f64::NAN)
+        );
+        json_references.push(Json::obj([
+            ("config", Json::Str(config.name().into())),
             ("mean_ns", Json::opt(ns)),
         ]));
     }
@@ -1295,6 +1379,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ("machine", machine),
         ("throughput", Json::Arr(json_rates)),
         ("programs_during_churn", Json::Arr(json_hooks)),
+        ("reference_programs_during_churn", Json::Arr(json_references)),
         ("events_per_sec_during_churn", Json::Arr(json_events)),
         ("lost_events", Json::Num(lost)),
         ("agent_rss_kib_median", Json::opt(median(&rss))),

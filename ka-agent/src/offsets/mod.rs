@@ -7,6 +7,7 @@
 //! unavailable), except for the few members without which nothing works.
 
 pub mod btf;
+pub mod copy_plan;
 pub mod kernel;
 pub mod tracefs;
 
@@ -14,7 +15,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf};
 
 use ka_common::{
     ErrorReportFields, RetransmitFields, SendResetFields, SetStateFields, SkRecordFields,
-    SockOffsets, TimerFields,
+    SockCopyPlan, SockOffsets, TimerFields,
 };
 
 pub use kernel::ensure_tracefs_mounted;
@@ -105,6 +106,8 @@ pub struct KernelLayout {
     pub timer_start: Option<TimerFields>,
     pub timer_expire_entry: Option<TimerFields>,
     pub sock: SockOffsets,
+    /// How the programs copy `sock`'s fields (grouped from `sock`).
+    pub sock_copy: SockCopyPlan,
     /// `enum sk_rst_reason` value → lowercase name (`tcp_keepalive_timeout`);
     /// empty before 6.10.
     pub reset_reasons: BTreeMap<u32, String>,
@@ -180,6 +183,13 @@ impl KernelLayout {
                 .into_iter()
                 .map(|a| LayoutNote::new(format!("BTF member {}", a.member), a.reason)),
         );
+        let (sock_copy, unplaced) = copy_plan::plan(&sock);
+        notes.extend(unplaced.into_iter().map(|field| {
+            LayoutNote::new(
+                format!("socket field {field}"),
+                "not reported: its members are spread wider than the spans the programs copy",
+            )
+        }));
 
         let mut tracepoints = Tracepoints {
             tracefs: &sources.tracefs,
@@ -242,6 +252,7 @@ impl KernelLayout {
             timer_start,
             timer_expire_entry,
             sock,
+            sock_copy,
             reset_reasons,
             keepalive_timer_fn,
             hz,

@@ -8,7 +8,7 @@
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
 use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent, tcp_state};
 
-use super::record;
+use super::{record, record_at};
 use crate::{emit, sock};
 
 #[unsafe(no_mangle)]
@@ -21,13 +21,30 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
+    const USUAL: SetStateFields = SetStateFields::USUAL;
     let fields = SET_STATE_FIELDS.load();
-    if record::<u16>(ctx, fields.protocol)? != IPPROTO_TCP {
+    let usual = fields == USUAL;
+    let protocol = if usual {
+        record_at::<u16, { USUAL.protocol as usize }>(ctx)
+    } else {
+        record::<u16>(ctx, fields.protocol)?
+    };
+    if protocol != IPPROTO_TCP {
         return None;
     }
-    let sk = record::<u64>(ctx, fields.skaddr)?;
-    let oldstate = record::<i32>(ctx, fields.oldstate)?;
-    let newstate = record::<i32>(ctx, fields.newstate)?;
+    let (sk, oldstate, newstate) = if usual {
+        (
+            record_at::<u64, { USUAL.skaddr as usize }>(ctx),
+            record_at::<i32, { USUAL.oldstate as usize }>(ctx),
+            record_at::<i32, { USUAL.newstate as usize }>(ctx),
+        )
+    } else {
+        (
+            record::<u64>(ctx, fields.skaddr)?,
+            record::<i32>(ctx, fields.oldstate)?,
+            record::<i32>(ctx, fields.newstate)?,
+        )
+    };
     if !needed(oldstate, newstate) {
         emit::filtered(EventKind::StateChange);
         return None;

@@ -11,7 +11,7 @@ mod tcp_send_reset;
 mod timer_expire_entry;
 mod timer_start;
 
-use aya_ebpf::programs::TracePointContext;
+use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 use ka_common::ABSENT;
 
 /// Reads a tracepoint record field at an offset from the tracefs format.
@@ -23,4 +23,20 @@ fn record<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     // SAFETY: `read_at` uses bpf_probe_read_kernel, which checks the address;
     // the offset comes from this kernel's own format file.
     unsafe { ctx.read_at::<T>(usize::from(offset)) }.ok()
+}
+
+/// Loads a record field at a constant offset, without a helper call.
+///
+/// The verifier accepts a direct context load only at an offset written in
+/// the instruction, so this serves the usual layouts (`*Fields::USUAL`),
+/// taken only after comparing them with the offsets the agent read from
+/// tracefs; any other layout goes through [`record`].
+#[inline(always)]
+fn record_at<T: Copy, const OFFSET: usize>(ctx: &TracePointContext) -> T {
+    // SAFETY: a tracepoint context is the kernel's per-CPU trace buffer of
+    // PERF_MAX_TRACE_SIZE bytes, 8-byte aligned and readable from byte 8 on
+    // (the verifier checks the constant offset and its alignment at load);
+    // the caller has checked that this kernel's record has a field of type
+    // `T` at `OFFSET`.
+    unsafe { ctx.as_ptr().cast::<u8>().add(OFFSET).cast::<T>().read() }
 }

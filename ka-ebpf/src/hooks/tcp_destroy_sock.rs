@@ -7,7 +7,7 @@
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
 use ka_common::{DestroySockEvent, EventKind, SkRecordFields, tcp_state};
 
-use super::record;
+use super::{record, record_at};
 use crate::{emit, sock};
 
 #[unsafe(no_mangle)]
@@ -20,7 +20,13 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
-    let sk = record::<u64>(ctx, DESTROY_SOCK_FIELDS.load().skaddr)?;
+    const USUAL: SkRecordFields = SkRecordFields::USUAL;
+    let fields = DESTROY_SOCK_FIELDS.load();
+    let sk = if fields == USUAL {
+        record_at::<u64, { USUAL.skaddr as usize }>(ctx)
+    } else {
+        record::<u64>(ctx, fields.skaddr)?
+    };
     if sock::state(sk as *const u8) == tcp_state::CLOSE {
         emit::filtered(EventKind::DestroySock);
         return None;

@@ -5,7 +5,7 @@
 use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
 use ka_common::{EventKind, KeepaliveFiredEvent, Stat, TimerFields};
 
-use super::record;
+use super::{record, record_at};
 use crate::{KEEPALIVE_TIMER_FN, SOCK_OFFSETS, emit, sock};
 
 #[unsafe(no_mangle)]
@@ -18,14 +18,24 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
 }
 
 fn try_timer_expire_entry(ctx: &TracePointContext) -> Option<()> {
+    const USUAL: TimerFields = TimerFields::EXPIRE_USUAL;
     let fields = TIMER_EXPIRE_FIELDS.load();
-    let function = record::<u64>(ctx, fields.function)?;
+    let usual = fields == USUAL;
+    let function = if usual {
+        record_at::<u64, { USUAL.function as usize }>(ctx)
+    } else {
+        record::<u64>(ctx, fields.function)?
+    };
     let keepalive_fn = KEEPALIVE_TIMER_FN.load();
     if function != keepalive_fn || keepalive_fn == 0 {
         return None;
     }
     emit::count(Stat::KeepaliveTimerHits as u32);
-    let timer = record::<u64>(ctx, fields.timer)?;
+    let timer = if usual {
+        record_at::<u64, { USUAL.timer as usize }>(ctx)
+    } else {
+        record::<u64>(ctx, fields.timer)?
+    };
     let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
     // The same timer is the FIN_WAIT2 timer of every closing socket; only a
     // socket with SO_KEEPALIVE can be probing.

@@ -1,0 +1,307 @@
+//! Groups the socket fields the programs read into a few spans, each copied
+//! with one helper call (see [`SockCopyPlan`]).
+
+use ka_common::{
+    ABSENT, COMMON_SPANS, FULL_SPANS, NET_SPANS, SPAN_BYTES, SockCopyPlan, SockOffsets, Span,
+};
+
+/// Where a field lives, which decides when the programs may read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// `sock_common`: every kind of socket has it.
+    Common,
+    /// The rest of a full socket (not a time-wait or request socket).
+    Full,
+    /// The socket's `struct net`.
+    Net,
+}
+
+impl Group {
+    const fn capacity(self) -> usize {
+        match self {
+            Self::Common => COMMON_SPANS,
+            Self::Full => FULL_SPANS,
+            Self::Net => NET_SPANS,
+        }
+    }
+
+    /// The copy slot of this group's first span.
+    const fn first_slot(self) -> usize {
+        match self {
+            Self::Common => 0,
+            Self::Full => COMMON_SPANS,
+            Self::Net => COMMON_SPANS + FULL_SPANS,
+        }
+    }
+}
+
+/// One field the programs read: its name, group, size in bytes (the type
+/// `ka-ebpf/src/sock.rs` reads it as), offset in the structure, and its
+/// position in the copy to fill in.
+struct Field<'a> {
+    name: &'static str,
+    group: Group,
+    size: u16,
+    offset: u16,
+    position: &'a mut u16,
+}
+
+/// Every field the programs read from the copy, with `at` as where its
+/// position goes.
+fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 26] {
+    let SockOffsets {
+        skc_family,
+        skc_state,
+        skc_num,
+        skc_dport,
+        skc_rcv_saddr,
+        skc_daddr,
+        skc_v6_rcv_saddr,
+        skc_v6_daddr,
+        skc_net,
+        skc_cookie,
+        sk_flags,
+        sk_err,
+        // Read directly: the timer hooks turn it into the socket pointer.
+        keepalive_timer: _,
+        icsk_probes_out,
+        icsk_retransmits,
+        icsk_user_timeout,
+        icsk_ack_lrcvtime,
+        tp_keepalive_time,
+        tp_keepalive_intvl,
+        tp_keepalive_probes,
+        tp_rcv_tstamp,
+        tp_lsndtime,
+        tp_packets_out,
+        net_ns_inum,
+        net_keepalive_time,
+        net_keepalive_intvl,
+        net_keepalive_probes,
+        // Read directly, only for resets sent without a socket.
+        skb_dev: _,
+        dev_nd_net: _,
+        sock_keepopen_bit: _,
+        reserved: _,
+    } = *offsets;
+    macro_rules! fields {
+        ($($group:ident $size:literal $name:ident),* $(,)?) => {
+            [$(Field {
+                name: stringify!($name),
+                group: Group::$group,
+                size: $size,
+                offset: $name,
+                position: &mut at.$name,
+            }),*]
+        };
+    }
+    fields![
+        Common 2 skc_family,
+        Common 1 skc_state,
+        Common 2 skc_num,
+        Common 2 skc_dport,
+        Common 4 skc_rcv_saddr,
+        Common 4 skc_daddr,
+        Common 16 skc_v6_rcv_saddr,
+        Common 16 skc_v6_daddr,
+        Common 8 skc_net,
+        Common 8 skc_cookie,
+        Full 8 sk_flags,
+        Full 4 sk_err,
+        Full 1 icsk_probes_out,
+        Full 1 icsk_retransmits,
+        Full 4 icsk_user_timeout,
+        Full 4 icsk_ack_lrcvtime,
+        Full 4 tp_keepalive_time,
+        Full 4 tp_keepalive_intvl,
+        Full 1 tp_keepalive_probes,
+        Full 4 tp_rcv_tstamp,
+        Full 4 tp_lsndtime,
+        Full 4 tp_packets_out,
+        Net 4 net_ns_inum,
+        Net 4 net_keepalive_time,
+        Net 4 net_keepalive_intvl,
+        Net 1 net_keepalive_probes,
+    ]
+}
+
+/// The plan for `offsets`, and the names of fields that did not fit in the
+/// spans the programs copy (left [`ABSENT`]: read as zero, like a field this
+/// kernel lacks).
+pub fn plan(offsets: &SockOffsets) -> (SockCopyPlan, Vec<&'static str>) {
+    let mut plan = SockCopyPlan::ABSENT;
+    let mut fields = fields(offsets, &mut plan.at);
+    fields.sort_by_key(|f| f.offset);
+    let mut unplaced = Vec::new();
+    for (group, spans) in [
+        (Group::Common, &mut plan.common[..]),
+        (Group::Full, &mut plan.full[..]),
+        (Group::Net, &mut plan.net[..]),
+    ] {
+        let mut used = 0;
+        for field in fields
+            .iter_mut()
+            .filter(|f| f.group == group && f.offset != ABSENT)
+        {
+            let end = field.offset + field.size;
+            let fits_last = used > 0 && end - spans[used - 1].offset <= SPAN_BYTES;
+            if !fits_last {
+                if used == group.capacity() {
+                    unplaced.push(field.name);
+                    continue;
+                }
+                // Span starts 8-byte aligned keep every field as aligned in
+                // the copy as it is in the socket.
+                spans[used] = Span {
+                    offset: field.offset & !7,
+                    len: 0,
+                };
+                used += 1;
+            }
+            let span = &mut spans[used - 1];
+            span.len = span.len.max(end - span.offset);
+            let slot = u16::try_from(group.first_slot() + used - 1).unwrap_or(u16::MAX);
+            *field.position = slot * SPAN_BYTES + (field.offset - span.offset);
+        }
+    }
+    (plan, unplaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{SOCK_COPY_BYTES, SOCK_COPY_MASK};
+
+    use super::*;
+
+    /// Does in memory what the programs do: copies the spans of `sock` and
+    /// `net` into a buffer like the per-CPU copy.
+    fn copy(plan: &SockCopyPlan, sock: &[u8], net: &[u8]) -> Vec<u8> {
+        let mut copy = vec![0u8; SOCK_COPY_BYTES];
+        let groups = [
+            (&plan.common[..], Group::Common, sock),
+            (&plan.full[..], Group::Full, sock),
+            (&plan.net[..], Group::Net, net),
+        ];
+        for (spans, group, source) in groups {
+            for (i, span) in spans.iter().enumerate() {
+                let (from, len) = (usize::from(span.offset), usize::from(span.len));
+                let to = (group.first_slot() + i) * usize::from(SPAN_BYTES);
+                copy[to..to + len].copy_from_slice(&source[from..from + len]);
+            }
+        }
+        copy
+    }
+
+    /// Every placed field reads the same bytes from the copy as from the
+    /// structure itself, at a position the programs' mask keeps in bounds.
+    fn assert_faithful(offsets: &SockOffsets) {
+        let (plan, unplaced) = plan(offsets);
+        assert!(unplaced.is_empty(), "fields left out: {unplaced:?}");
+        let sock: Vec<u8> = (0..4096u32)
+            .map(|i| (i * 7 + i / 251).to_le_bytes()[0])
+            .collect();
+        let net: Vec<u8> = (0..8192u32)
+            .map(|i| (i * 13 + 5 + i / 241).to_le_bytes()[0])
+            .collect();
+        let copied = copy(&plan, &sock, &net);
+        let mut at = plan.at;
+        let mut checked = 0;
+        for field in fields(offsets, &mut at) {
+            let name = field.name;
+            let position = *field.position;
+            if field.offset == ABSENT {
+                assert_eq!(position, ABSENT, "{name}");
+                continue;
+            }
+            let source = if field.group == Group::Net {
+                &net
+            } else {
+                &sock
+            };
+            let (p, o, n) = (
+                usize::from(position),
+                usize::from(field.offset),
+                usize::from(field.size),
+            );
+            assert_eq!(
+                position & SOCK_COPY_MASK,
+                position,
+                "{name} beyond the mask"
+            );
+            assert_eq!(p % n.min(8), o % n.min(8), "{name} alignment changed");
+            assert_eq!(copied[p..p + n], source[o..o + n], "{name}");
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} fields checked");
+        for span in plan.common.iter().chain(&plan.full).chain(&plan.net) {
+            assert!(span.len <= SPAN_BYTES);
+        }
+    }
+
+    #[test]
+    fn the_6_19_fixture_fits_and_reads_back() {
+        let btf = crate::offsets::btf::KernelBtf::from_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/btf/sock-6.19.btf"),
+        )
+        .expect("fixture parses");
+        let offsets = crate::offsets::btf::sock_offsets(&btf, &mut Vec::new()).expect("offsets");
+        assert_faithful(&offsets);
+    }
+
+    #[test]
+    fn the_live_kernel_fits_and_reads_back() {
+        let path = std::path::Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "BTF must exist in CI"
+            );
+            eprintln!("SKIPPED: no live BTF at {}", path.display());
+            return;
+        }
+        let btf = crate::offsets::btf::KernelBtf::from_file(path).expect("live BTF parses");
+        let offsets = crate::offsets::btf::sock_offsets(&btf, &mut Vec::new()).expect("offsets");
+        let (plan, _) = plan(&offsets);
+        // sock_common's fields share one span on every kernel we know.
+        assert_eq!(plan.common[1].len, 0, "{plan:?}");
+        assert_faithful(&offsets);
+    }
+
+    #[test]
+    fn scattered_fields_beyond_the_spans_are_left_out_not_misplaced() {
+        let mut offsets = SockOffsets::ABSENT;
+        offsets.skc_family = 16;
+        // Eleven full-socket fields each 200 bytes apart need eleven spans.
+        let mut next = 300;
+        for f in [
+            &mut offsets.sk_flags,
+            &mut offsets.sk_err,
+            &mut offsets.icsk_probes_out,
+            &mut offsets.icsk_retransmits,
+            &mut offsets.icsk_user_timeout,
+            &mut offsets.icsk_ack_lrcvtime,
+            &mut offsets.tp_keepalive_time,
+            &mut offsets.tp_keepalive_intvl,
+            &mut offsets.tp_keepalive_probes,
+            &mut offsets.tp_rcv_tstamp,
+            &mut offsets.tp_lsndtime,
+        ] {
+            *f = next;
+            next += 200;
+        }
+        let (plan, unplaced) = plan(&offsets);
+        assert_eq!(unplaced, vec!["tp_lsndtime"]);
+        assert_eq!(plan.at.tp_lsndtime, ABSENT);
+        assert_eq!(
+            plan.full[FULL_SPANS - 1],
+            Span {
+                offset: 2096,
+                len: 8
+            }
+        );
+        // A span starts at its first field (8-byte aligned), in slot 0.
+        assert_eq!(plan.at.skc_family, 0);
+        assert_eq!(plan.at.sk_flags, 2 * SPAN_BYTES + 4);
+    }
+}

@@ -71,6 +71,7 @@ pub struct Metrics {
     pub read_failures: IntCounter,
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
+    pub program_misses: IntCounterVec,
     series: Mutex<SeriesLimiter>,
     /// Connection series carry the Kubernetes labels.
     pod_labels: bool,
@@ -300,6 +301,13 @@ impl Metrics {
                 Opts::new("ka_program_run_seconds_total", "Time spent in each kernel program (kernel BPF stats)."),
                 &["hook"],
             )?,
+            program_misses: IntCounterVec::new(
+                Opts::new(
+                    "ka_program_misses_total",
+                    "Runs of each kernel program the kernel skipped because a BPF program was already running on that CPU (an interrupt during one); the events are lost. Counted by kernels from 6.7 on.",
+                ),
+                &["hook"],
+            )?,
             pod_labels: limits.pod_labels,
             series: Mutex::new(SeriesLimiter {
                 max: limits.max_series,
@@ -331,6 +339,7 @@ impl Metrics {
             Box::new(metrics.read_failures.clone()),
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
+            Box::new(metrics.program_misses.clone()),
         ] {
             metrics.registry.register(collector)?;
         }
@@ -668,6 +677,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
     metrics.events.with_label_values(&["t"]).inc();
     metrics.program_runs.with_label_values(&["h"]).inc();
     metrics.program_run_seconds.with_label_values(&["h"]).inc();
+    metrics.program_misses.with_label_values(&["h"]).inc();
     metrics
         .kernel_events
         .with_label_values(&["t", "lost"])

@@ -338,7 +338,18 @@ impl KernelCounts {
 /// Run count and time of each program as last read, to export deltas.
 #[derive(Default)]
 struct ProgramStats {
-    seen: HashMap<&'static str, (u64, Duration)>,
+    seen: HashMap<&'static str, (u64, Duration, u64)>,
+}
+
+/// Runs of `program` the kernel skipped because a BPF program was already
+/// running on that CPU (`recursion_misses`, which aya's `ProgramInfo` does
+/// not expose; the kernel prints it in the program fd's fdinfo).
+fn recursion_misses(program: &aya::programs::Program) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = program.fd().ok()?.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:")?.trim().parse().ok())
 }
 
 impl ProgramStats {
@@ -347,15 +358,20 @@ impl ProgramStats {
             if !status.is_attached() {
                 continue;
             }
-            let Some(Ok(info)) = probes
-                .ebpf
-                .program(hook.program())
-                .map(aya::programs::Program::info)
-            else {
+            let Some(program) = probes.ebpf.program(hook.program()) else {
+                continue;
+            };
+            let Ok(info) = program.info() else {
                 continue;
             };
             let (runs, time) = (info.run_count(), info.run_time());
-            let (seen_runs, seen_time) = self.seen.entry(hook.program()).or_default();
+            let misses = recursion_misses(program).unwrap_or(0);
+            let (seen_runs, seen_time, seen_misses) = self.seen.entry(hook.program()).or_default();
+            metrics
+                .program_misses
+                .with_label_values(&[hook.program()])
+                .inc_by(misses.saturating_sub(*seen_misses));
+            *seen_misses = misses;
             metrics
                 .program_runs
                 .with_label_values(&[hook.program()])

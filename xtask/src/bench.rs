@@ -1379,7 +1379,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ("machine", machine),
         ("throughput", Json::Arr(json_rates)),
         ("programs_during_churn", Json::Arr(json_hooks)),
-        ("reference_programs_during_churn", Json::Arr(json_references)),
+        (
+            "reference_programs_during_churn",
+            Json::Arr(json_references),
+        ),
         ("events_per_sec_during_churn", Json::Arr(json_events)),
         ("lost_events", Json::Num(lost)),
         ("agent_rss_kib_median", Json::opt(median(&rss))),

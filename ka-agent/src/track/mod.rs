@@ -467,6 +467,10 @@ impl Tracker {
             ) {
                 return None;
             }
+            // A live socket at this address: an earlier socket's close
+            // waiting there is final. (A connection that never reached
+            // ESTABLISHED has no opening event, which would settle it.)
+            self.settle(snap.sk);
             let direction = self.guess_direction(snap);
             let mut conn = self.new_connection(snap, direction, ktime_ns);
             conn.state_since_ns = 0;

@@ -81,6 +81,7 @@ impl Tracker {
                 // *before* sending its RST: the verdict waits for what
                 // follows on this socket (see `settle_closes`).
                 if let Some(conn) = self.connections.remove(&snap.sk) {
+                    self.settle(snap.sk);
                     self.closing.insert(
                         snap.sk,
                         super::Closing {
@@ -197,4 +198,75 @@ fn idle_before_close(snap: &ka_common::SockSnapshot, hz: u32) -> f64 {
         .wrapping_sub(snap.lrcvtime)
         .min(now.wrapping_sub(snap.lsndtime));
     f64::from(idle) / f64::from(hz.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{
+        EventHeader, EventKind, ReceiveResetEvent, SockSnapshot, StateChangeEvent, tcp_state,
+    };
+
+    use crate::{
+        decode::Event,
+        track::{Observation, Tracker, TrackerConfig},
+    };
+
+    /// A socket at address 0xA in SYN_SENT towards `port`.
+    fn connecting(port: u16) -> SockSnapshot {
+        SockSnapshot {
+            sk: 0xA,
+            netns: 7,
+            family: ka_common::AF_INET,
+            saddr: [198, 18, 10, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [198, 18, 10, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 40000 + port,
+            dport: port,
+            state: tcp_state::SYN_SENT,
+            ..SockSnapshot::default()
+        }
+    }
+
+    fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            cpu: 0,
+            ktime_ns,
+        }
+    }
+
+    /// A refused connect: the RST, then SYN_SENT -> CLOSE.
+    fn refused(tracker: &mut Tracker, port: u16, ktime_ns: u64) {
+        let sock = connecting(port);
+        tracker.handle(&Event::ReceiveReset(ReceiveResetEvent {
+            header: header(EventKind::ReceiveReset, ktime_ns),
+            sock,
+        }));
+        tracker.handle(&Event::StateChange(StateChangeEvent {
+            header: header(EventKind::StateChange, ktime_ns + 1),
+            sock,
+            oldstate: tcp_state::SYN_SENT,
+            newstate: tcp_state::CLOSE,
+            reserved: [0; 6],
+        }));
+    }
+
+    #[test]
+    fn a_reused_socket_address_does_not_swallow_the_earlier_close() {
+        // Two refused connects in a row, the second on the freed socket's
+        // address, within the settle delay: the kernel sends no opening
+        // event for either (they never reach ESTABLISHED).
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        refused(&mut tracker, 9, 1_000);
+        refused(&mut tracker, 8081, 2_000);
+        tracker.settle_closes(u64::MAX);
+        let closed: Vec<_> = tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                Observation::Closed { labels, .. } => Some(labels.port),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed.len(), 2, "{closed:?}");
+    }
 }

@@ -211,7 +211,7 @@ mod tests {
         track::{Observation, Tracker, TrackerConfig},
     };
 
-    /// A socket at address 0xA in SYN_SENT towards `port`.
+    /// A socket at address 0xA in `SYN_SENT` towards `port`.
     fn connecting(port: u16) -> SockSnapshot {
         SockSnapshot {
             sk: 0xA,
@@ -234,7 +234,7 @@ mod tests {
         }
     }
 
-    /// A refused connect: the RST, then SYN_SENT -> CLOSE.
+    /// A refused connect: the RST, then `SYN_SENT` -> `CLOSE`.
     fn refused(tracker: &mut Tracker, port: u16, ktime_ns: u64) {
         let sock = connecting(port);
         tracker.handle(&Event::ReceiveReset(ReceiveResetEvent {

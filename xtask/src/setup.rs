@@ -42,8 +42,8 @@ const BUILD_PACKAGES: &[Package] = &[
 
 /// Debian packages the tests use: the lab (iproute2, nftables), real peers
 /// and load (nginx, curl, wrk), Prometheus and promtool, reference tools
-/// (bpftool, libbpf-tools), tmux for the TUI test, ps, and capsh for the
-/// least-privilege tests.
+/// (bpftool, libbpf-tools), tmux for the TUI test, ps, capsh for the
+/// least-privilege tests, and kmod's depmod for the kernel matrix.
 const TEST_PACKAGES: &[Package] = &[
     Package {
         name: "nftables",
@@ -88,6 +88,11 @@ const TEST_PACKAGES: &[Package] = &[
     Package {
         name: "libcap2-bin",
         provides: &["capsh"],
+    },
+    // virtme-ng (the kernel matrix's VM runner) calls depmod on the host.
+    Package {
+        name: "kmod",
+        provides: &["depmod"],
     },
 ];
 

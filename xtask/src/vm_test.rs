@@ -739,10 +739,18 @@ fn boot(
     if !finished {
         let tail = tail(&fs::read_to_string(&console).unwrap_or_default(), 40);
         let tests = tail_of(&dir.join("tests.log"), 60);
+        // vng exiting early (it always exits 255 after a guest, see the
+        // module comment) means the VM never ran, not that it was slow.
+        let why = match status {
+            None => format!("did not finish in {} s", timeout.as_secs()),
+            Some(status) => format!(
+                "stopped after {:.0} s without finishing (vng: {status})",
+                started.elapsed().as_secs_f64()
+            ),
+        };
         bail!(
-            "the guest on {} did not finish in {} s\n--- tests (tail) ---\n{tests}\n--- console (tail) ---\n{tail}",
-            kernel.version,
-            timeout.as_secs()
+            "the guest on {} {why}\n--- tests (tail) ---\n{tests}\n--- console (tail) ---\n{tail}",
+            kernel.version
         );
     }
     Ok(Results { dir })

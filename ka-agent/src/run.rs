@@ -348,7 +348,14 @@ fn recursion_misses(program: &aya::programs::Program) -> Option<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = program.fd().ok()?.as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    info.lines()
+    recursion_misses_in(&info)
+}
+
+/// The `recursion_misses` count of a BPF program's fdinfo text (absent
+/// before 5.12).
+fn recursion_misses_in(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
         .find_map(|line| line.strip_prefix("recursion_misses:")?.trim().parse().ok())
 }
 
@@ -595,4 +602,22 @@ fn sync_int_gauge(
         let _ = gauge.remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
     }
     *previous = keys;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recursion_misses_in;
+
+    #[test]
+    fn recursion_misses_come_from_the_fdinfo_line() {
+        // A BPF program's fdinfo on 6.18 (tabs as the kernel prints them).
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t2071\n\
+                      prog_type:\t5\nprog_jited:\t1\nprog_tag:\t3b185187f1855c4c\n\
+                      memlock:\t4096\nprog_id:\t512\nrun_time_ns:\t61394214\n\
+                      run_cnt:\t519026\nrecursion_misses:\t17\nverified_insns:\t98\n";
+        assert_eq!(recursion_misses_in(fdinfo), Some(17));
+        // Kernels before 5.12 print no such line.
+        assert_eq!(recursion_misses_in("run_cnt:\t3\n"), None);
+        assert_eq!(recursion_misses_in("recursion_misses:\tmany\n"), None);
+    }
 }

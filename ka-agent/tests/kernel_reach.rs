@@ -118,4 +118,15 @@ fn the_agent_exports_the_kprobe_as_attached_where_the_kernel_has_kprobes() {
             metrics.text
         );
     }
+    // Runs the kernel skipped are exported per attached hook (read once a
+    // second from each program's fdinfo; 0 on kernels before 6.7).
+    agent.wait_metrics(
+        std::time::Duration::from_secs(5),
+        "program misses exported for every attached hook",
+        |m| {
+            ["inet_sock_set_state", "timer_start", "timer_expire_entry"]
+                .iter()
+                .all(|hook| m.has_series("ka_program_misses_total", &[("hook", hook)]))
+        },
+    );
 }

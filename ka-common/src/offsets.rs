@@ -298,8 +298,8 @@ pub struct SockCopyPlan {
     pub net: [Span; NET_SPANS],
     /// Each field's position in the copy, under the field's name; [`ABSENT`]
     /// for a field this kernel lacks and for those the programs read
-    /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`,
-    /// `sock_keepopen_bit`).
+    /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`).
+    /// `sock_keepopen_bit` is the bit number itself, as in [`SockOffsets`].
     pub at: SockOffsets,
 }
 

@@ -154,7 +154,7 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot) {
     // `sock_common` may be read from them.
     if out.state != tcp_state::TIME_WAIT && out.state != tcp_state::NEW_SYN_RECV {
         copy_spans(copy, COMMON_SPANS, sk, &SOCK_COPY_FULL.load());
-        let bit = SOCK_OFFSETS.load().sock_keepopen_bit;
+        let bit = at_.sock_keepopen_bit;
         if bit < 64 && at::<u64>(copy, at_.sk_flags) & (1u64 << bit) != 0 {
             flags |= SNAP_KEEPALIVE_ON;
         }

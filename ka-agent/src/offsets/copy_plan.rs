@@ -164,6 +164,9 @@ pub fn plan(offsets: &SockOffsets) -> (SockCopyPlan, Vec<&'static str>) {
             *field.position = slot * SPAN_BYTES + (field.offset - span.offset);
         }
     }
+    // Not a position: the snapshot tests this bit of `sk_flags` in the copy,
+    // and carrying it here spares the program a second table.
+    plan.at.sock_keepopen_bit = offsets.sock_keepopen_bit;
     (plan, unplaced)
 }
 
@@ -263,6 +266,7 @@ mod tests {
         let btf = crate::offsets::btf::KernelBtf::from_file(path).expect("live BTF parses");
         let offsets = crate::offsets::btf::sock_offsets(&btf, &mut Vec::new()).expect("offsets");
         let (plan, _) = plan(&offsets);
+        assert_eq!(plan.at.sock_keepopen_bit, offsets.sock_keepopen_bit);
         // sock_common's fields share one span on every kernel we know.
         assert_eq!(plan.common[1].len, 0, "{plan:?}");
         assert_faithful(&offsets);

@@ -266,20 +266,31 @@ impl Metrics {
 
     /// Sum of `name` over the series whose labels include all of `filter`.
     pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, labels, _)| {
-                n == name
-                    && filter
-                        .iter()
-                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
-            .map(|(_, _, v)| *v)
-            .sum()
+        self.matching(name, filter).map(|(_, _, v)| *v).sum()
+    }
+
+    /// The samples of `name` whose labels include all of `filter`.
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> {
+        self.samples.iter().filter(move |(n, labels, _)| {
+            n == name
+                && filter
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
         self.samples.iter().any(|(n, ..)| n == name)
+    }
+
+    /// Whether a series of `name` with all of `filter` exists (whatever
+    /// its value, zero included).
+    pub fn has_series(&self, name: &str, filter: &[(&str, &str)]) -> bool {
+        self.matching(name, filter).next().is_some()
     }
 }
 

@@ -147,7 +147,7 @@ pub fn check(args: &KernelArgs) -> i32 {
         Ok(probes) => {
             for (hook, status) in &probes.hooks {
                 let (word, detail) = match status {
-                    HookStatus::Attached => ("attached", hook.feature().to_owned()),
+                    HookStatus::Attached => ("attached", probes.attached_detail(*hook)),
                     HookStatus::Unavailable(why) => (
                         "unavailable",
                         format!("{why}; degrades: {}", hook.feature()),

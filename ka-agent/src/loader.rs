@@ -6,11 +6,11 @@ use std::fmt;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{KProbe, RawTracePoint, TracePoint},
 };
 use ka_common::{EventKind, STAT_SLOTS, Stat};
 
-use crate::offsets::KernelLayout;
+use crate::offsets::{KernelLayout, RawTracepoints};
 
 /// The kernel programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ka"));
@@ -102,6 +102,18 @@ impl Hook {
         }
     }
 
+    /// The raw tracepoint program of a hook that has one, used when
+    /// `raw` says this kernel declares the arguments it reads.
+    pub const fn raw_program(self, raw: RawTracepoints) -> Option<&'static str> {
+        match self {
+            Self::InetSockSetState if raw.inet_sock_set_state => Some("inet_sock_set_state_raw"),
+            Self::TcpDestroySock if raw.tcp_destroy_sock => Some("tcp_destroy_sock_raw"),
+            Self::TimerStart if raw.timer_start => Some("timer_start_raw"),
+            Self::TimerExpireEntry if raw.timer_expire_entry => Some("timer_expire_entry_raw"),
+            _ => None,
+        }
+    }
+
     /// Without it the agent cannot do its main job.
     pub const fn required(self) -> bool {
         matches!(self, Self::InetSockSetState)
@@ -154,6 +166,8 @@ pub enum LoadError {
 pub struct Probes {
     pub ebpf: Ebpf,
     pub hooks: Vec<(Hook, HookStatus)>,
+    /// Which hooks run as raw tracepoints.
+    pub raw: RawTracepoints,
 }
 
 /// Options of the load.
@@ -214,10 +228,11 @@ impl Probes {
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
             .load(PROGRAMS)?;
         let mut hooks = Vec::new();
+        let mut raw = layout.raw;
         for hook in Hook::ALL {
             let status = match unavailable_reason(layout, hook) {
                 Some(why) => HookStatus::Unavailable(why),
-                None => match attach(&mut ebpf, hook) {
+                None => match attach(&mut ebpf, hook, &mut raw, layout) {
                     Ok(()) => HookStatus::Attached,
                     Err(why) => HookStatus::Failed(why),
                 },
@@ -232,7 +247,23 @@ impl Probes {
             }
             hooks.push((hook, status));
         }
-        Ok(Self { ebpf, hooks })
+        Ok(Self { ebpf, hooks, raw })
+    }
+
+    /// The program attached for `hook` (its raw tracepoint program where
+    /// this kernel allows it).
+    pub fn program_of(&self, hook: Hook) -> &'static str {
+        hook.raw_program(self.raw).unwrap_or(hook.program())
+    }
+
+    /// What an attached hook provides, and how it is attached when that is
+    /// not its plain tracepoint.
+    pub fn attached_detail(&self, hook: Hook) -> String {
+        if hook.raw_program(self.raw).is_some() {
+            format!("{} (raw tracepoint)", hook.feature())
+        } else {
+            hook.feature().to_owned()
+        }
     }
 
     /// The event ring buffer (taken once by the reader).
@@ -332,10 +363,10 @@ const _: () = assert!(Stat::FilteredBase as u32 + 9 < STAT_SLOTS);
 /// Why this kernel cannot support `hook`, judged from the layout alone.
 fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
     let missing = |what: &str| Some(format!("{what} not available on this kernel"));
+    // A raw tracepoint program reads the arguments, not the record.
+    let raw = hook.raw_program(layout.raw).is_some();
     match hook {
-        Hook::InetSockSetState => layout
-            .set_state
-            .is_none()
+        Hook::InetSockSetState => (layout.set_state.is_none() && !raw)
             .then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
         Hook::TcpRetransmitSkb => layout
             .retransmit
@@ -349,9 +380,7 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
             .receive_reset
             .is_none()
             .then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
-        Hook::TcpDestroySock => layout
-            .destroy_sock
-            .is_none()
+        Hook::TcpDestroySock => (layout.destroy_sock.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),
         Hook::InetSkErrorReport => layout
             .error_report
@@ -362,9 +391,10 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
                 missing("the address of tcp_keepalive_timer (/proc/kallsyms)")
             } else if layout.sock.keepalive_timer == ka_common::ABSENT {
                 missing("the keepalive timer's offset in struct sock (BTF)")
-            } else if hook == Hook::TimerStart && layout.timer_start.is_none() {
+            } else if hook == Hook::TimerStart && layout.timer_start.is_none() && !raw {
                 missing("tracepoint timer:timer_start")
-            } else if hook == Hook::TimerExpireEntry && layout.timer_expire_entry.is_none() {
+            } else if hook == Hook::TimerExpireEntry && layout.timer_expire_entry.is_none() && !raw
+            {
                 missing("tracepoint timer:timer_expire_entry")
             } else {
                 None
@@ -374,7 +404,32 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, hook: Hook) -> Result<(), String> {
+/// Attaches `hook`: its raw tracepoint program where `raw` allows it, else
+/// (also when the kernel refuses the raw one, which then leaves `raw`) its
+/// tracepoint or kprobe program.
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    raw: &mut RawTracepoints,
+    layout: &KernelLayout,
+) -> Result<(), String> {
+    if let (
+        Some(name),
+        Attachment::Tracepoint {
+            name: tracepoint, ..
+        },
+    ) = (hook.raw_program(*raw), hook.attachment())
+    {
+        let attached = attach_raw(ebpf, name, tracepoint);
+        match attached {
+            Ok(()) => return Ok(()),
+            Err(why) if has_record_layout(layout, hook) => {
+                tracing::warn!(hook = %hook, why = %why, "raw tracepoint refused; using the tracepoint");
+                raw.forget(hook.program());
+            }
+            Err(why) => return Err(why),
+        }
+    }
     let program = ebpf
         .program_mut(hook.program())
         .ok_or_else(|| format!("program {} missing from the object", hook.program()))?;
@@ -398,6 +453,32 @@ fn attach(ebpf: &mut Ebpf, hook: Hook) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| describe(&e))?;
+    program.attach(tracepoint).map_err(|e| describe(&e))?;
+    Ok(())
+}
+
+/// Whether the tracepoint program of `hook` has its record layout (tracefs).
+fn has_record_layout(layout: &KernelLayout, hook: Hook) -> bool {
+    match hook {
+        Hook::InetSockSetState => layout.set_state.is_some(),
+        Hook::TcpRetransmitSkb => layout.retransmit.is_some(),
+        Hook::TcpSendReset => layout.send_reset.is_some(),
+        Hook::TcpReceiveReset => layout.receive_reset.is_some(),
+        Hook::TcpDestroySock => layout.destroy_sock.is_some(),
+        Hook::InetSkErrorReport => layout.error_report.is_some(),
+        Hook::TimerStart => layout.timer_start.is_some(),
+        Hook::TimerExpireEntry => layout.timer_expire_entry.is_some(),
+        Hook::TcpRcvStateProcess => false,
+    }
 }
 
 /// The error with its whole cause chain on one line.

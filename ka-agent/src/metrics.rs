@@ -143,7 +143,9 @@ impl std::hash::Hash for SeriesQuery<'_> {
 
 impl hashbrown::Equivalent<SeriesKey> for SeriesQuery<'_> {
     fn equivalent(&self, key: &SeriesKey) -> bool {
-        self.family == key.family && self.own == key.own && *self.labels == key.labels
+        self.family == key.family
+            && crate::track::same_text(self.own, &key.own)
+            && *self.labels == key.labels
     }
 }
 

@@ -266,7 +266,9 @@ fn report_hooks(probes: &Probes, metrics: &Metrics) {
             .with_label_values(&[hook.program()])
             .set(i64::from(status.is_attached()));
         match status {
-            crate::loader::HookStatus::Attached => tracing::info!(hook = %hook, "attached"),
+            crate::loader::HookStatus::Attached => {
+                tracing::info!(hook = %hook, program = probes.program_of(*hook), "attached");
+            }
             crate::loader::HookStatus::Unavailable(why)
             | crate::loader::HookStatus::Failed(why) => {
                 tracing::warn!(hook = %hook, feature = hook.feature(), why = %why, "hook not attached; feature degraded");
@@ -365,7 +367,7 @@ impl ProgramStats {
             if !status.is_attached() {
                 continue;
             }
-            let Some(program) = probes.ebpf.program(hook.program()) else {
+            let Some(program) = probes.ebpf.program(probes.program_of(*hook)) else {
                 continue;
             };
             let Ok(info) = program.info() else {

@@ -218,7 +218,11 @@ pub struct SockOffsets {
     pub dev_nd_net: u16,
     /// Bit number of `SOCK_KEEPOPEN` in `sk_flags` (`enum sock_flags`).
     pub sock_keepopen_bit: u16,
-    pub reserved: [u16; 2],
+    /// `sock.sk_protocol`, a plain `u16` (5.6+; before, a bitfield, left
+    /// absent): the raw `inet_sock_set_state` program's protocol filter.
+    pub sk_protocol: u16,
+    /// `timer_list.function`: the raw timer programs' filter.
+    pub timer_function: u16,
 }
 
 impl SockOffsets {
@@ -253,7 +257,8 @@ impl SockOffsets {
         skb_dev: ABSENT,
         dev_nd_net: ABSENT,
         sock_keepopen_bit: ABSENT,
-        reserved: [0; 2],
+        sk_protocol: ABSENT,
+        timer_function: ABSENT,
     };
 }
 

@@ -10,12 +10,17 @@ use ka_common::{EventHeader, EventKind, Stat};
 use crate::{EVENTS, STATS, WAKEUP_BYTES};
 
 /// Adds one to a `STATS` slot on this CPU.
+///
+/// Not atomic (the BPF target has no atomic read-modify-write in Rust): a
+/// raw tracepoint program can interrupt another program on this CPU, but the
+/// slots are per event kind, hence per program, except `ReadFailures`,
+/// where an interrupted increment could lose one count of a failure that
+/// does not occur on a sane kernel.
 #[inline(always)]
 pub fn count(slot: u32) {
     if let Some(counter) = STATS.get_ptr_mut(slot) {
-        // SAFETY: the pointer comes from a successful per-CPU array lookup and
-        // is only touched by this CPU while the program runs (no preemption
-        // inside a BPF program on one CPU).
+        // SAFETY: the pointer comes from a successful per-CPU array lookup:
+        // an aligned u64 touched only by this CPU's programs.
         unsafe { *counter += 1 };
     }
 }
@@ -49,8 +54,11 @@ pub fn filtered(kind: EventKind) {
 pub fn submit<T>(entry: RingBufEntry<T>) {
     let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
     if let Some(high) = STATS.get_ptr_mut(Stat::RingHighWater as u32) {
-        // SAFETY: a per-CPU slot from a successful lookup, touched only by
-        // this CPU while the program runs (the agent only reads and zeroes).
+        // SAFETY: a per-CPU slot from a successful lookup, an aligned u64
+        // touched only by this CPU's programs (the agent only reads and
+        // zeroes). A program interrupting this one between the compare and
+        // the store can have its larger mark overwritten: a mark, not a
+        // count, and the next submit sees the ring again.
         unsafe {
             if waiting > *high {
                 *high = waiting;
@@ -74,5 +82,15 @@ pub fn header(kind: EventKind) -> EventHeader {
         cpu: unsafe { bpf_get_smp_processor_id() },
         // SAFETY: helper without preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Zeroes padding bytes one volatile store each: a plain `[0; N]` becomes
+/// a call to a byte-looping BPF `memset` subprogram (see `sock::clear`).
+#[inline(always)]
+pub fn zero<const N: usize>(bytes: &mut [u8; N]) {
+    for byte in bytes {
+        // SAFETY: an exclusive reference to one byte.
+        unsafe { core::ptr::from_mut(byte).write_volatile(0) };
     }
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
 };
 use ka_common::{
-    COMMON_SPANS, DEFAULT_RING_BYTES, FULL_SPANS, NET_SPANS, SOCK_COPY_BYTES, STAT_SLOTS,
-    SockCopyPlan, SockOffsets, Span,
+    COMMON_SPANS, DEFAULT_RING_BYTES, EventKind, FULL_SPANS, NET_SPANS, SOCK_COPY_BYTES,
+    STAT_SLOTS, SockCopyPlan, SockOffsets, Span,
 };
 
 /// Every event, in the order the hooks reserved them. The agent resizes it at
@@ -56,11 +56,14 @@ static SOCK_COPY_NET: Global<[Span; NET_SPANS]> = Global::new(SockCopyPlan::ABSE
 #[unsafe(no_mangle)]
 static SOCK_COPY_AT: Global<SockOffsets> = Global::new(SockCopyPlan::ABSENT.at);
 
-/// The per-CPU copy a snapshot reads its fields from. Programs on one CPU
-/// do not nest (the kernel's per-CPU `bpf_prog_active` guard for tracepoint
-/// and kprobe programs), so one copy per CPU suffices.
+/// The per-CPU copies a snapshot reads its fields from, one per event kind
+/// (`kind as u32`; see `sock::snapshot`).
 #[map]
-static SOCK_COPY: PerCpuArray<[u8; SOCK_COPY_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+static SOCK_COPY: PerCpuArray<[u8; SOCK_COPY_BYTES]> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
+
+/// Event kinds count from 1.
+#[expect(clippy::cast_possible_truncation, reason = "a handful of kinds")]
+const COPY_SLOTS: u32 = EventKind::ALL.len() as u32 + 1;
 
 #[cfg(not(test))]
 #[panic_handler]

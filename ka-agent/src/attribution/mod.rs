@@ -14,6 +14,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::track::same_text;
+
 pub use cgroup::{Runtime, Workload, parse_cgroup_path, parse_proc_cgroup};
 
 /// The process that holds a socket open.
@@ -30,11 +32,30 @@ pub struct Owner {
 
 /// Where a process runs in Kubernetes: the `namespace`, `pod` and
 /// `container` labels of its connections.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, Default, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[expect(
+    clippy::derived_hash_with_manual_eq,
+    reason = "the manual equality is the derived one, minus memcmp calls on empty strings"
+)]
 pub struct PodLabels {
     pub namespace: String,
     pub pod: String,
     pub container: String,
+}
+
+impl PartialEq for PodLabels {
+    /// Compared on every series lookup, mostly empty outside Kubernetes
+    /// (see [`same_text`]).
+    fn eq(&self, other: &Self) -> bool {
+        let Self {
+            namespace,
+            pod,
+            container,
+        } = self;
+        same_text(namespace, &other.namespace)
+            && same_text(pod, &other.pod)
+            && same_text(container, &other.container)
+    }
 }
 
 impl PodLabels {

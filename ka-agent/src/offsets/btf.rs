@@ -343,6 +343,7 @@ pub fn sock_offsets(
     let sk_flags = sk_flags_offset(btf)?;
     let keepalive_timer = keepalive_timer_offset(btf, absent)?;
     let sock_keepopen_bit = sock_keepopen_bit(btf, absent);
+    let sk_protocol = sk_protocol_offset(btf, absent)?;
     let mut optional = |root: &str, path: &[&str], consequence: &str| {
         optional(btf, absent, root, path, consequence)
     };
@@ -414,9 +415,130 @@ pub fn sock_offsets(
             "netns of socketless resets not reported",
         )?,
         sock_keepopen_bit,
-        reserved: [0; 2],
+        sk_protocol,
+        timer_function: optional(
+            "timer_list",
+            &["function"],
+            "the timer hooks use their (slower) tracepoints",
+        )?,
     };
     Ok(offsets)
+}
+
+/// `sock.sk_protocol` when it is a plain `u16` (5.6+); before, it was an
+/// 8-bit bitfield, which the raw program does not read.
+fn sk_protocol_offset(btf: &KernelBtf, absent: &mut Vec<AbsentMember>) -> Result<u16, BtfError> {
+    let consequence = "inet_sock_set_state uses its (slower) tracepoint";
+    let plain = match btf.find_struct("sock") {
+        Some(sock) => match btf.member(&sock, "sk_protocol", 0)? {
+            Some((bits, ty, false))
+                if bits.is_multiple_of(8)
+                    && matches!(btf.strip(ty.clone())?, Type::Int(int) if int.size() == 2) =>
+            {
+                Some(bits / 8)
+            }
+            Some(_) => {
+                absent.push(AbsentMember {
+                    member: "sock.sk_protocol".to_owned(),
+                    reason: format!("not a plain u16 (a bitfield before 5.6); {consequence}"),
+                });
+                return Ok(ABSENT);
+            }
+            None => None,
+        },
+        None => None,
+    };
+    if let Some(offset) = plain {
+        return narrow(offset, "sock.sk_protocol");
+    }
+    absent.push(AbsentMember {
+        member: "sock.sk_protocol".to_owned(),
+        reason: format!("absent; {consequence}"),
+    });
+    Ok(ABSENT)
+}
+
+/// A raw tracepoint argument, as far as the programs care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawArg {
+    /// A pointer to `struct <name>`.
+    PointerTo(String),
+    Int {
+        size: usize,
+        signed: bool,
+    },
+    Other,
+}
+
+impl fmt::Display for RawArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PointerTo(name) => write!(f, "struct {name} *"),
+            Self::Int { size, signed } => {
+                write!(f, "{}{}", if *signed { "s" } else { "u" }, size * 8)
+            }
+            Self::Other => f.write_str("?"),
+        }
+    }
+}
+
+impl KernelBtf {
+    /// The arguments a raw tracepoint program of `name` receives (its
+    /// `TP_PROTO`), from the `btf_trace_<name>` typedef the kernel declares
+    /// for every tracepoint, without the leading `void *__data`; `None`
+    /// when this BTF lacks the typedef.
+    pub fn raw_tracepoint_args(&self, name: &str) -> Result<Option<Vec<RawArg>>, BtfError> {
+        let typedef = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|t| matches!(t, Type::Typedef(_)));
+        let Some(Type::Typedef(typedef)) = typedef else {
+            return Ok(None);
+        };
+        let Type::Ptr(pointer) = self
+            .btf
+            .resolve_chained_type(&typedef)
+            .map_err(lookup_error)?
+        else {
+            return Ok(None);
+        };
+        let Type::FuncProto(proto) = self
+            .btf
+            .resolve_chained_type(&pointer)
+            .map_err(lookup_error)?
+        else {
+            return Ok(None);
+        };
+        let mut args = Vec::new();
+        for parameter in proto.parameters.iter().skip(1) {
+            let ty = self
+                .btf
+                .resolve_chained_type(parameter)
+                .map_err(lookup_error)?;
+            args.push(match self.strip(ty)? {
+                // `void *` and other pointees the programs do not read.
+                Type::Ptr(pointer) => match self
+                    .btf
+                    .resolve_chained_type(&pointer)
+                    .ok()
+                    .map(|pointee| self.strip(pointee))
+                {
+                    Some(Ok(Type::Struct(st))) => {
+                        RawArg::PointerTo(self.btf.resolve_name(&st).unwrap_or_default())
+                    }
+                    _ => RawArg::Other,
+                },
+                Type::Int(int) => RawArg::Int {
+                    size: int.size(),
+                    signed: int.is_signed(),
+                },
+                _ => RawArg::Other,
+            });
+        }
+        Ok(Some(args))
+    }
 }
 
 /// `sk_flags`: 6.18 folded it into `sock_common` (`#define sk_flags
@@ -590,9 +712,9 @@ mod tests {
         let offsets = sock_offsets(&btf, &mut absent).expect("resolves");
         assert!(absent.is_empty(), "{absent:?}");
         // The values of `expected[]` in sock-6.19.c (clang's offsetof).
-        let expected: [u16; 29] = [
+        let expected: [u16; 31] = [
             16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 192, 241, 237, 272, 264, 296, 300, 304,
-            284, 288, 292, 24, 36, 44, 40, 16, 16,
+            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24,
         ];
         let resolved = [
             offsets.skc_family,
@@ -624,6 +746,8 @@ mod tests {
             offsets.net_keepalive_probes,
             offsets.skb_dev,
             offsets.dev_nd_net,
+            offsets.sk_protocol,
+            offsets.timer_function,
         ];
         assert_eq!(resolved, expected);
         assert_eq!(offsets.sock_keepopen_bit, 3);
@@ -708,5 +832,58 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.to_string().contains("/nonexistent/vmlinux"));
+    }
+
+    /// The prototypes ka's raw programs read, as the kernel declares them.
+    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 4] {
+        let sock = RawArg::PointerTo("sock".to_owned());
+        let timer = RawArg::PointerTo("timer_list".to_owned());
+        let int = RawArg::Int {
+            size: 4,
+            signed: true,
+        };
+        let unsigned_long = RawArg::Int {
+            size: 8,
+            signed: false,
+        };
+        [
+            ("inet_sock_set_state", vec![sock.clone(), int.clone(), int]),
+            ("tcp_destroy_sock", vec![sock]),
+            ("timer_start", vec![timer.clone(), unsigned_long]),
+            ("timer_expire_entry", vec![timer]),
+        ]
+    }
+
+    #[test]
+    fn raw_tracepoint_arguments_come_from_btf_trace_typedefs() {
+        let btf = fixture_6_19();
+        for (name, expected) in expected_raw_args() {
+            let args = btf
+                .raw_tracepoint_args(name)
+                .expect("resolves")
+                .unwrap_or_else(|| panic!("btf_trace_{name} in the fixture"));
+            assert!(args.starts_with(&expected), "{name}: {args:?}");
+        }
+        assert_eq!(btf.raw_tracepoint_args("no_such_tracepoint").unwrap(), None);
+        let shown: Vec<String> = btf
+            .raw_tracepoint_args("inet_sock_set_state")
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["struct sock *", "s32", "s32"]);
+    }
+
+    #[test]
+    fn live_raw_tracepoint_arguments_are_what_the_programs_read() {
+        let Some(btf) = live() else { return };
+        for (name, expected) in expected_raw_args() {
+            let args = btf
+                .raw_tracepoint_args(name)
+                .expect("resolves")
+                .unwrap_or_else(|| panic!("btf_trace_{name} in the live BTF"));
+            assert!(args.starts_with(&expected), "{name}: {args:?}");
+        }
     }
 }

@@ -82,7 +82,9 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 26]
         skb_dev: _,
         dev_nd_net: _,
         sock_keepopen_bit: _,
-        reserved: _,
+        // Read directly, by the raw programs' filters.
+        sk_protocol: _,
+        timer_function: _,
     } = *offsets;
     macro_rules! fields {
         ($($group:ident $size:literal $name:ident),* $(,)?) => {

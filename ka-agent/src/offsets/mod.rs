@@ -105,6 +105,9 @@ pub struct KernelLayout {
     pub error_report: Option<ErrorReportFields>,
     pub timer_start: Option<TimerFields>,
     pub timer_expire_entry: Option<TimerFields>,
+    /// The hot hooks whose raw tracepoint arguments are what the programs
+    /// read; the others run on their tracepoint.
+    pub raw: RawTracepoints,
     pub sock: SockOffsets,
     /// How the programs copy `sock`'s fields (grouped from `sock`).
     pub sock_copy: SockCopyPlan,
@@ -240,6 +243,7 @@ impl KernelLayout {
                 "absent; keepalive timer hooks unavailable",
             ));
         }
+        let raw = RawTracepoints::check(&kernel_btf, &sock, &mut notes)?;
         let kernel_release = kernel::kernel_release();
         let hz = kernel::config_hz(&kernel_release)?;
         Ok(Self {
@@ -251,6 +255,7 @@ impl KernelLayout {
             error_report,
             timer_start,
             timer_expire_entry,
+            raw,
             sock,
             sock_copy,
             reset_reasons,
@@ -260,6 +265,112 @@ impl KernelLayout {
             notes,
         })
     }
+}
+
+/// The hooks that run as raw tracepoints.
+///
+/// A raw tracepoint hands the program the tracepoint's own arguments: the
+/// kernel formats no trace record and takes no perf-event path for it,
+/// which under connection churn costs more than a small program itself
+/// (docs/benchmarks.md). Its arguments are positional, so each hook is
+/// used raw only when this kernel's BTF declares the arguments the program
+/// reads, in that order; otherwise (noted) the hook keeps its tracepoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one independent verdict per hook, read by name"
+)]
+pub struct RawTracepoints {
+    /// `(struct sock *sk, int oldstate, int newstate)`, and `sk_protocol`.
+    pub inet_sock_set_state: bool,
+    /// `(struct sock *sk)`.
+    pub tcp_destroy_sock: bool,
+    /// `(struct timer_list *timer, unsigned long expires, ...)`, and
+    /// `timer_list.function`.
+    pub timer_start: bool,
+    /// `(struct timer_list *timer, ...)`, and `timer_list.function`.
+    pub timer_expire_entry: bool,
+}
+
+impl RawTracepoints {
+    fn check(
+        kernel_btf: &btf::KernelBtf,
+        sock: &SockOffsets,
+        notes: &mut Vec<LayoutNote>,
+    ) -> Result<Self, btf::BtfError> {
+        use btf::RawArg::{Int, PointerTo};
+        let pointer = |name: &str| PointerTo(name.to_owned());
+        let int = Int {
+            size: 4,
+            signed: true,
+        };
+        let unsigned_long = Int {
+            size: 8,
+            signed: false,
+        };
+        let mut usable = |name: &str, expected: &[btf::RawArg], fields: &[(u16, &str)]| {
+            let found = kernel_btf.raw_tracepoint_args(name)?;
+            let why = match &found {
+                None => Some(format!("BTF has no btf_trace_{name}")),
+                Some(args) if !args.starts_with(expected) => Some(format!(
+                    "its arguments are ({}), not ({})",
+                    list(args),
+                    list(expected)
+                )),
+                Some(_) => fields
+                    .iter()
+                    .find(|(offset, _)| *offset == ka_common::ABSENT)
+                    .map(|(_, member)| format!("BTF member {member} is not usable")),
+            };
+            let Some(why) = why else {
+                return Ok::<bool, btf::BtfError>(true);
+            };
+            notes.push(LayoutNote::new(
+                format!("raw tracepoint {name}"),
+                format!("{why}; the hook uses its (slower) tracepoint"),
+            ));
+            Ok(false)
+        };
+        Ok(Self {
+            inet_sock_set_state: usable(
+                "inet_sock_set_state",
+                &[pointer("sock"), int.clone(), int],
+                &[(sock.sk_protocol, "sock.sk_protocol")],
+            )?,
+            tcp_destroy_sock: usable("tcp_destroy_sock", &[pointer("sock")], &[])?,
+            timer_start: usable(
+                "timer_start",
+                &[pointer("timer_list"), unsigned_long],
+                &[(sock.timer_function, "timer_list.function")],
+            )?,
+            timer_expire_entry: usable(
+                "timer_expire_entry",
+                &[pointer("timer_list")],
+                &[(sock.timer_function, "timer_list.function")],
+            )?,
+        })
+    }
+}
+
+impl RawTracepoints {
+    /// Stops using the raw tracepoint program of the hook whose program is
+    /// `program` (the kernel refused it).
+    pub fn forget(&mut self, program: &str) {
+        match program {
+            "inet_sock_set_state" => self.inet_sock_set_state = false,
+            "tcp_destroy_sock" => self.tcp_destroy_sock = false,
+            "timer_start" => self.timer_start = false,
+            "timer_expire_entry" => self.timer_expire_entry = false,
+            _ => {}
+        }
+    }
+}
+
+fn list(args: &[btf::RawArg]) -> String {
+    args.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reset reason names: from BTF `enum sk_rst_reason`, else from the
@@ -331,6 +442,16 @@ mod tests {
         assert!(!layout.kernel_release.is_empty());
         assert_ne!(layout.sock.keepalive_timer, ka_common::ABSENT);
         assert_ne!(layout.sock.sock_keepopen_bit, ka_common::ABSENT);
+        // Every kernel ka is tested on (5.6+, BTF) runs the hot hooks raw.
+        assert_eq!(
+            layout.raw,
+            RawTracepoints {
+                inet_sock_set_state: true,
+                tcp_destroy_sock: true,
+                timer_start: true,
+                timer_expire_entry: true,
+            }
+        );
         if layout
             .send_reset
             .is_some_and(|f| f.reason != ka_common::ABSENT)

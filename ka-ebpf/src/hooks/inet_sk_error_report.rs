@@ -51,7 +51,7 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
         (*event).family = family;
         (*event).sport = sport;
         (*event).dport = dport;
-        (*event).reserved = [0; 6];
+        emit::zero(&mut (*event).reserved);
     }
     emit::submit(entry);
     Some(())

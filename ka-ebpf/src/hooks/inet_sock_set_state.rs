@@ -4,8 +4,16 @@
 //! carry something the agent cannot learn later: the connection is up, the
 //! first FIN (who closed, idle before it), and the end. The states in
 //! between are the next event's `oldstate`, so the agent still knows them.
+//!
+//! Two programs, one attached: the raw tracepoint where this kernel's BTF
+//! declares the arguments it reads (no trace record is formatted for it),
+//! else the tracepoint; both hand the transition to [`on_state_change`].
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent, tcp_state};
 
 use super::{record, record_at};
@@ -18,6 +26,29 @@ static SET_STATE_FIELDS: Global<SetStateFields> = Global::new(SetStateFields::AB
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = try_inet_sock_set_state(&ctx);
     0
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state_raw(&ctx);
+    0
+}
+
+/// `(const struct sock *sk, const int oldstate, const int newstate)`,
+/// checked against BTF by the agent.
+fn try_inet_sock_set_state_raw(ctx: &RawTracePointContext) -> Option<()> {
+    let sk: u64 = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    // The arguments filter first, for free; the protocol costs a read.
+    if !needed(oldstate, newstate) {
+        emit::filtered(EventKind::StateChange);
+        return None;
+    }
+    if sock::protocol(sk as *const u8) != IPPROTO_TCP {
+        return None;
+    }
+    on_state_change(sk, oldstate, newstate)
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
@@ -49,13 +80,19 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         emit::filtered(EventKind::StateChange);
         return None;
     }
+    on_state_change(sk, oldstate, newstate)
+}
+
+/// Sends a transition the agent needs, with the socket as it is now.
+#[inline(always)]
+fn on_state_change(sk: u64, oldstate: i32, newstate: i32) -> Option<()> {
     let mut entry = emit::reserve::<StateChangeEvent>(EventKind::StateChange)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::StateChange);
-        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange);
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
@@ -65,7 +102,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
             (*event).oldstate = oldstate as u8;
             (*event).newstate = newstate as u8;
         }
-        (*event).reserved = [0; 6];
+        emit::zero(&mut (*event).reserved);
     }
     emit::submit(entry);
     Some(())

@@ -2,9 +2,14 @@
 //!
 //! A socket reaches CLOSE before it is freed, and that transition already
 //! told the agent everything; only a socket freed in another state (which
-//! the agent would otherwise keep as a stale record) is sent.
+//! the agent would otherwise keep as a stale record) is sent. The raw
+//! tracepoint program where BTF declares its argument, else the tracepoint.
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use ka_common::{DestroySockEvent, EventKind, SkRecordFields, tcp_state};
 
 use super::{record, record_at};
@@ -19,6 +24,12 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     0
 }
 
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock_raw(ctx: RawTracePointContext) -> u32 {
+    let _ = on_destroy(ctx.arg(0));
+    0
+}
+
 fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
     const USUAL: SkRecordFields = SkRecordFields::USUAL;
     let fields = DESTROY_SOCK_FIELDS.load();
@@ -27,6 +38,12 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
     } else {
         record::<u64>(ctx, fields.skaddr)?
     };
+    on_destroy(sk)
+}
+
+/// Sends the destruction of a socket that did not reach CLOSE.
+#[inline(always)]
+fn on_destroy(sk: u64) -> Option<()> {
     if sock::state(sk as *const u8) == tcp_state::CLOSE {
         emit::filtered(EventKind::DestroySock);
         return None;
@@ -37,7 +54,7 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::DestroySock);
-        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::DestroySock);
     }
     emit::submit(entry);
     Some(())

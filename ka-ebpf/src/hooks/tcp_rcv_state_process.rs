@@ -44,7 +44,7 @@ fn try_tcp_rcv_state_process(ctx: &ProbeContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::RcvStateProcess);
-        sock::snapshot(sk, &mut (*event).sock);
+        sock::snapshot(sk, &mut (*event).sock, EventKind::RcvStateProcess);
     }
     emit::submit(entry);
     Some(())

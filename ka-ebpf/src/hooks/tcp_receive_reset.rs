@@ -23,7 +23,7 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::ReceiveReset);
-        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::ReceiveReset);
     }
     emit::submit(entry);
     Some(())

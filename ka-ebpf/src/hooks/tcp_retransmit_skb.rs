@@ -26,7 +26,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::Retransmit);
-        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::Retransmit);
         (*event).err = err;
         (*event).reserved = 0;
     }

@@ -34,7 +34,7 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Option<()> {
             }
             (*event).has_sock = 0;
         } else {
-            sock::snapshot(sk as *const u8, &mut (*event).sock);
+            sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::SendReset);
             (*event).has_sock = 1;
         }
         (*event).reason = reason;

@@ -1,10 +1,16 @@
 //! `timer:timer_start`, kept only for a socket's keepalive timer being armed.
 //!
 //! This tracepoint fires for every timer in the kernel (tens of thousands a
-//! second under churn), so the function comparison comes first and alone, from a direct load of
-//! the record where its layout is the usual one.
+//! second under churn), so the function comparison comes first and alone:
+//! one read of the timer in the raw tracepoint program (attached where
+//! BTF declares its arguments; no trace record is formatted for it), else a
+//! direct load of the record where its layout is the usual one.
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use ka_common::{EventKind, KeepaliveArmedEvent, Stat, TimerFields};
 
 use super::{record, record_at};
@@ -17,6 +23,23 @@ static TIMER_START_FIELDS: Global<TimerFields> = Global::new(TimerFields::ABSENT
 pub fn timer_start(ctx: TracePointContext) -> u32 {
     let _ = try_timer_start(&ctx);
     0
+}
+
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn timer_start_raw(ctx: RawTracePointContext) -> u32 {
+    let _ = try_timer_start_raw(&ctx);
+    0
+}
+
+/// `(struct timer_list *timer, unsigned long expires, ...)`, checked
+/// against BTF by the agent.
+fn try_timer_start_raw(ctx: &RawTracePointContext) -> Option<()> {
+    let timer: u64 = ctx.arg(0);
+    let keepalive_fn = KEEPALIVE_TIMER_FN.load();
+    if sock::timer_function(timer as *const u8) != keepalive_fn || keepalive_fn == 0 {
+        return None;
+    }
+    on_keepalive_timer_start(timer, ctx.arg(1))
 }
 
 fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
@@ -32,7 +55,6 @@ fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
     if function != keepalive_fn || keepalive_fn == 0 {
         return None;
     }
-    emit::count(Stat::KeepaliveTimerHits as u32);
     let (timer, expires) = if usual {
         (
             record_at::<u64, { USUAL.timer as usize }>(ctx),
@@ -44,6 +66,13 @@ fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
             record::<u64>(ctx, fields.expires).unwrap_or(0),
         )
     };
+    on_keepalive_timer_start(timer, expires)
+}
+
+/// Sends the arming of a keepalive timer of a socket with `SO_KEEPALIVE`.
+#[inline(always)]
+fn on_keepalive_timer_start(timer: u64, expires: u64) -> Option<()> {
+    emit::count(Stat::KeepaliveTimerHits as u32);
     let sk = timer.wrapping_sub(u64::from(SOCK_OFFSETS.load().keepalive_timer));
     // The same timer is the FIN_WAIT2 timer of every closing socket; only a
     // socket with SO_KEEPALIVE can be probing.
@@ -57,7 +86,11 @@ fn try_timer_start(ctx: &TracePointContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::KeepaliveArmed);
-        sock::snapshot(sk as *const u8, &mut (*event).sock);
+        sock::snapshot(
+            sk as *const u8,
+            &mut (*event).sock,
+            EventKind::KeepaliveArmed,
+        );
         (*event).expires = expires;
     }
     emit::submit(entry);

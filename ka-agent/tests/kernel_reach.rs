@@ -47,7 +47,7 @@ fn line_of<'a>(report: &'a str, prefix: &str) -> &'a str {
 }
 
 /// One `ka-agent check` (a load costs ~20 s under software emulation):
-/// the kprobe, every tracepoint hook, and reset reasons.
+/// the kprobe, every tracepoint hook (the hot ones raw), and reset reasons.
 #[test]
 fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
     if !require_root("check_uses_what_the_kernel_has_and_reports_what_it_lacks") {
@@ -75,6 +75,19 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
             line.split_whitespace().nth(1),
             Some("attached"),
             "{line}\n{report}"
+        );
+    }
+    // The hot hooks run as raw tracepoints on every kernel of the matrix
+    // (5.6+ with BTF: the prototypes and sock.sk_protocol are there).
+    for hook in [
+        "sock:inet_sock_set_state",
+        "tcp:tcp_destroy_sock",
+        "timer:timer_start",
+        "timer:timer_expire_entry",
+    ] {
+        assert!(
+            line_of(&report, hook).ends_with("(raw tracepoint)"),
+            "{hook} runs raw:\n{report}"
         );
     }
     let reasons = line_of(&report, "reset reasons");

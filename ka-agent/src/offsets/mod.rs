@@ -504,6 +504,55 @@ mod tests {
     }
 
     #[test]
+    fn raw_tracepoints_fall_back_to_tracepoints_with_notes() {
+        let sock = SockOffsets {
+            sk_protocol: 84,
+            timer_function: 24,
+            ..SockOffsets::ABSENT
+        };
+        let usual = btf::KernelBtf::from_file(&fixtures().join("btf/sock-6.19.btf")).unwrap();
+        let mut notes = Vec::new();
+        let raw = RawTracepoints::check(&usual, &sock, &mut notes).unwrap();
+        assert!(
+            raw.inet_sock_set_state
+                && raw.tcp_destroy_sock
+                && raw.timer_start
+                && raw.timer_expire_entry
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+
+        // Without sock.sk_protocol the set_state program cannot filter.
+        let no_protocol = SockOffsets {
+            sk_protocol: ka_common::ABSENT,
+            ..sock
+        };
+        let raw = RawTracepoints::check(&usual, &no_protocol, &mut notes).unwrap();
+        assert!(!raw.inet_sock_set_state && raw.timer_start);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].reason.contains("sock.sk_protocol"), "{notes:?}");
+
+        // Other prototypes, or none: each hook keeps its tracepoint.
+        let other = btf::KernelBtf::from_file(&fixtures().join("btf/raw-other.btf")).unwrap();
+        let mut notes = Vec::new();
+        let raw = RawTracepoints::check(&other, &sock, &mut notes).unwrap();
+        assert_eq!(raw, RawTracepoints::default());
+        let shown: Vec<String> = notes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "raw tracepoint inet_sock_set_state: its arguments are (struct sock *, s64, s32), \
+                 not (struct sock *, s32, s32); the hook uses its (slower) tracepoint",
+                "raw tracepoint tcp_destroy_sock: BTF has no btf_trace_tcp_destroy_sock; the hook \
+                 uses its (slower) tracepoint",
+                "raw tracepoint timer_start: its arguments are (u64, struct timer_list *), not \
+                 (struct timer_list *, u64); the hook uses its (slower) tracepoint",
+                "raw tracepoint timer_expire_entry: BTF has no btf_trace_timer_expire_entry; the \
+                 hook uses its (slower) tracepoint",
+            ]
+        );
+    }
+
+    #[test]
     fn malformed_tracefs_and_btf_are_bad_input() {
         let Some(live) = live_sources() else {
             return;

@@ -219,7 +219,8 @@ pub struct SockOffsets {
     /// Bit number of `SOCK_KEEPOPEN` in `sk_flags` (`enum sock_flags`).
     pub sock_keepopen_bit: u16,
     /// `sock.sk_protocol`, a plain `u16` (5.6+; before, a bitfield, left
-    /// absent): the raw `inet_sock_set_state` program's protocol filter.
+    /// absent): the raw `inet_sock_set_state` program's protocol filter,
+    /// read from the snapshot's copy.
     pub sk_protocol: u16,
     /// `timer_list.function`: the raw timer programs' filter.
     pub timer_function: u16,
@@ -262,20 +263,25 @@ impl SockOffsets {
     };
 }
 
-/// Bytes one [`Span`] copies at most.
-pub const SPAN_BYTES: u16 = 128;
+/// Bytes one [`Span`] copies at most. Large: a helper call costs more here
+/// than copying a few hundred bytes more (docs/benchmarks.md), so fields up
+/// to this far apart share a span.
+pub const SPAN_BYTES: u16 = 512;
 /// Spans of `sock_common` (readable in every kind of socket).
 pub const COMMON_SPANS: usize = 2;
 /// Spans of the full socket (`sock`, `inet_connection_sock`, `tcp_sock`).
-pub const FULL_SPANS: usize = 10;
+pub const FULL_SPANS: usize = 8;
 /// Spans of the socket's `struct net`.
 pub const NET_SPANS: usize = 2;
-/// Size of the per-CPU copy the spans land in: one [`SPAN_BYTES`] slot per
-/// span, rounded up to a power of two so a mask bounds every position for
-/// the verifier, plus room for the widest field read at the last position.
-pub const SOCK_COPY_BYTES: usize = 2048 + 16;
-/// Mask applied to positions in the copy (see [`SOCK_COPY_BYTES`]).
-pub const SOCK_COPY_MASK: u16 = 2047;
+/// Bytes of the per-CPU copy the spans are packed into, one after the other;
+/// a power of two, so a mask bounds every span start and field position for
+/// the verifier.
+pub const SOCK_COPY_AREA: u16 = 2048;
+/// Mask applied to span starts and positions in the copy.
+pub const SOCK_COPY_MASK: u16 = SOCK_COPY_AREA - 1;
+/// Size of the per-CPU copy: the area, plus room for a whole span starting
+/// at its last byte (what the verifier must allow for a masked start).
+pub const SOCK_COPY_BYTES: usize = SOCK_COPY_AREA as usize + SPAN_BYTES as usize;
 
 /// A run of bytes a program copies with one helper call.
 #[repr(C)]
@@ -285,6 +291,8 @@ pub struct Span {
     pub offset: u16,
     /// Length in bytes (at most [`SPAN_BYTES`]; 0 = unused).
     pub len: u16,
+    /// Where it lands in the copy (8-byte aligned, below [`SOCK_COPY_AREA`]).
+    pub to: u16,
 }
 
 /// How the programs read a socket: a few spans copied into a per-CPU
@@ -293,8 +301,7 @@ pub struct Span {
 /// Reading each field with its own `bpf_probe_read_kernel` cost ~25 helper
 /// calls per event; the fields the programs read cluster in a handful of
 /// places, so the agent groups them at start-up (from the BTF offsets in
-/// [`SockOffsets`]) into spans. Span `i` of `common`, `full`, `net` lands in
-/// slot `i`, `COMMON_SPANS + i`, `COMMON_SPANS + FULL_SPANS + i` of the copy.
+/// [`SockOffsets`]) into spans, packed one after the other in the copy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockCopyPlan {
@@ -303,16 +310,29 @@ pub struct SockCopyPlan {
     pub net: [Span; NET_SPANS],
     /// Each field's position in the copy, under the field's name; [`ABSENT`]
     /// for a field this kernel lacks and for those the programs read
-    /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`).
+    /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`,
+    /// `timer_function`).
     /// `sock_keepopen_bit` is the bit number itself, as in [`SockOffsets`].
     pub at: SockOffsets,
 }
 
 impl SockCopyPlan {
     pub const ABSENT: Self = Self {
-        common: [Span { offset: 0, len: 0 }; COMMON_SPANS],
-        full: [Span { offset: 0, len: 0 }; FULL_SPANS],
-        net: [Span { offset: 0, len: 0 }; NET_SPANS],
+        common: [Span {
+            offset: 0,
+            len: 0,
+            to: 0,
+        }; COMMON_SPANS],
+        full: [Span {
+            offset: 0,
+            len: 0,
+            to: 0,
+        }; FULL_SPANS],
+        net: [Span {
+            offset: 0,
+            len: 0,
+            to: 0,
+        }; NET_SPANS],
         at: SockOffsets::ABSENT,
     };
 }
@@ -324,12 +344,12 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<SockOffsets>() == 64);
-const _: () = assert!(size_of::<Span>() == 4);
+const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
-    assert!(size_of::<SockCopyPlan>() == 4 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 64);
-const _: () = assert!(
-    (COMMON_SPANS + FULL_SPANS + NET_SPANS) * SPAN_BYTES as usize <= SOCK_COPY_MASK as usize + 1
-);
+    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 64);
+const _: () = assert!(SOCK_COPY_AREA.is_power_of_two());
+// The widest field read at the last position stays inside the copy.
+const _: () = assert!(SPAN_BYTES >= 16);
 
 #[cfg(feature = "user")]
 mod pod {

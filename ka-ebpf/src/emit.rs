@@ -27,17 +27,16 @@ pub fn count(slot: u32) {
 
 /// Reserves an event of type `T` or counts it as lost.
 ///
-/// The reservation is tested for null once, each branch counting on its
-/// own: a second test of the same pointer (a merged count, then the `?`)
-/// is a leaked reference to 6.1's verifier, which does not know a reserved
-/// pointer it already tested is not null ("Unreleased reference").
+/// The reservation is tested for null once: a second test of the same
+/// pointer (a merged count, then the `?`) is a leaked reference to 6.1's
+/// verifier, which does not know a reserved pointer it already tested is
+/// not null ("Unreleased reference").
 #[inline(always)]
 pub fn reserve<T: 'static>(kind: EventKind) -> Option<RingBufEntry<T>> {
     let Some(entry) = EVENTS.reserve::<T>(0) else {
         count(Stat::lost(kind));
         return None;
     };
-    count(Stat::submitted(kind));
     Some(entry)
 }
 
@@ -47,18 +46,48 @@ pub fn filtered(kind: EventKind) {
     count(Stat::filtered(kind));
 }
 
+/// Gives a reserved event back, counted as filtered: what only the
+/// snapshot could tell (the raw `inet_sock_set_state`'s protocol).
+#[inline(always)]
+pub fn discard<T>(entry: RingBufEntry<T>, kind: EventKind) {
+    entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+    filtered(kind);
+}
+
+/// Every how many events of a kind a CPU looks at the ring's fill level.
+const QUERY_EVERY: u64 = 16;
+
 /// Submits an event without waking the agent, unless the ring buffer holds
 /// more than `WAKEUP_BYTES`: the agent drains on a short timer, and a wake-up
 /// per event (an `irq_work` and a task wake-up) cost more than the program.
+///
+/// The fill level (a helper call) is looked at every `QUERY_EVERY`th event
+/// of a kind on a CPU: a few KiB late at worst, against a threshold of a
+/// quarter of the ring; the high-water mark is sampled the same way.
 #[inline(always)]
-pub fn submit<T>(entry: RingBufEntry<T>) {
+pub fn submit<T>(entry: RingBufEntry<T>, kind: EventKind) {
+    let Some(submitted) = STATS.get_ptr_mut(Stat::submitted(kind)) else {
+        entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+        return;
+    };
+    // SAFETY: a per-CPU slot from a successful lookup, an aligned u64 only
+    // this CPU's programs touch; its kind is this program's alone (see
+    // `count`).
+    let seen = unsafe {
+        *submitted += 1;
+        *submitted
+    };
+    if !seen.is_multiple_of(QUERY_EVERY) {
+        entry.submit(u64::from(BPF_RB_NO_WAKEUP));
+        return;
+    }
     let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
     if let Some(high) = STATS.get_ptr_mut(Stat::RingHighWater as u32) {
         // SAFETY: a per-CPU slot from a successful lookup, an aligned u64
         // touched only by this CPU's programs (the agent only reads and
         // zeroes). A program interrupting this one between the compare and
         // the store can have its larger mark overwritten: a mark, not a
-        // count, and the next submit sees the ring again.
+        // count, and the next look at the ring sees it again.
         unsafe {
             if waiting > *high {
                 *high = waiting;

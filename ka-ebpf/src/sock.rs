@@ -4,9 +4,9 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, generated};
 use ka_common::{
-    ABSENT, AF_INET, AF_INET6, COMMON_SPANS, EventKind, FULL_SPANS, SNAP_CNT_FROM_SOCKET,
-    SNAP_IDLE_FROM_SOCKET, SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON,
-    SOCK_COPY_MASK, SPAN_BYTES, SockOffsets, SockSnapshot, Span, Stat, tcp_state,
+    ABSENT, AF_INET, AF_INET6, EventKind, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET,
+    SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SOCK_COPY_MASK, SPAN_BYTES,
+    SockOffsets, SockSnapshot, Span, Stat, tcp_state,
 };
 
 use crate::{
@@ -47,13 +47,6 @@ pub fn state(sk: *const u8) -> u8 {
     field::<u8>(sk, SOCK_OFFSETS.load().skc_state)
 }
 
-/// The socket's protocol (`sk_protocol`; zero where the agent found it
-/// unusable, which keeps the raw program that needs it unattached).
-#[inline(always)]
-pub fn protocol(sk: *const u8) -> u16 {
-    field::<u16>(sk, SOCK_OFFSETS.load().sk_protocol)
-}
-
 /// The callback of a `timer_list`.
 #[inline(always)]
 pub fn timer_function(timer: *const u8) -> u64 {
@@ -68,31 +61,27 @@ pub fn keepalive_on(sk: *const u8) -> bool {
         && field::<u64>(sk, off.sk_flags) & (1u64 << off.sock_keepopen_bit) != 0
 }
 
-/// Copies `spans` of the structure at `base` into the copy's slots from
-/// `first_slot` on: one helper call per span instead of one per field. A
-/// failed copy is counted; the helper zeroes its destination, so the
-/// fields in it read as zero rather than as a previous socket's.
+/// Copies `spans` of the structure at `base` into the copy, each where the
+/// plan packed it: one helper call per span instead of one per field. A
+/// failed copy is counted; the helper zeroes its destination, so the fields
+/// in it read as zero rather than as a previous socket's.
 #[inline(always)]
-fn copy_spans<const N: usize>(
-    copy: *mut u8,
-    first_slot: usize,
-    base: *const u8,
-    spans: &[Span; N],
-) {
-    for (i, span) in spans.iter().enumerate() {
+fn copy_spans<const N: usize>(copy: *mut u8, base: *const u8, spans: &[Span; N]) {
+    for span in spans {
         // The agent fills spans in order; the first unused one ends them.
         if span.len == 0 {
             break;
         }
         let len = span.len.min(SPAN_BYTES);
-        let slot = copy.wrapping_add((first_slot + i) * usize::from(SPAN_BYTES));
-        // SAFETY: the destination is slot `first_slot + i` of the per-CPU
-        // copy, which has room for every slot (asserted in ka-common), and
-        // `len` is at most one slot; bpf_probe_read_kernel validates the
-        // source itself and fails cleanly on an unmapped address.
+        let to = copy.wrapping_add(usize::from(span.to & SOCK_COPY_MASK));
+        // SAFETY: the destination starts below SOCK_COPY_AREA in the
+        // per-CPU copy, which has SPAN_BYTES more room than that (sized in
+        // ka-common), and `len` is at most SPAN_BYTES;
+        // bpf_probe_read_kernel validates the source itself and fails
+        // cleanly on an unmapped address.
         let ret = unsafe {
             generated::bpf_probe_read_kernel(
-                slot.cast(),
+                to.cast(),
                 u32::from(len),
                 base.wrapping_add(usize::from(span.offset)).cast(),
             )
@@ -123,22 +112,26 @@ fn at<T: Copy + Default>(copy: *const u8, position: u16) -> T {
 /// the slot of the event's kind: raw tracepoint programs can interrupt
 /// other programs on the same CPU (only a program's own runs exclude each
 /// other), so each program has a copy of its own.
+///
+/// Returns the socket's protocol (`sk_protocol`; zero when it is not a full
+/// socket or the field was not copied).
 #[inline(always)]
-pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) {
+pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
     clear(out);
     out.sk = sk as u64;
     // SAFETY: helper without preconditions.
     out.jiffies = unsafe { bpf_jiffies64() };
     let Some(copy) = SOCK_COPY.get_ptr_mut(kind as u32) else {
         out.flags = SNAP_INCOMPLETE;
-        return;
+        return 0;
     };
     let copy = copy.cast::<u8>();
     let at_: SockOffsets = SOCK_COPY_AT.load();
     let mut complete = true;
     let mut flags = 0u8;
+    let mut protocol = 0u16;
 
-    copy_spans(copy, 0, sk, &SOCK_COPY_COMMON.load());
+    copy_spans(copy, sk, &SOCK_COPY_COMMON.load());
     out.family = at::<u16>(copy, at_.skc_family);
     out.state = at::<u8>(copy, at_.skc_state);
     out.sport = at::<u16>(copy, at_.skc_num);
@@ -155,14 +148,15 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) {
     if net.is_null() {
         complete = false;
     } else {
-        copy_spans(copy, COMMON_SPANS + FULL_SPANS, net, &SOCK_COPY_NET.load());
+        copy_spans(copy, net, &SOCK_COPY_NET.load());
         out.netns = at::<u32>(copy, at_.net_ns_inum);
     }
 
     // Time-wait and request sockets are not a full `struct sock`: only
     // `sock_common` may be read from them.
     if out.state != tcp_state::TIME_WAIT && out.state != tcp_state::NEW_SYN_RECV {
-        copy_spans(copy, COMMON_SPANS, sk, &SOCK_COPY_FULL.load());
+        copy_spans(copy, sk, &SOCK_COPY_FULL.load());
+        protocol = at::<u16>(copy, at_.sk_protocol);
         let bit = at_.sock_keepopen_bit;
         if bit < 64 && at::<u64>(copy, at_.sk_flags) & (1u64 << bit) != 0 {
             flags |= SNAP_KEEPALIVE_ON;
@@ -210,6 +204,7 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) {
         flags |= SNAP_INCOMPLETE;
     }
     out.flags = flags;
+    protocol
 }
 
 /// Zeroes a snapshot: ring-buffer slots are not zeroed by the kernel, and

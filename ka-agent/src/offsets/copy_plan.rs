@@ -2,7 +2,8 @@
 //! with one helper call (see [`SockCopyPlan`]).
 
 use ka_common::{
-    ABSENT, COMMON_SPANS, FULL_SPANS, NET_SPANS, SPAN_BYTES, SockCopyPlan, SockOffsets, Span,
+    ABSENT, COMMON_SPANS, FULL_SPANS, NET_SPANS, SOCK_COPY_AREA, SPAN_BYTES, SockCopyPlan,
+    SockOffsets, Span,
 };
 
 /// Where a field lives, which decides when the programs may read it.
@@ -24,15 +25,6 @@ impl Group {
             Self::Net => NET_SPANS,
         }
     }
-
-    /// The copy slot of this group's first span.
-    const fn first_slot(self) -> usize {
-        match self {
-            Self::Common => 0,
-            Self::Full => COMMON_SPANS,
-            Self::Net => COMMON_SPANS + FULL_SPANS,
-        }
-    }
 }
 
 /// One field the programs read: its name, group, size in bytes (the type
@@ -48,7 +40,7 @@ struct Field<'a> {
 
 /// Every field the programs read from the copy, with `at` as where its
 /// position goes.
-fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 26] {
+fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 27] {
     let SockOffsets {
         skc_family,
         skc_state,
@@ -82,8 +74,8 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 26]
         skb_dev: _,
         dev_nd_net: _,
         sock_keepopen_bit: _,
-        // Read directly, by the raw programs' filters.
-        sk_protocol: _,
+        sk_protocol,
+        // Read directly, by the raw timer programs' filter.
         timer_function: _,
     } = *offsets;
     macro_rules! fields {
@@ -120,6 +112,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 26]
         Full 4 tp_rcv_tstamp,
         Full 4 tp_lsndtime,
         Full 4 tp_packets_out,
+        Full 2 sk_protocol,
         Net 4 net_ns_inum,
         Net 4 net_keepalive_time,
         Net 4 net_keepalive_intvl,
@@ -135,16 +128,22 @@ pub fn plan(offsets: &SockOffsets) -> (SockCopyPlan, Vec<&'static str>) {
     let mut fields = fields(offsets, &mut plan.at);
     fields.sort_by_key(|f| f.offset);
     let mut unplaced = Vec::new();
+    // Where the next span lands in the copy: spans are packed in order.
+    let mut to: u16 = 0;
     for (group, spans) in [
         (Group::Common, &mut plan.common[..]),
         (Group::Full, &mut plan.full[..]),
         (Group::Net, &mut plan.net[..]),
     ] {
+        // Each field in the last span if it still fits there, else in a new
+        // span starting at it (8-byte aligned, which keeps every field as
+        // aligned in the copy as in the socket).
+        let mut span_of = Vec::new();
         let mut used = 0;
-        for field in fields
-            .iter_mut()
-            .filter(|f| f.group == group && f.offset != ABSENT)
-        {
+        for (index, field) in fields.iter().enumerate() {
+            if field.group != group || field.offset == ABSENT {
+                continue;
+            }
             let end = field.offset + field.size;
             let fits_last = used > 0 && end - spans[used - 1].offset <= SPAN_BYTES;
             if !fits_last {
@@ -152,18 +151,38 @@ pub fn plan(offsets: &SockOffsets) -> (SockCopyPlan, Vec<&'static str>) {
                     unplaced.push(field.name);
                     continue;
                 }
-                // Span starts 8-byte aligned keep every field as aligned in
-                // the copy as it is in the socket.
-                spans[used] = Span {
-                    offset: field.offset & !7,
-                    len: 0,
-                };
+                spans[used].offset = field.offset & !7;
                 used += 1;
             }
             let span = &mut spans[used - 1];
             span.len = span.len.max(end - span.offset);
-            let slot = u16::try_from(group.first_slot() + used - 1).unwrap_or(u16::MAX);
-            *field.position = slot * SPAN_BYTES + (field.offset - span.offset);
+            span_of.push((index, used - 1));
+        }
+        // Pack the spans; one that no longer fits the copy is dropped with
+        // its fields.
+        let mut packed = vec![true; used];
+        for (span, fits) in spans.iter_mut().take(used).zip(&mut packed) {
+            if to + span.len > SOCK_COPY_AREA {
+                *fits = false;
+                *span = Span::default();
+                continue;
+            }
+            span.to = to;
+            to = (to + span.len).next_multiple_of(8);
+        }
+        // A dropped span would end the programs' copying early: close gaps.
+        let kept: Vec<Span> = spans.iter().copied().filter(|s| s.len > 0).collect();
+        for (index, span_index) in span_of {
+            let field = &mut fields[index];
+            if !packed[span_index] {
+                unplaced.push(field.name);
+                continue;
+            }
+            let span = spans[span_index];
+            *field.position = span.to + (field.offset - span.offset);
+        }
+        for (slot, span) in spans.iter_mut().enumerate() {
+            *span = kept.get(slot).copied().unwrap_or_default();
         }
     }
     // Not a position: the snapshot tests this bit of `sk_flags` in the copy,
@@ -183,14 +202,14 @@ mod tests {
     fn copy(plan: &SockCopyPlan, sock: &[u8], net: &[u8]) -> Vec<u8> {
         let mut copy = vec![0u8; SOCK_COPY_BYTES];
         let groups = [
-            (&plan.common[..], Group::Common, sock),
-            (&plan.full[..], Group::Full, sock),
-            (&plan.net[..], Group::Net, net),
+            (&plan.common[..], sock),
+            (&plan.full[..], sock),
+            (&plan.net[..], net),
         ];
-        for (spans, group, source) in groups {
-            for (i, span) in spans.iter().enumerate() {
+        for (spans, source) in groups {
+            for span in spans {
                 let (from, len) = (usize::from(span.offset), usize::from(span.len));
-                let to = (group.first_slot() + i) * usize::from(SPAN_BYTES);
+                let to = usize::from(span.to & SOCK_COPY_MASK);
                 copy[to..to + len].copy_from_slice(&source[from..from + len]);
             }
         }
@@ -240,6 +259,7 @@ mod tests {
         assert!(checked >= 20, "only {checked} fields checked");
         for span in plan.common.iter().chain(&plan.full).chain(&plan.net) {
             assert!(span.len <= SPAN_BYTES);
+            assert!(span.to.is_multiple_of(8) && span.to + span.len <= SOCK_COPY_AREA);
         }
     }
 
@@ -278,7 +298,8 @@ mod tests {
     fn scattered_fields_beyond_the_spans_are_left_out_not_misplaced() {
         let mut offsets = SockOffsets::ABSENT;
         offsets.skc_family = 16;
-        // Eleven full-socket fields each 200 bytes apart need eleven spans.
+        // Ten full-socket fields each 600 bytes apart need ten spans; the
+        // programs copy eight.
         let mut next = 300;
         for f in [
             &mut offsets.sk_flags,
@@ -291,23 +312,53 @@ mod tests {
             &mut offsets.tp_keepalive_intvl,
             &mut offsets.tp_keepalive_probes,
             &mut offsets.tp_rcv_tstamp,
-            &mut offsets.tp_lsndtime,
         ] {
             *f = next;
-            next += 200;
+            next += 600;
         }
         let (plan, unplaced) = plan(&offsets);
-        assert_eq!(unplaced, vec!["tp_lsndtime"]);
-        assert_eq!(plan.at.tp_lsndtime, ABSENT);
+        assert_eq!(unplaced, vec!["tp_keepalive_probes", "tp_rcv_tstamp"]);
+        assert_eq!(plan.at.tp_rcv_tstamp, ABSENT);
+        // Spans start at their first field (8-byte aligned) and are packed
+        // in order: sock_common's 2 bytes at 0, then 8-byte steps.
+        assert_eq!(plan.at.skc_family, 0);
         assert_eq!(
-            plan.full[FULL_SPANS - 1],
+            plan.full[0],
             Span {
-                offset: 2096,
-                len: 8
+                offset: 296,
+                len: 12,
+                to: 8
             }
         );
-        // A span starts at its first field (8-byte aligned), in slot 0.
-        assert_eq!(plan.at.skc_family, 0);
-        assert_eq!(plan.at.sk_flags, 2 * SPAN_BYTES + 4);
+        assert_eq!(plan.at.sk_flags, 8 + 4);
+        assert_eq!(plan.full[FULL_SPANS - 1].offset, 300 + 7 * 600 - 4);
+    }
+
+    #[test]
+    fn spans_beyond_the_copy_are_left_out_not_misplaced() {
+        let mut offsets = SockOffsets::ABSENT;
+        offsets.skc_family = 16;
+        // Five spans of 504 bytes (two fields 500 apart each): four fit the
+        // 2048-byte copy after sock_common's.
+        let pairs = [
+            (&mut offsets.sk_flags, &mut offsets.sk_err),
+            (&mut offsets.icsk_probes_out, &mut offsets.icsk_user_timeout),
+            (
+                &mut offsets.icsk_ack_lrcvtime,
+                &mut offsets.tp_keepalive_time,
+            ),
+            (&mut offsets.tp_keepalive_intvl, &mut offsets.tp_rcv_tstamp),
+            (&mut offsets.tp_lsndtime, &mut offsets.tp_packets_out),
+        ];
+        for (index, (first, second)) in pairs.into_iter().enumerate() {
+            let start = 1000 + 1000 * u16::try_from(index).unwrap();
+            (*first, *second) = (start, start + 500);
+        }
+        let (plan, unplaced) = plan(&offsets);
+        assert_eq!(unplaced, vec!["tp_lsndtime", "tp_packets_out"]);
+        assert_eq!(plan.full[4], Span::default());
+        let last = plan.full[3];
+        assert!(last.to + last.len <= SOCK_COPY_AREA, "{plan:?}");
+        assert_eq!(plan.at.tp_rcv_tstamp, last.to + 500);
     }
 }

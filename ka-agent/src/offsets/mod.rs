@@ -243,7 +243,7 @@ impl KernelLayout {
                 "absent; keepalive timer hooks unavailable",
             ));
         }
-        let raw = RawTracepoints::check(&kernel_btf, &sock, &mut notes)?;
+        let raw = RawTracepoints::check(&kernel_btf, &sock, &sock_copy, &mut notes)?;
         let kernel_release = kernel::kernel_release();
         let hz = kernel::config_hz(&kernel_release)?;
         Ok(Self {
@@ -281,7 +281,8 @@ impl KernelLayout {
     reason = "one independent verdict per hook, read by name"
 )]
 pub struct RawTracepoints {
-    /// `(struct sock *sk, int oldstate, int newstate)`, and `sk_protocol`.
+    /// `(struct sock *sk, int oldstate, int newstate)`, and `sk_protocol`
+    /// in the snapshot's copy.
     pub inet_sock_set_state: bool,
     /// `(struct sock *sk)`.
     pub tcp_destroy_sock: bool,
@@ -296,6 +297,7 @@ impl RawTracepoints {
     fn check(
         kernel_btf: &btf::KernelBtf,
         sock: &SockOffsets,
+        sock_copy: &SockCopyPlan,
         notes: &mut Vec<LayoutNote>,
     ) -> Result<Self, btf::BtfError> {
         use btf::RawArg::{Int, PointerTo};
@@ -320,7 +322,7 @@ impl RawTracepoints {
                 Some(_) => fields
                     .iter()
                     .find(|(offset, _)| *offset == ka_common::ABSENT)
-                    .map(|(_, member)| format!("BTF member {member} is not usable")),
+                    .map(|(_, member)| format!("{member} is not usable")),
             };
             let Some(why) = why else {
                 return Ok::<bool, btf::BtfError>(true);
@@ -335,7 +337,8 @@ impl RawTracepoints {
             inet_sock_set_state: usable(
                 "inet_sock_set_state",
                 &[pointer("sock"), int.clone(), int],
-                &[(sock.sk_protocol, "sock.sk_protocol")],
+                // Read from the snapshot's copy.
+                &[(sock_copy.at.sk_protocol, "sock.sk_protocol")],
             )?,
             tcp_destroy_sock: usable("tcp_destroy_sock", &[pointer("sock")], &[])?,
             timer_start: usable(
@@ -510,9 +513,10 @@ mod tests {
             timer_function: 24,
             ..SockOffsets::ABSENT
         };
+        let (copy, _) = copy_plan::plan(&sock);
         let usual = btf::KernelBtf::from_file(&fixtures().join("btf/sock-6.19.btf")).unwrap();
         let mut notes = Vec::new();
-        let raw = RawTracepoints::check(&usual, &sock, &mut notes).unwrap();
+        let raw = RawTracepoints::check(&usual, &sock, &copy, &mut notes).unwrap();
         assert!(
             raw.inet_sock_set_state
                 && raw.tcp_destroy_sock
@@ -526,7 +530,9 @@ mod tests {
             sk_protocol: ka_common::ABSENT,
             ..sock
         };
-        let raw = RawTracepoints::check(&usual, &no_protocol, &mut notes).unwrap();
+        let (no_protocol_copy, _) = copy_plan::plan(&no_protocol);
+        let raw =
+            RawTracepoints::check(&usual, &no_protocol, &no_protocol_copy, &mut notes).unwrap();
         assert!(!raw.inet_sock_set_state && raw.timer_start);
         assert_eq!(notes.len(), 1);
         assert!(notes[0].reason.contains("sock.sk_protocol"), "{notes:?}");
@@ -534,7 +540,7 @@ mod tests {
         // Other prototypes, or none: each hook keeps its tracepoint.
         let other = btf::KernelBtf::from_file(&fixtures().join("btf/raw-other.btf")).unwrap();
         let mut notes = Vec::new();
-        let raw = RawTracepoints::check(&other, &sock, &mut notes).unwrap();
+        let raw = RawTracepoints::check(&other, &sock, &copy, &mut notes).unwrap();
         assert_eq!(raw, RawTracepoints::default());
         let shown: Vec<String> = notes.iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -53,6 +53,6 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
         (*event).dport = dport;
         emit::zero(&mut (*event).reserved);
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::ErrorReport);
     Some(())
 }

@@ -40,15 +40,22 @@ fn try_inet_sock_set_state_raw(ctx: &RawTracePointContext) -> Option<()> {
     let sk: u64 = ctx.arg(0);
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
-    // The arguments filter first, for free; the protocol costs a read.
     if !needed(oldstate, newstate) {
         emit::filtered(EventKind::StateChange);
         return None;
     }
-    if sock::protocol(sk as *const u8) != IPPROTO_TCP {
-        return None;
-    }
-    on_state_change(sk, oldstate, newstate)
+    // Other protocols (SCTP, MPTCP) change state here too, rarely; the
+    // protocol comes with the snapshot instead of a read of its own.
+    on_state_change(sk, oldstate, newstate, Protocol::FromSnapshot)
+}
+
+/// Where the protocol of a transition is known from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// The tracepoint record said TCP.
+    Tcp,
+    /// Only the snapshot tells; not TCP means the event is discarded.
+    FromSnapshot,
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
@@ -80,19 +87,18 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         emit::filtered(EventKind::StateChange);
         return None;
     }
-    on_state_change(sk, oldstate, newstate)
+    on_state_change(sk, oldstate, newstate, Protocol::Tcp)
 }
 
 /// Sends a transition the agent needs, with the socket as it is now.
 #[inline(always)]
-fn on_state_change(sk: u64, oldstate: i32, newstate: i32) -> Option<()> {
+fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) -> Option<()> {
     let mut entry = emit::reserve::<StateChangeEvent>(EventKind::StateChange)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size
     // and alignment that only this program writes until it is submitted.
-    unsafe {
+    let snapshot_protocol = unsafe {
         (*event).header = emit::header(EventKind::StateChange);
-        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange);
         #[expect(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
@@ -103,8 +109,13 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32) -> Option<()> {
             (*event).newstate = newstate as u8;
         }
         emit::zero(&mut (*event).reserved);
+        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange)
+    };
+    if protocol == Protocol::FromSnapshot && snapshot_protocol != IPPROTO_TCP {
+        emit::discard(entry, EventKind::StateChange);
+        return None;
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::StateChange);
     Some(())
 }
 

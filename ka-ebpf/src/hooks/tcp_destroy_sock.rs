@@ -56,6 +56,6 @@ fn on_destroy(sk: u64) -> Option<()> {
         (*event).header = emit::header(EventKind::DestroySock);
         sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::DestroySock);
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::DestroySock);
     Some(())
 }

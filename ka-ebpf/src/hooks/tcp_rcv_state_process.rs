@@ -46,6 +46,6 @@ fn try_tcp_rcv_state_process(ctx: &ProbeContext) -> Option<()> {
         (*event).header = emit::header(EventKind::RcvStateProcess);
         sock::snapshot(sk, &mut (*event).sock, EventKind::RcvStateProcess);
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::RcvStateProcess);
     Some(())
 }

@@ -25,6 +25,6 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Option<()> {
         (*event).header = emit::header(EventKind::ReceiveReset);
         sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::ReceiveReset);
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::ReceiveReset);
     Some(())
 }

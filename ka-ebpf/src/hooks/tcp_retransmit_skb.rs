@@ -30,6 +30,6 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Option<()> {
         (*event).err = err;
         (*event).reserved = 0;
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::Retransmit);
     Some(())
 }

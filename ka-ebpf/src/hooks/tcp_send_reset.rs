@@ -39,6 +39,6 @@ fn try_tcp_send_reset(ctx: &TracePointContext) -> Option<()> {
         }
         (*event).reason = reason;
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::SendReset);
     Some(())
 }

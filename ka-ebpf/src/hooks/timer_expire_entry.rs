@@ -84,6 +84,6 @@ fn on_keepalive_timer_expiry(timer: u64) -> Option<()> {
             EventKind::KeepaliveFired,
         );
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::KeepaliveFired);
     Some(())
 }

@@ -93,6 +93,6 @@ fn on_keepalive_timer_start(timer: u64, expires: u64) -> Option<()> {
         );
         (*event).expires = expires;
     }
-    emit::submit(entry);
+    emit::submit(entry, EventKind::KeepaliveArmed);
     Some(())
 }

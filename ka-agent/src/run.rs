@@ -181,6 +181,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut evictions_seen = 0u64;
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
+    let mut lost_seen = 0u64;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut sigint =
@@ -206,9 +207,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 );
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
-                if bpf_stats.is_some() {
-                    program_stats.update(&probes, &metrics);
+                let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
+                let lost = stats.lost();
+                if missed > 0 || lost > lost_seen {
+                    // A close may have gone unseen: the inventory finds the
+                    // connections that are gone and closes them.
+                    inventory.request_now();
                 }
+                lost_seen = lost;
                 if tick_count.is_multiple_of(60) {
                     metrics.expire_series();
                 }
@@ -362,7 +368,12 @@ fn recursion_misses_in(fdinfo: &str) -> Option<u64> {
 }
 
 impl ProgramStats {
-    fn update(&mut self, probes: &Probes, metrics: &Metrics) {
+    /// Exports what changed since the last call (run counts and times only
+    /// `with_run_stats`, when the kernel keeps them); returns the runs of
+    /// `inet_sock_set_state` skipped since then, whose close events are
+    /// lost.
+    fn update(&mut self, probes: &Probes, metrics: &Metrics, with_run_stats: bool) -> u64 {
+        let mut missed_state_changes = 0;
         for (hook, status) in &probes.hooks {
             if !status.is_attached() {
                 continue;
@@ -376,11 +387,18 @@ impl ProgramStats {
             let (runs, time) = (info.run_count(), info.run_time());
             let misses = recursion_misses(program).unwrap_or(0);
             let (seen_runs, seen_time, seen_misses) = self.seen.entry(hook.program()).or_default();
+            let new_misses = misses.saturating_sub(*seen_misses);
             metrics
                 .program_misses
                 .with_label_values(&[hook.program()])
-                .inc_by(misses.saturating_sub(*seen_misses));
+                .inc_by(new_misses);
             *seen_misses = misses;
+            if *hook == crate::loader::Hook::InetSockSetState {
+                missed_state_changes += new_misses;
+            }
+            if !with_run_stats {
+                continue;
+            }
             metrics
                 .program_runs
                 .with_label_values(&[hook.program()])
@@ -392,6 +410,7 @@ impl ProgramStats {
             *seen_runs = runs;
             *seen_time = time;
         }
+        missed_state_changes
     }
 }
 

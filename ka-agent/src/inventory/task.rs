@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
     time::{Duration, Instant},
 };
 
@@ -28,13 +29,40 @@ pub struct InventoryUpdate {
 /// The receiving end, owned by the event loop.
 pub struct InventoryTask {
     pub updates: tokio::sync::mpsc::Receiver<InventoryUpdate>,
+    /// Asks for the next inventory now rather than at the interval.
+    early: SyncSender<()>,
 }
 
-/// Starts the background inventory: one right away, then every `interval`.
-/// The thread ends when the receiver is dropped.
+impl InventoryTask {
+    /// Takes the next inventory as soon as the current one (if any) is
+    /// done: the tracker may hold connections whose close it missed.
+    pub fn request_now(&self) {
+        match self.early.try_send(()) {
+            // Already asked: one early inventory covers both.
+            Ok(()) | Err(TrySendError::Full(())) => {}
+            Err(TrySendError::Disconnected(())) => {
+                tracing::debug!("inventory thread gone; early inventory not taken");
+            }
+        }
+    }
+}
+
+/// Waits out the rest of `interval` after `started`, or less if an early
+/// inventory is asked for. False when the event loop has gone.
+fn wait_for_next(early: &Receiver<()>, interval: Duration, started: Instant) -> bool {
+    match early.recv_timeout(interval.saturating_sub(started.elapsed())) {
+        Ok(()) | Err(RecvTimeoutError::Timeout) => true,
+        Err(RecvTimeoutError::Disconnected) => false,
+    }
+}
+
+/// Starts the background inventory: one right away, then every `interval`
+/// (or earlier, on [`InventoryTask::request_now`]). The thread ends when
+/// the receiver is dropped.
 pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<InventoryTask> {
     // One pending update at most: a slow loop gets the newest, not a queue.
     let (sender, updates) = tokio::sync::mpsc::channel(1);
+    let (early, asked_early) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("ka-inventory".to_owned())
         .spawn(move || {
@@ -54,13 +82,12 @@ pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<Invent
                     }
                     Err(error) => tracing::warn!(%error, "inventory failed"),
                 }
-                std::thread::sleep(interval.saturating_sub(started.elapsed()));
-                if sender.is_closed() {
+                if !wait_for_next(&asked_early, interval, started) || sender.is_closed() {
                     return;
                 }
             }
         })?;
-    Ok(InventoryTask { updates })
+    Ok(InventoryTask { updates, early })
 }
 
 /// One inventory of all namespaces, with owners. Also what `snapshot` and

@@ -180,6 +180,22 @@ impl Tracker {
             if let Some(conn) = self.connections.remove(&key) {
                 self.forget_adopted(&conn);
                 report.vanished += 1;
+                // Its CLOSE was never seen: a kernel run skipped (nested
+                // in itself on that CPU, see ka_program_misses_total) or
+                // an event lost. It is closed all the same, from what the
+                // record holds (a reset sent by the keepalive timer, the
+                // error reported), as of the dump that found it gone.
+                if conn.was_established {
+                    tracing::info!(
+                        local = %conn.local,
+                        remote = %conn.remote,
+                        netns = conn.netns,
+                        state = ?conn.state,
+                        "connection gone without its close event: closed from its record"
+                    );
+                    let evidence = self.evidence_of(&conn);
+                    self.conclude(&conn, &evidence, namespace.dumped_at_ns);
+                }
             }
         }
     }
@@ -466,6 +482,17 @@ mod tests {
                 < 1e-9
         );
         assert_eq!(tracker.vanished_total(), 1);
+        // Its close was never seen: it is closed from its record, once, as
+        // `other` (nothing in the record says how it ended).
+        let closes: Vec<_> = tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                crate::track::Observation::Closed { cause, .. } => Some(cause),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, [crate::model::CloseCause::Other]);
     }
 
     #[test]

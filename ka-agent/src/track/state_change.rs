@@ -124,21 +124,43 @@ impl Tracker {
             cpu == event.header.cpu
                 && event.header.ktime_ns.saturating_sub(ktime) <= SAME_TIMER_CALLBACK_NS
         });
-        let reset_reason_keepalive = conn
-            .reset_sent
-            .is_some_and(|reason| self.reset_reason_name(reason) == "tcp_keepalive_timeout");
         let evidence = DeathEvidence {
             old_state: Some(old),
             sk_err: snap.sk_err,
             retransmits: snap.retransmits,
             probes_out: snap.probes_out,
+            in_keepalive_timer,
+            ..self.evidence_of(conn)
+        };
+        self.conclude(conn, &evidence, event.header.ktime_ns);
+    }
+
+    /// What the record of `conn` says about its death, without a CLOSE
+    /// snapshot.
+    pub(super) fn evidence_of(&self, conn: &Connection) -> DeathEvidence {
+        DeathEvidence {
+            old_state: Some(conn.state),
+            sk_err: conn.last_error,
+            retransmits: 0,
+            probes_out: conn.keepalive.unanswered,
             reset_received: conn.reset_received,
             reset_sent: conn.reset_sent.is_some(),
-            reset_reason_keepalive,
-            in_keepalive_timer,
+            reset_reason_keepalive: conn
+                .reset_sent
+                .is_some_and(|reason| self.reset_reason_name(reason) == "tcp_keepalive_timeout"),
+            in_keepalive_timer: false,
             closer: conn.closer.map(|(closer, _)| closer),
-        };
-        let cause = classify::close_cause(&evidence);
+        }
+    }
+
+    /// Gives the verdict on a connection that ended at `closed_at_ns`.
+    pub(super) fn conclude(
+        &mut self,
+        conn: &Connection,
+        evidence: &DeathEvidence,
+        closed_at_ns: u64,
+    ) {
+        let cause = classify::close_cause(evidence);
         let labels = conn.labels();
         let idle_before_close = match cause {
             crate::model::CloseCause::Normal => conn.closer,
@@ -153,9 +175,9 @@ impl Tracker {
                 remote = %conn.remote,
                 netns = conn.netns,
                 comm = %conn.comm,
-                sk_err = snap.sk_err,
-                probes_unanswered = snap.probes_out,
-                retransmits = snap.retransmits,
+                sk_err = evidence.sk_err,
+                probes_unanswered = evidence.probes_out,
+                retransmits = evidence.retransmits,
                 keepalive_probes_sent = conn.keepalive.probes_sent,
                 "zombie: the peer is gone"
             );
@@ -173,7 +195,7 @@ impl Tracker {
             cause,
             closer: conn.closer.map(|(closer, _)| closer),
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
-            closed_at_ns: event.header.ktime_ns,
+            closed_at_ns,
         });
         self.observations.push(Observation::Closed {
             labels,

@@ -230,7 +230,7 @@ impl Metrics {
             )?,
             ring_fill: Gauge::new(
                 "ka_ring_buffer_fill_ratio",
-                "Highest fill of the event ring buffer during the last second, as a fraction of its size (--ring-buffer-bytes); near 1 means events are about to be lost.",
+                "Highest fill of the event ring buffer during the last second, as a fraction of its size (--ring-buffer-bytes), sampled by the programs every 16th event of a kind on each CPU (0 while events are that rare); near 1 means events are about to be lost.",
             )?,
             decode_errors: IntCounter::new(
                 "ka_event_decode_errors_total",
@@ -306,7 +306,7 @@ impl Metrics {
             program_misses: IntCounterVec::new(
                 Opts::new(
                     "ka_program_misses_total",
-                    "Runs of each kernel program the kernel skipped because a BPF program was already running on that CPU (an interrupt during one); the events are lost. Counted by kernels from 6.7 on.",
+                    "Runs of each kernel program the kernel skipped, the events lost: a tracepoint program is skipped when any BPF program is already running on that CPU (an interrupt during one), a raw tracepoint program (the hot hooks, where the kernel allows) only when that same program is. A skipped inet_sock_set_state run makes the agent take an inventory at once, which closes the connections found gone. Counted by kernels from 6.7 on.",
                 ),
                 &["hook"],
             )?,

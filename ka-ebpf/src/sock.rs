@@ -10,8 +10,8 @@ use ka_common::{
 };
 
 use crate::{
-    SOCK_COPY, SOCK_COPY_AT, SOCK_COPY_COMMON, SOCK_COPY_FULL, SOCK_COPY_NET, SOCK_OFFSETS,
-    emit::count,
+    KEEPALIVE_TIMER_FN, SOCK_COPY, SOCK_COPY_AT, SOCK_COPY_COMMON, SOCK_COPY_FULL, SOCK_COPY_NET,
+    SOCK_OFFSETS, emit::count,
 };
 
 /// Reads a `T` at `base + offset`: zero for an absent field or a failed read
@@ -47,10 +47,14 @@ pub fn state(sk: *const u8) -> u8 {
     field::<u8>(sk, SOCK_OFFSETS.load().skc_state)
 }
 
-/// The callback of a `timer_list`.
+/// Whether `timer` is a socket's keepalive timer (its callback is
+/// `tcp_keepalive_timer`): one read of the timer, done only when the agent
+/// found the callback's address.
 #[inline(always)]
-pub fn timer_function(timer: *const u8) -> u64 {
-    field::<u64>(timer, SOCK_OFFSETS.load().timer_function)
+pub fn is_keepalive_timer(timer: u64) -> bool {
+    let keepalive_fn = KEEPALIVE_TIMER_FN.load();
+    keepalive_fn != 0
+        && field::<u64>(timer as *const u8, SOCK_OFFSETS.load().timer_function) == keepalive_fn
 }
 
 /// Whether the socket has `SO_KEEPALIVE` on (a full socket only).

@@ -33,8 +33,7 @@ pub fn timer_expire_entry_raw(ctx: RawTracePointContext) -> u32 {
 /// `(struct timer_list *timer, ...)`, checked against BTF by the agent.
 fn try_timer_expire_entry_raw(ctx: &RawTracePointContext) -> Option<()> {
     let timer: u64 = ctx.arg(0);
-    let keepalive_fn = KEEPALIVE_TIMER_FN.load();
-    if sock::timer_function(timer as *const u8) != keepalive_fn || keepalive_fn == 0 {
+    if !sock::is_keepalive_timer(timer) {
         return None;
     }
     on_keepalive_timer_expiry(timer)

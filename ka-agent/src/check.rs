@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     cli::KernelArgs,
     loader::{Hook, HookStatus, LoadOptions, Probes},
-    offsets::{KernelLayout, LayoutSources},
+    offsets::{KernelLayout, LayoutSources, RawTracepoints},
 };
 
 /// Why the agent cannot start here.
@@ -71,7 +71,11 @@ pub fn preflight(args: &KernelArgs) -> Result<KernelLayout, PreflightError> {
         btf: args.btf.clone(),
         kallsyms: args.kallsyms.clone(),
     };
-    Ok(KernelLayout::discover(&sources)?)
+    let mut layout = KernelLayout::discover(&sources)?;
+    if args.no_raw_tracepoints {
+        layout.raw = RawTracepoints::default();
+    }
+    Ok(layout)
 }
 
 /// `ka-agent check`: prints the report, returns the exit status.

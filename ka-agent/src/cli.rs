@@ -209,6 +209,11 @@ pub struct KernelArgs {
     /// Symbol table of the running kernel.
     #[arg(long, env = "KA_KALLSYMS", default_value = "/proc/kallsyms")]
     pub kallsyms: PathBuf,
+    /// Attach every hook through its tracepoint, never a raw tracepoint
+    /// (by default the hot hooks run raw where this kernel's BTF declares
+    /// their arguments, which costs less).
+    #[arg(long, env = "KA_NO_RAW_TRACEPOINTS")]
+    pub no_raw_tracepoints: bool,
 }
 
 #[derive(Clone, Debug, Args)]

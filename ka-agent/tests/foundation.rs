@@ -83,8 +83,24 @@ fn ipv4_and_ipv6_connections_are_tracked_from_open_to_close() {
     if !require_root("ipv4_and_ipv6_connections_are_tracked_from_open_to_close") {
         return;
     }
-    let (client, server) = pair("lc");
-    let agent = Agent::start(&[]);
+    lifecycle("lc", &[]);
+}
+
+/// The same through the tracepoint programs of the hot hooks, which every
+/// kernel of the matrix would otherwise replace by raw tracepoints.
+#[test]
+fn the_tracepoint_fallback_tracks_connections_from_open_to_close() {
+    if !require_root("the_tracepoint_fallback_tracks_connections_from_open_to_close") {
+        return;
+    }
+    lifecycle("lt", &["--no-raw-tracepoints"]);
+}
+
+/// Two connections (IPv4, IPv6) opened, used and closed between two
+/// namespaces named after `tag`, with an agent started with `agent_args`.
+fn lifecycle(tag: &str, agent_args: &[&str]) {
+    let (client, server) = pair(tag);
+    let agent = Agent::start(agent_args);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     for (server_addr, client_ip) in [
         ("198.18.10.2:8080", "198.18.10.1"),

@@ -25,8 +25,13 @@ fn btf_has_reset_reasons() -> bool {
 }
 
 fn check_report() -> String {
+    check_report_with(&[])
+}
+
+fn check_report_with(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
         .arg("check")
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run ka-agent check: {e}"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -101,6 +106,30 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
             reasons.contains("absent"),
             "BTF has no sk_rst_reason:\n{report}"
         );
+    }
+}
+
+/// With `--no-raw-tracepoints` the hot hooks load and attach their
+/// tracepoint programs instead (verified by this kernel, not only built).
+#[test]
+fn the_hot_hooks_fall_back_to_their_tracepoints_on_request() {
+    if !require_root("the_hot_hooks_fall_back_to_their_tracepoints_on_request") {
+        return;
+    }
+    let report = check_report_with(&["--no-raw-tracepoints"]);
+    for hook in [
+        "sock:inet_sock_set_state",
+        "tcp:tcp_destroy_sock",
+        "timer:timer_start",
+        "timer:timer_expire_entry",
+    ] {
+        let line = line_of(&report, hook);
+        assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("attached"),
+            "{line}\n{report}"
+        );
+        assert!(!line.contains("raw tracepoint"), "{line}\n{report}");
     }
 }
 

@@ -235,6 +235,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             }
             Some(query) = asked.recv() => answer(query, &tracker, &args.idle_timeouts),
             Some(update) = inventory.updates.recv() => {
+                // Every event submitted before the dump is read first: a
+                // close still waiting in the ring is not a connection gone
+                // without its close (which the reconciliation closes).
+                drain(ring.get_mut(), &mut tracker, &metrics);
                 let first = !tracker.inventory_done();
                 let report = tracker.reconcile(&update);
                 if first {

@@ -114,6 +114,22 @@ impl Hook {
         }
     }
 
+    /// Takes this hook's raw tracepoint program out of `raw` (the kernel
+    /// refused it).
+    fn stop_raw(self, raw: &mut RawTracepoints) {
+        match self {
+            Self::InetSockSetState => raw.inet_sock_set_state = false,
+            Self::TcpDestroySock => raw.tcp_destroy_sock = false,
+            Self::TimerStart => raw.timer_start = false,
+            Self::TimerExpireEntry => raw.timer_expire_entry = false,
+            Self::TcpRetransmitSkb
+            | Self::TcpSendReset
+            | Self::TcpReceiveReset
+            | Self::InetSkErrorReport
+            | Self::TcpRcvStateProcess => {}
+        }
+    }
+
     /// Without it the agent cannot do its main job.
     pub const fn required(self) -> bool {
         matches!(self, Self::InetSockSetState)
@@ -425,7 +441,7 @@ fn attach(
             Ok(()) => return Ok(()),
             Err(why) if has_record_layout(layout, hook) => {
                 tracing::warn!(hook = %hook, why = %why, "raw tracepoint refused; using the tracepoint");
-                raw.forget(hook.program());
+                hook.stop_raw(raw);
             }
             Err(why) => return Err(why),
         }

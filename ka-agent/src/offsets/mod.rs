@@ -355,20 +355,6 @@ impl RawTracepoints {
     }
 }
 
-impl RawTracepoints {
-    /// Stops using the raw tracepoint program of the hook whose program is
-    /// `program` (the kernel refused it).
-    pub fn forget(&mut self, program: &str) {
-        match program {
-            "inet_sock_set_state" => self.inet_sock_set_state = false,
-            "tcp_destroy_sock" => self.tcp_destroy_sock = false,
-            "timer_start" => self.timer_start = false,
-            "timer_expire_entry" => self.timer_expire_entry = false,
-            _ => {}
-        }
-    }
-}
-
 fn list(args: &[btf::RawArg]) -> String {
     args.iter()
         .map(ToString::to_string)

@@ -263,6 +263,13 @@ pub struct RunArgs {
     /// `pod` and `container` labels from the API (pods of this node only).
     #[arg(long, env = "KA_NODE_NAME")]
     pub node_name: Option<String>,
+    /// Have the kernel time every BPF program run while the agent runs
+    /// (`ka_program_runs_total`, `ka_program_run_seconds_total`). Off by
+    /// default: the timing is host-wide (every BPF program on the node pays
+    /// two clock reads per run, ka's and others'); the run counts are
+    /// exported anyway whenever something else turned the timing on.
+    #[arg(long, env = "KA_PROGRAM_RUN_STATS")]
+    pub program_run_stats: bool,
     #[command(flatten)]
     pub kernel: KernelArgs,
 }

@@ -296,11 +296,11 @@ impl Metrics {
                 "Kernel memory reads of socket fields that failed (the field reads as 0).",
             )?,
             program_runs: IntCounterVec::new(
-                Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats)."),
+                Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats, counted while the run timing is on: --program-run-stats)."),
                 &["hook"],
             )?,
             program_run_seconds: prometheus::CounterVec::new(
-                Opts::new("ka_program_run_seconds_total", "Time spent in each kernel program (kernel BPF stats)."),
+                Opts::new("ka_program_run_seconds_total", "Time spent in each kernel program (kernel BPF stats, counted while the run timing is on: --program-run-stats)."),
                 &["hook"],
             )?,
             program_misses: IntCounterVec::new(

@@ -116,10 +116,19 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ttl: Duration::from_secs(args.series_ttl),
         pod_labels: args.node_name.is_some(),
     })?);
-    // Kernel-side run time and count per program, while the agent runs.
-    let bpf_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .inspect_err(|e| tracing::info!(error = %e, "kernel BPF run-time stats unavailable"))
-        .ok();
+    // Kernel-side run time and count per program, while the agent runs,
+    // only when asked for: the kernel then times every BPF program's runs,
+    // on the whole host.
+    let bpf_stats = args
+        .program_run_stats
+        .then(|| {
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "kernel BPF run-time stats unavailable"),
+                )
+                .ok()
+        })
+        .flatten();
     metrics
         .build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION"), layout.kernel_release.as_str()])
@@ -400,7 +409,9 @@ impl ProgramStats {
             if *hook == crate::loader::Hook::InetSockSetState {
                 missed_state_changes += new_misses;
             }
-            if !with_run_stats {
+            // Without the timing on (ours or another tool's), the kernel
+            // counts nothing: no series rather than a series of zeros.
+            if !with_run_stats && runs == 0 {
                 continue;
             }
             metrics

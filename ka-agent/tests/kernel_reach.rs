@@ -172,3 +172,29 @@ fn the_agent_exports_the_kprobe_as_attached_where_the_kernel_has_kprobes() {
         },
     );
 }
+
+/// The kernel times BPF programs (host-wide, two clock reads per run of
+/// every program) only when asked: `--program-run-stats` exports the runs
+/// and time of each of ka's programs. Without the flag nothing is asserted
+/// absent: another agent of this suite may hold the timing on meanwhile.
+#[test]
+fn program_run_time_is_exported_when_asked_for() {
+    if !require_root("program_run_time_is_exported_when_asked_for") {
+        return;
+    }
+    let agent = Agent::start(&["--program-run-stats"]);
+    // Kernel timers start all the time; the run counts are read once a second.
+    agent.wait_metrics(
+        std::time::Duration::from_secs(10),
+        "timer_start runs and run time exported",
+        |m| {
+            m.count("ka_program_runs_total", &[("hook", "timer_start")]) > 0
+                && m.sum("ka_program_run_seconds_total", &[("hook", "timer_start")]) > 0.0
+        },
+    );
+    assert!(
+        !agent.log().contains("run-time stats unavailable"),
+        "{}",
+        agent.log()
+    );
+}

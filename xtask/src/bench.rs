@@ -395,25 +395,27 @@ fn program_stats(pid: u32) -> (u64, u64) {
     totals
 }
 
-/// Turns the kernel's BPF run-time statistics on for the whole comparison,
-/// so the reference tools' programs are timed (and pay the same small cost
-/// of timing) like the agent's, which turns them on itself; restores the
-/// previous setting on drop.
-struct BpfStatsOn(Option<String>);
+/// Sets the kernel's BPF run-time statistics (`kernel.bpf_stats_enabled`)
+/// for a phase of the benchmark, restoring the previous setting on drop:
+/// off while throughput is compared (the timing costs every program two
+/// clock reads per run, and the agent does not turn it on by default), on
+/// for the timed run, so the reference tools' programs are timed like the
+/// agent's.
+struct BpfStats(Option<String>);
 
-impl BpfStatsOn {
+impl BpfStats {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-    fn new() -> Self {
+    fn set(on: bool) -> Self {
         let previous = std::fs::read_to_string(Self::SYSCTL).ok();
-        if let Err(error) = std::fs::write(Self::SYSCTL, "1") {
-            eprintln!("bench: cannot enable BPF stats ({error}): reference run times unknown");
+        if let Err(error) = std::fs::write(Self::SYSCTL, if on { "1" } else { "0" }) {
+            eprintln!("bench: cannot set BPF stats ({error}): run times unknown or skewed");
         }
         Self(previous)
     }
 }
 
-impl Drop for BpfStatsOn {
+impl Drop for BpfStats {
     fn drop(&mut self) {
         if let Some(previous) = &self.0 {
             let _ = std::fs::write(Self::SYSCTL, previous.trim());
@@ -617,22 +619,26 @@ fn series_count(text: &str) -> usize {
 /// The main comparison; returns the throughput samples and the agent's
 /// own figures per round.
 type Rates = BTreeMap<(Workload, Config), Vec<f64>>;
-/// A reference tool's mean run time per program invocation during churn,
-/// one sample per round.
-type ReferenceRunTimes = BTreeMap<Config, Vec<f64>>;
+/// What the timed churn runs measured.
+#[derive(Default)]
+struct Timed {
+    /// The agent's hooks: hook → (runs per second, mean ns per run).
+    agent_hooks: BTreeMap<String, (f64, f64)>,
+    /// A reference tool's mean run time per program invocation.
+    reference_ns: BTreeMap<Config, f64>,
+}
 
 fn comparison(
     args: &BenchArgs,
     binary: &Path,
     dir: &Path,
     configs: &[Config],
-) -> anyhow::Result<(Rates, Vec<AgentRound>, ReferenceRunTimes)> {
+) -> anyhow::Result<(Rates, Vec<AgentRound>, Timed)> {
     let port = free_port()?;
     let _nginx = start_nginx(dir, port)?;
-    let _stats = BpfStatsOn::new();
     let mut rates: Rates = BTreeMap::new();
     let mut agent_rounds = Vec::new();
-    let mut reference_ns = ReferenceRunTimes::new();
+    let stats_off = BpfStats::set(false);
     for round in 0..args.rounds {
         // Rotate the order each round so no configuration always runs first.
         let shift = usize::try_from(round).unwrap_or(0) % configs.len();
@@ -643,19 +649,7 @@ fn comparison(
                 _ => None,
             };
             let before = agent.map(|a| metrics(a.addr)).transpose()?;
-            let reference = match &attached {
-                Attached::Other(proc) => Some(proc.pid()),
-                _ => None,
-            };
-            let stats_before = reference.map(program_stats);
             let churn = wrk(port, Workload::Churn, args.seconds, dir)?;
-            if let (Some(pid), Some((time, runs))) = (reference, stats_before) {
-                let (time_after, runs_after) = program_stats(pid);
-                if runs_after > runs {
-                    let mean = float(time_after - time) / float(runs_after - runs);
-                    reference_ns.entry(config).or_default().push(mean);
-                }
-            }
             let mut agent_round = None;
             if let (Some(agent), Some(before)) = (agent, &before) {
                 // The agent reads the kernel's program stats once a second.
@@ -701,7 +695,49 @@ fn comparison(
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    Ok((rates, agent_rounds, reference_ns))
+    drop(stats_off);
+    let timed = timed_runs(args, binary, dir, configs, port)?;
+    Ok((rates, agent_rounds, timed))
+}
+
+/// Program run times: one more churn run per tool with the kernel's timing
+/// on, not counted in the throughput.
+fn timed_runs(
+    args: &BenchArgs,
+    binary: &Path,
+    dir: &Path,
+    configs: &[Config],
+    port: u16,
+) -> anyhow::Result<Timed> {
+    let _stats = BpfStats::set(true);
+    let mut timed = Timed::default();
+    for &config in configs {
+        match attach(config, binary, dir)? {
+            Attached::Nothing => {}
+            Attached::Agent(mut agent) => {
+                let before = metrics(agent.addr)?;
+                wrk(port, Workload::Churn, args.seconds, dir)?;
+                // The agent reads the kernel's program stats once a second.
+                std::thread::sleep(Duration::from_millis(1300));
+                let after = metrics(agent.addr)?;
+                timed.agent_hooks = agent_figures(&before, &after, args.seconds).hooks;
+                agent.proc.alive()?;
+            }
+            Attached::Other(mut proc) => {
+                let (time, runs) = program_stats(proc.pid());
+                wrk(port, Workload::Churn, args.seconds, dir)?;
+                let (time_after, runs_after) = program_stats(proc.pid());
+                if runs_after > runs {
+                    let mean = float(time_after - time) / float(runs_after - runs);
+                    timed.reference_ns.insert(config, mean);
+                }
+                proc.alive()?;
+            }
+        }
+        eprintln!("bench: timed run {:<15} done", config.name());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(timed)
 }
 
 fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
@@ -1116,7 +1152,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let (rates, agent_rounds, reference_ns) = comparison(&args, &binary, &dir.0, &configs)?;
+    let (rates, agent_rounds, timed) = comparison(&args, &binary, &dir.0, &configs)?;
     eprintln!("bench: keepalive death latency");
     let latencies = keepalive_latency(&binary, &dir.0, if args.quick { 1 } else { 3 })?;
     eprintln!(
@@ -1171,47 +1207,37 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let mut hooks: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut events: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for round in &agent_rounds {
-        for (hook, (rate, ns)) in &round.hooks {
-            let entry = hooks.entry(hook.clone()).or_default();
-            entry.0.push(*rate);
-            entry.1.push(*ns);
-        }
         for (kind, rate) in &round.events_per_sec {
             events.entry(kind.clone()).or_default().push(*rate);
         }
     }
-    println!("\nka-agent kernel programs during churn (BPF stats, medians over rounds)");
+    println!(
+        "\nka-agent kernel programs during churn (BPF stats, one timed run after the rounds; \
+         the timing is off during the rounds)"
+    );
     println!("  {:<24} {:>12} {:>10}", "hook", "runs/s", "mean ns");
     let mut json_hooks = Vec::new();
-    for (hook, (rates, ns)) in &hooks {
-        let (rate, ns) = (median(rates), median(ns));
-        println!(
-            "  {hook:<24} {:>12.0} {:>10.1}",
-            rate.unwrap_or(f64::NAN),
-            ns.unwrap_or(f64::NAN)
-        );
+    for (hook, &(rate, ns)) in &timed.agent_hooks {
+        println!("  {hook:<24} {rate:>12.0} {ns:>10.1}");
         json_hooks.push(Json::obj([
             ("hook", Json::Str(hook.clone())),
-            ("runs_per_sec", Json::opt(rate)),
-            ("mean_ns", Json::opt(ns)),
+            ("runs_per_sec", Json::Num(rate)),
+            ("mean_ns", Json::Num(ns)),
         ]));
     }
     // The floor any program on these hooks pays here: the reference tools'
     // own programs, timed the same way.
     let mut json_references = Vec::new();
-    for (config, samples) in &reference_ns {
-        let ns = median(samples);
+    for (config, &ns) in &timed.reference_ns {
         println!(
-            "  reference: {:<15} {:>23.1}   (mean per run of its programs, all hooks)",
+            "  reference: {:<15} {ns:>23.1}   (mean per run of its programs, all hooks)",
             config.name(),
-            ns.unwrap_or(f64::NAN)
         );
         json_references.push(Json::obj([
             ("config", Json::Str(config.name().into())),
-            ("mean_ns", Json::opt(ns)),
+            ("mean_ns", Json::Num(ns)),
         ]));
     }
     println!("  events received by the agent per second during churn:");
@@ -1300,14 +1326,20 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .get(&(Workload::KeepAlive, Config::Agent))
         .copied()
         .flatten();
-    let tcp_hooks_ns = hooks
+    let tcp_hooks_ns = timed
+        .agent_hooks
         .iter()
         .filter(|(hook, _)| !hook.starts_with("timer_"))
-        .filter_map(|(_, (_, ns))| median(ns))
+        .map(|(_, &(_, ns))| ns)
+        .filter(|ns| ns.is_finite())
         .fold(None, |max: Option<f64>, v| {
             Some(max.map_or(v, |m| m.max(v)))
         });
-    let timer_ns = hooks.get("timer_start").and_then(|(_, ns)| median(ns));
+    let timer_ns = timed
+        .agent_hooks
+        .get("timer_start")
+        .map(|&(_, ns)| ns)
+        .filter(|ns| ns.is_finite());
     let verdict = |ok: Option<bool>| match ok {
         Some(true) => "ok",
         Some(false) => "MISSED",

@@ -75,7 +75,48 @@ pub fn preflight(args: &KernelArgs) -> Result<KernelLayout, PreflightError> {
     if args.no_raw_tracepoints {
         layout.raw = RawTracepoints::default();
     }
+    if args.no_direct_loads {
+        layout.casts = None;
+    }
     Ok(layout)
+}
+
+/// The keepalive timer and reset reason lines of the report.
+fn write_layout(out: &mut String, layout: &KernelLayout) {
+    let _ = writeln!(
+        out,
+        "keepalive timer  {}",
+        layout.keepalive_timer_fn.map_or_else(
+            || "tcp_keepalive_timer NOT found in kallsyms".to_owned(),
+            |a| format!(
+                "tcp_keepalive_timer at {a:#x}, timer at sock+{:#x}",
+                layout.sock.keepalive_timer
+            )
+        )
+    );
+    let _ = writeln!(
+        out,
+        "reset reasons    {}",
+        if layout.reset_reasons.is_empty() {
+            "absent (kernel < 6.10: resets_sent reason=unknown; keepalive deaths from timer evidence)".to_owned()
+        } else {
+            format!(
+                "present ({} reasons from BTF enum sk_rst_reason)",
+                layout.reset_reasons.len()
+            )
+        }
+    );
+}
+
+/// How the loaded programs read kernel memory.
+fn kernel_reads(probes: &Probes, layout: &KernelLayout) -> &'static str {
+    if probes.direct {
+        "direct loads through bpf_rdonly_cast"
+    } else if layout.casts.is_some() {
+        "bpf_probe_read_kernel (the kernel refused the direct loads; see the log)"
+    } else {
+        "bpf_probe_read_kernel"
+    }
 }
 
 /// `ka-agent check`: prints the report, returns the exit status.
@@ -114,29 +155,7 @@ pub fn check(args: &KernelArgs) -> i32 {
     };
     let _ = writeln!(out, "tracefs     {}", args.tracefs.display());
     let _ = writeln!(out, "HZ          {}", layout.hz);
-    let _ = writeln!(
-        out,
-        "keepalive timer  {}",
-        layout.keepalive_timer_fn.map_or_else(
-            || "tcp_keepalive_timer NOT found in kallsyms".to_owned(),
-            |a| format!(
-                "tcp_keepalive_timer at {a:#x}, timer at sock+{:#x}",
-                layout.sock.keepalive_timer
-            )
-        )
-    );
-    let _ = writeln!(
-        out,
-        "reset reasons    {}",
-        if layout.reset_reasons.is_empty() {
-            "absent (kernel < 6.10: resets_sent reason=unknown; keepalive deaths from timer evidence)".to_owned()
-        } else {
-            format!(
-                "present ({} reasons from BTF enum sk_rst_reason)",
-                layout.reset_reasons.len()
-            )
-        }
-    );
+    write_layout(&mut out, &layout);
     for note in &layout.notes {
         let _ = writeln!(out, "note        {note}");
     }
@@ -146,6 +165,9 @@ pub fn check(args: &KernelArgs) -> i32 {
             ring_buffer_bytes: 64 * 1024,
         },
     );
+    if let Ok(probes) = &probes {
+        let _ = writeln!(out, "kernel reads     {}", kernel_reads(probes, &layout));
+    }
     let _ = writeln!(out, "\n{:<34} {:<11} DETAIL", "HOOK", "STATUS");
     let code = match &probes {
         Ok(probes) => {

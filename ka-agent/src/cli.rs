@@ -214,6 +214,11 @@ pub struct KernelArgs {
     /// their arguments, which costs less).
     #[arg(long, env = "KA_NO_RAW_TRACEPOINTS")]
     pub no_raw_tracepoints: bool,
+    /// Read kernel memory with `bpf_probe_read_kernel` only (by default,
+    /// where the kernel has the `bpf_rdonly_cast` kfunc, the programs load
+    /// socket and timer fields directly, which costs less).
+    #[arg(long, env = "KA_NO_DIRECT_LOADS")]
+    pub no_direct_loads: bool,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -8,9 +8,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{KProbe, RawTracePoint, TracePoint},
 };
-use ka_common::{EventKind, STAT_SLOTS, Stat};
+use ka_common::{EventKind, KernelTypes, STAT_SLOTS, Stat};
 
-use crate::offsets::{KernelLayout, RawTracepoints};
+use crate::offsets::{Casts, KernelLayout, RawTracepoints};
 
 /// The kernel programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ka"));
@@ -170,6 +170,8 @@ pub enum LoadError {
     Load(#[from] aya::EbpfError),
     #[error("the required hook {hook} is not attached: {why}")]
     Required { hook: Hook, why: String },
+    #[error("the kernel programs' object is not what this agent expects: {0}")]
+    Object(String),
     #[error("opening map {name}: {source}")]
     Map {
         name: &'static str,
@@ -184,6 +186,12 @@ pub struct Probes {
     pub hooks: Vec<(Hook, HookStatus)>,
     /// Which hooks run as raw tracepoints.
     pub raw: RawTracepoints,
+    /// Whether the programs load kernel memory directly (`bpf_rdonly_cast`)
+    /// rather than with `bpf_probe_read_kernel`.
+    pub direct: bool,
+    /// The first program the kernel refused to load (the verifier), as
+    /// opposed to one it could not attach.
+    refused: Option<String>,
 }
 
 /// Options of the load.
@@ -194,11 +202,39 @@ pub struct LoadOptions {
 
 impl Probes {
     /// Loads the programs with `layout`'s offsets and attaches every hook
-    /// this kernel supports.
+    /// this kernel supports: with direct loads where `layout` has them,
+    /// and again without them if the kernel refuses any program that way
+    /// (warned, and said by [`Probes::direct`]).
     pub fn load(layout: &KernelLayout, options: LoadOptions) -> Result<Self, LoadError> {
         if PROGRAMS.is_empty() {
             return Err(LoadError::NotBuilt);
         }
+        if let Some(casts) = layout.casts {
+            let refused = match Self::load_with(layout, options, Some(casts)) {
+                Ok(probes) => match probes.refusal() {
+                    None => return Ok(probes),
+                    Some(why) => why,
+                },
+                Err(error) => error.to_string(),
+            };
+            tracing::warn!(why = %refused, "kernel refused the programs' direct loads; reading with bpf_probe_read_kernel");
+        }
+        Self::load_with(layout, options, None)
+    }
+
+    /// Why a load with direct loads is not kept: the kernel refused a
+    /// program (a hook failed, or a raw tracepoint fell back, because of it).
+    fn refusal(&self) -> Option<String> {
+        self.refused.clone()
+    }
+
+    fn load_with(
+        layout: &KernelLayout,
+        options: LoadOptions,
+        casts: Option<Casts>,
+    ) -> Result<Self, LoadError> {
+        let object = resolve_casts(PROGRAMS, casts.map(|c| c.kfunc))?;
+        let types = casts.map_or(KernelTypes::ABSENT, |c| c.types);
         let keepalive_fn = layout.keepalive_timer_fn.unwrap_or(0);
         let set_state = layout
             .set_state
@@ -233,6 +269,7 @@ impl Probes {
             .override_global("SOCK_COPY_AT", &layout.sock_copy.at, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("KEEPALIVE_TIMER_FN", &keepalive_fn, true)
+            .override_global("KERNEL_TYPES", &types, true)
             .override_global("SET_STATE_FIELDS", &set_state, true)
             .override_global("RETRANSMIT_FIELDS", &retransmit, true)
             .override_global("SEND_RESET_FIELDS", &send_reset, true)
@@ -242,13 +279,14 @@ impl Probes {
             .override_global("TIMER_START_FIELDS", &timer_start, true)
             .override_global("TIMER_EXPIRE_FIELDS", &timer_expire, true)
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
-            .load(PROGRAMS)?;
+            .load(object.bytes())?;
         let mut hooks = Vec::new();
         let mut raw = layout.raw;
+        let mut refused = None;
         for hook in Hook::ALL {
             let status = match unavailable_reason(layout, hook) {
                 Some(why) => HookStatus::Unavailable(why),
-                None => match attach(&mut ebpf, hook, &mut raw, layout) {
+                None => match attach(&mut ebpf, hook, &mut raw, layout, &mut refused) {
                     Ok(()) => HookStatus::Attached,
                     Err(why) => HookStatus::Failed(why),
                 },
@@ -263,7 +301,13 @@ impl Probes {
             }
             hooks.push((hook, status));
         }
-        Ok(Self { ebpf, hooks, raw })
+        Ok(Self {
+            ebpf,
+            hooks,
+            raw,
+            direct: casts.is_some(),
+            refused,
+        })
     }
 
     /// The program attached for `hook` (its raw tracepoint program where
@@ -428,6 +472,7 @@ fn attach(
     hook: Hook,
     raw: &mut RawTracepoints,
     layout: &KernelLayout,
+    refused: &mut Option<String>,
 ) -> Result<(), String> {
     if let (
         Some(name),
@@ -436,7 +481,7 @@ fn attach(
         },
     ) = (hook.raw_program(*raw), hook.attachment())
     {
-        let attached = attach_raw(ebpf, name, tracepoint);
+        let attached = attach_raw(ebpf, name, tracepoint, refused);
         match attached {
             Ok(()) => return Ok(()),
             Err(why) if has_record_layout(layout, hook) => {
@@ -446,18 +491,24 @@ fn attach(
             Err(why) => return Err(why),
         }
     }
+    let name = hook.program();
     let program = ebpf
-        .program_mut(hook.program())
-        .ok_or_else(|| format!("program {} missing from the object", hook.program()))?;
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?;
     match hook.attachment() {
-        Attachment::Tracepoint { category, name } => {
+        Attachment::Tracepoint {
+            category,
+            name: tracepoint,
+        } => {
             let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            program.load().map_err(|e| describe(&e))?;
-            program.attach(category, name).map_err(|e| describe(&e))?;
+            program.load().map_err(|e| refusal(name, &e, refused))?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|e| describe(&e))?;
         }
         Attachment::Kprobe { function } => {
             let program: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
-            program.load().map_err(|e| describe(&e))?;
+            program.load().map_err(|e| refusal(name, &e, refused))?;
             program.attach(function, 0).map_err(|e| {
                 let text = describe(&e);
                 if std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists() {
@@ -471,13 +522,18 @@ fn attach(
     Ok(())
 }
 
-fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+fn attach_raw(
+    ebpf: &mut Ebpf,
+    name: &str,
+    tracepoint: &str,
+    refused: &mut Option<String>,
+) -> Result<(), String> {
     let program: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("program {program} missing from the object"))?
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| describe(&e))?;
+    program.load().map_err(|e| refusal(name, &e, refused))?;
     program.attach(tracepoint).map_err(|e| describe(&e))?;
     Ok(())
 }
@@ -497,6 +553,58 @@ fn has_record_layout(layout: &KernelLayout, hook: Hook) -> bool {
     }
 }
 
+/// The programs' object, 8-byte aligned (the ELF parser reads it in place).
+struct Object(Vec<u64>);
+
+impl Object {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the vector's initialized u64s, viewed as their bytes: same
+        // memory and lifetime, u8 has no alignment or validity requirement.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 8) }
+    }
+}
+
+/// A copy of `object` with every `bpf_rdonly_cast` call placeholder
+/// (`ka_common::RDONLY_CAST_PLACEHOLDER`) resolved: a call of the kfunc
+/// with BTF id `kfunc`, or, without it, `r0 = r1` (what the verifier turns
+/// the call into; the programs then never load through the result, as
+/// `KERNEL_TYPES` names no type).
+fn resolve_casts(object: &[u8], kfunc: Option<u32>) -> Result<Object, LoadError> {
+    // Instructions are 8-byte aligned in their sections, and sections in
+    // the file; the object is little-endian, like the BPF target.
+    if !object.len().is_multiple_of(8) {
+        return Err(LoadError::Object(
+            "its size is not a multiple of 8".to_owned(),
+        ));
+    }
+    let mut words: Vec<u64> = object
+        .chunks_exact(8)
+        .map(|chunk| u64::from_ne_bytes(chunk.try_into().unwrap_or_default()))
+        .collect();
+    let placeholder = ka_common::RDONLY_CAST_PLACEHOLDER.to_le();
+    let call = kfunc.map_or(ka_common::MOV_R0_R1, |id| {
+        (ka_common::RDONLY_CAST_PLACEHOLDER & 0xffff_ffff) | (u64::from(id) << 32)
+    });
+    let mut patched = 0;
+    for word in words.iter_mut().filter(|word| **word == placeholder) {
+        *word = call.to_le();
+        patched += 1;
+    }
+    if patched == 0 {
+        return Err(LoadError::Object(
+            "no bpf_rdonly_cast call to resolve".to_owned(),
+        ));
+    }
+    Ok(Object(words))
+}
+
+/// Describes a program the kernel refused to load, remembering the first.
+fn refusal(program: &str, error: &dyn std::error::Error, refused: &mut Option<String>) -> String {
+    let why = describe(error);
+    refused.get_or_insert_with(|| format!("{program}: {why}"));
+    why
+}
+
 /// The error with its whole cause chain on one line.
 fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -508,4 +616,65 @@ fn describe(error: &dyn std::error::Error) -> String {
     }
     tracing::debug!(error = %text, "kernel refused a program");
     text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{MOV_R0_R1, RDONLY_CAST_PLACEHOLDER};
+
+    use super::*;
+
+    fn words(object: &Object) -> Vec<u64> {
+        object
+            .bytes()
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn every_cast_placeholder_becomes_the_kfunc_call_or_a_move() {
+        let other = 0x0000_0001_0000_0085_u64; // call helper 1
+        let object: Vec<u8> = [other, RDONLY_CAST_PLACEHOLDER, 7, RDONLY_CAST_PLACEHOLDER]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let kfunc = words(&resolve_casts(&object, Some(65_486)).unwrap());
+        let call = 0x85 | (0x20 << 8) | (65_486_u64 << 32);
+        assert_eq!(kfunc, [other, call, 7, call]);
+        let without = words(&resolve_casts(&object, None).unwrap());
+        assert_eq!(without, [other, MOV_R0_R1, 7, MOV_R0_R1]);
+    }
+
+    #[test]
+    fn an_object_without_placeholders_or_of_odd_size_is_refused() {
+        let object = 0x85_u64.to_le_bytes();
+        assert!(matches!(
+            resolve_casts(&object, None),
+            Err(LoadError::Object(_))
+        ));
+        assert!(matches!(
+            resolve_casts(&object[..5], None),
+            Err(LoadError::Object(_))
+        ));
+    }
+
+    #[test]
+    fn the_built_programs_carry_placeholders_only_as_instructions() {
+        if PROGRAMS.is_empty() {
+            eprintln!("SKIPPED: programs not built into this test binary");
+            return;
+        }
+        // Unaligned occurrences would be data the patch must not touch:
+        // the placeholder's bytes appear only where the calls are.
+        let needle = RDONLY_CAST_PLACEHOLDER.to_le_bytes();
+        let anywhere = PROGRAMS.windows(8).filter(|w| *w == needle).count();
+        let resolved = resolve_casts(PROGRAMS, Some(1)).unwrap();
+        let left = resolved.bytes().windows(8).filter(|w| *w == needle).count();
+        assert!(anywhere > 0);
+        assert_eq!(
+            left, 0,
+            "{anywhere} placeholders, {left} left after patching"
+        );
+    }
 }

@@ -24,6 +24,13 @@ fn btf_has_reset_reasons() -> bool {
     btf.windows(15).any(|w| w == b"\0sk_rst_reason\0")
 }
 
+/// Whether the kernel's BTF names the `bpf_rdonly_cast` kfunc (6.2 and
+/// later), looked up the same way.
+fn btf_has_rdonly_cast() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+    btf.windows(17).any(|w| w == b"\0bpf_rdonly_cast\0")
+}
+
 fn check_report() -> String {
     check_report_with(&[])
 }
@@ -95,6 +102,21 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
             "{hook} runs raw:\n{report}"
         );
     }
+    // Kernel memory is loaded directly wherever the kfunc exists (6.12,
+    // 6.18), with the helper elsewhere (6.1): either way every program
+    // above loaded.
+    let reads = line_of(&report, "kernel reads");
+    if btf_has_rdonly_cast() {
+        assert!(
+            reads.ends_with("direct loads through bpf_rdonly_cast"),
+            "BTF has bpf_rdonly_cast:\n{report}"
+        );
+    } else {
+        assert!(
+            reads.ends_with("bpf_probe_read_kernel"),
+            "BTF has no bpf_rdonly_cast:\n{report}"
+        );
+    }
     let reasons = line_of(&report, "reset reasons");
     if btf_has_reset_reasons() {
         assert!(
@@ -110,13 +132,20 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
 }
 
 /// With `--no-raw-tracepoints` the hot hooks load and attach their
-/// tracepoint programs instead (verified by this kernel, not only built).
+/// tracepoint programs instead, and with `--no-direct-loads` every program
+/// reads with `bpf_probe_read_kernel` (verified by this kernel, not only
+/// built; the foundation lifecycle runs on tracepoints with direct loads,
+/// the 6.1 VM on raw tracepoints with the helper).
 #[test]
 fn the_hot_hooks_fall_back_to_their_tracepoints_on_request() {
     if !require_root("the_hot_hooks_fall_back_to_their_tracepoints_on_request") {
         return;
     }
-    let report = check_report_with(&["--no-raw-tracepoints"]);
+    let report = check_report_with(&["--no-raw-tracepoints", "--no-direct-loads"]);
+    assert!(
+        line_of(&report, "kernel reads").ends_with("bpf_probe_read_kernel"),
+        "{report}"
+    );
     for hook in [
         "sock:inet_sock_set_state",
         "tcp:tcp_destroy_sock",

@@ -263,6 +263,58 @@ impl SockOffsets {
     };
 }
 
+/// Kernel BTF type ids the programs cast socket, namespace and timer
+/// pointers to with the `bpf_rdonly_cast` kfunc (Linux 6.2+): a load
+/// through a cast pointer is one instruction the kernel guards against
+/// faults, where `bpf_probe_read_kernel` is a helper call (and a socket
+/// snapshot six of them). All [`NO_TYPE`] where the kernel lacks the kfunc
+/// or a type: the programs then read with the helper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTypes {
+    /// `struct tcp_sock`, which embeds `inet_connection_sock`, `sock` and
+    /// `sock_common` at offset 0 (every [`SockOffsets`] socket member).
+    pub tcp_sock: u32,
+    /// `struct net`.
+    pub net: u32,
+    /// `struct timer_list`.
+    pub timer_list: u32,
+    pub reserved: u32,
+}
+
+/// No BTF type: type id 0 is `void`, never a structure.
+pub const NO_TYPE: u32 = 0;
+
+impl KernelTypes {
+    pub const ABSENT: Self = Self {
+        tcp_sock: NO_TYPE,
+        net: NO_TYPE,
+        timer_list: NO_TYPE,
+        reserved: 0,
+    };
+
+    /// Whether the programs load through cast pointers.
+    #[inline]
+    pub const fn direct(&self) -> bool {
+        self.tcp_sock != NO_TYPE && self.net != NO_TYPE && self.timer_list != NO_TYPE
+    }
+}
+
+/// The instruction the programs carry where they call `bpf_rdonly_cast`: a
+/// kfunc call (`BPF_JMP | BPF_CALL`, source register `BPF_PSEUDO_KFUNC_CALL`)
+/// whose immediate, the kfunc's BTF id, is a placeholder. The toolchain
+/// cannot emit a kfunc relocation, and aya 0.14 would not resolve one, so
+/// the agent writes the id from this kernel's BTF into every copy of this
+/// instruction before loading (or, where the kfunc is missing, the `r0 = r1`
+/// the verifier itself turns the call into; the programs then never take
+/// the cast path).
+pub const RDONLY_CAST_PLACEHOLDER: u64 = 0x85 | (0x20 << 8) | ((RDONLY_CAST_MARK as u64) << 32);
+/// The placeholder's immediate ("kaRC"): its eight bytes occur nowhere else
+/// in the object (checked when the agent patches it).
+pub const RDONLY_CAST_MARK: u32 = 0x6B61_5243;
+/// `r0 = r1` (`BPF_ALU64 | BPF_MOV | BPF_X`, dst r0, src r1).
+pub const MOV_R0_R1: u64 = 0xbf | (0x10 << 8);
+
 /// Bytes one [`Span`] copies at most. Large: a helper call costs more here
 /// than copying a few hundred bytes more (docs/benchmarks.md), so fields up
 /// to this far apart share a span.
@@ -343,6 +395,7 @@ const _: () = assert!(size_of::<SendResetFields>() == 8);
 const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
+const _: () = assert!(size_of::<KernelTypes>() == 16);
 const _: () = assert!(size_of::<SockOffsets>() == 64);
 const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
@@ -370,4 +423,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Span {}
+    // SAFETY: `#[repr(C)]`, four `u32`s, no padding (size asserted above).
+    unsafe impl aya::Pod for super::KernelTypes {}
 }

@@ -7,6 +7,8 @@
 //! silently. No program panics: every fallible step returns early.
 #![no_std]
 #![no_main]
+// Inline assembly for the BPF target: the one kfunc call (`sock::cast`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![expect(
     clippy::inline_always,
     reason = "BPF has no real calls across these helpers: inlining keeps the verifier's view and the 512-byte stack simple"
@@ -26,8 +28,8 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
 };
 use ka_common::{
-    COMMON_SPANS, DEFAULT_RING_BYTES, EventKind, FULL_SPANS, NET_SPANS, SOCK_COPY_BYTES,
-    STAT_SLOTS, SockCopyPlan, SockOffsets, Span,
+    COMMON_SPANS, DEFAULT_RING_BYTES, EventKind, FULL_SPANS, KernelTypes, NET_SPANS,
+    SOCK_COPY_BYTES, STAT_SLOTS, SockCopyPlan, SockOffsets, Span,
 };
 
 /// Every event, in the order the hooks reserved them. The agent resizes it at
@@ -81,6 +83,11 @@ static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 /// the agent's drain timer collects them. Set from the ring size at load.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// BTF ids for `bpf_rdonly_cast`, set by the agent: all `NO_TYPE` where
+/// the programs read with `bpf_probe_read_kernel` instead (`sock::cast`).
+#[unsafe(no_mangle)]
+static KERNEL_TYPES: Global<KernelTypes> = Global::new(KernelTypes::ABSENT);
 
 /// Address of `tcp_keepalive_timer` from /proc/kallsyms: the timer hooks keep
 /// only timers with this callback.

@@ -4,15 +4,85 @@
 
 use aya_ebpf::helpers::{bpf_jiffies64, generated};
 use ka_common::{
-    ABSENT, AF_INET, AF_INET6, EventKind, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET,
+    ABSENT, AF_INET, AF_INET6, EventKind, NO_TYPE, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET,
     SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SOCK_COPY_MASK, SPAN_BYTES,
     SockOffsets, SockSnapshot, Span, Stat, tcp_state,
 };
 
 use crate::{
-    KEEPALIVE_TIMER_FN, SOCK_COPY, SOCK_COPY_AT, SOCK_COPY_COMMON, SOCK_COPY_FULL, SOCK_COPY_NET,
-    SOCK_OFFSETS, emit::count,
+    KEEPALIVE_TIMER_FN, KERNEL_TYPES, SOCK_COPY, SOCK_COPY_AT, SOCK_COPY_COMMON, SOCK_COPY_FULL,
+    SOCK_COPY_NET, SOCK_OFFSETS, emit::count,
 };
+
+/// One member of a global, read alone: `Global::load` reads the whole value
+/// (a volatile load per member), and the verifier sees a member read from
+/// the frozen read-only map as the constant it is, which a pointer offset
+/// must be.
+macro_rules! global {
+    ($global:ident . $member:ident) => {{
+        let value = crate::sock::inner(&$global);
+        // SAFETY: `value` points to the global's initialized value (see
+        // `inner`); the member pointer stays inside it and is aligned.
+        unsafe { core::ptr::read_volatile(&raw const (*value).$member) }
+    }};
+}
+
+/// The value inside a global.
+#[inline(always)]
+pub(crate) fn inner<T>(global: &aya_ebpf::Global<T>) -> *const T {
+    // `Global<T>` is `repr(transparent)` over its (always initialized) value.
+    core::ptr::from_ref(global).cast()
+}
+
+/// `ptr` as a pointer to the kernel type `btf_id`, through the
+/// `bpf_rdonly_cast` kfunc: the verifier then allows plain loads from it at
+/// offsets inside that type, each guarded by the kernel against faults (a
+/// bad address reads as zero). Only called where `KERNEL_TYPES` names the
+/// types, that is where the agent found the kfunc and patched its id into
+/// the call (see `ka_common::RDONLY_CAST_PLACEHOLDER`).
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn cast(ptr: u64, btf_id: u32) -> *const u8 {
+    let cast: u64;
+    // SAFETY: the instruction is a kfunc call the agent resolves before
+    // loading (or turns into `r0 = r1`); like any call it takes r1 and r2,
+    // returns in r0 and clobbers r1-r5. It reads and writes no memory of
+    // this program.
+    unsafe {
+        core::arch::asm!(
+            ".quad {call}",
+            call = const ka_common::RDONLY_CAST_PLACEHOLDER,
+            inlateout("r1") ptr => _,
+            inlateout("r2") u64::from(btf_id) => _,
+            lateout("r0") cast,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+            options(nostack, nomem, preserves_flags),
+        );
+    }
+    cast as *const u8
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn cast(ptr: u64, _btf_id: u32) -> *const u8 {
+    ptr as *const u8
+}
+
+/// The `T` at `offset` of a cast pointer (see [`cast`]); zero for an absent
+/// member. One load of exactly `T`'s width: the verifier checks the load
+/// against the member at that offset.
+#[inline(always)]
+fn load<T: Copy + Default>(typed: *const u8, offset: u16) -> T {
+    if offset == ABSENT {
+        return T::default();
+    }
+    // SAFETY: `typed` is a cast pointer: the verifier checked that `offset`
+    // is inside its type and the kernel turns a faulting load into zero
+    // instead of an oops (`BPF_PROBE_MEM`). Kernel structure members are
+    // naturally aligned.
+    unsafe { typed.add(usize::from(offset)).cast::<T>().read_volatile() }
+}
 
 /// Reads a `T` at `base + offset`: zero for an absent field or a failed read
 /// (the latter is counted). The destination is initialized before the read,
@@ -44,7 +114,12 @@ fn field<T: Copy + Default>(base: *const u8, offset: u16) -> T {
 /// The socket's TCP state.
 #[inline(always)]
 pub fn state(sk: *const u8) -> u8 {
-    field::<u8>(sk, SOCK_OFFSETS.load().skc_state)
+    let offset = global!(SOCK_OFFSETS.skc_state);
+    let tcp_sock = global!(KERNEL_TYPES.tcp_sock);
+    if tcp_sock == NO_TYPE {
+        return field::<u8>(sk, offset);
+    }
+    load::<u8>(cast(sk as u64, tcp_sock), offset)
 }
 
 /// Whether `timer` is a socket's keepalive timer (its callback is
@@ -53,16 +128,31 @@ pub fn state(sk: *const u8) -> u8 {
 #[inline(always)]
 pub fn is_keepalive_timer(timer: u64) -> bool {
     let keepalive_fn = KEEPALIVE_TIMER_FN.load();
-    keepalive_fn != 0
-        && field::<u64>(timer as *const u8, SOCK_OFFSETS.load().timer_function) == keepalive_fn
+    if keepalive_fn == 0 {
+        return false;
+    }
+    let offset = global!(SOCK_OFFSETS.timer_function);
+    let timer_list = global!(KERNEL_TYPES.timer_list);
+    let function = if timer_list == NO_TYPE {
+        field::<u64>(timer as *const u8, offset)
+    } else {
+        load::<u64>(cast(timer, timer_list), offset)
+    };
+    function == keepalive_fn
 }
 
 /// Whether the socket has `SO_KEEPALIVE` on (a full socket only).
 #[inline(always)]
 pub fn keepalive_on(sk: *const u8) -> bool {
-    let off: SockOffsets = SOCK_OFFSETS.load();
-    off.sock_keepopen_bit < 64
-        && field::<u64>(sk, off.sk_flags) & (1u64 << off.sock_keepopen_bit) != 0
+    let bit = global!(SOCK_OFFSETS.sock_keepopen_bit);
+    let offset = global!(SOCK_OFFSETS.sk_flags);
+    let tcp_sock = global!(KERNEL_TYPES.tcp_sock);
+    let flags = if tcp_sock == NO_TYPE {
+        field::<u64>(sk, offset)
+    } else {
+        load::<u64>(cast(sk as u64, tcp_sock), offset)
+    };
+    bit < 64 && flags & (1u64 << bit) != 0
 }
 
 /// Copies `spans` of the structure at `base` into the copy, each where the
@@ -111,97 +201,128 @@ fn at<T: Copy + Default>(copy: *const u8, position: u16) -> T {
     unsafe { copy.add(position).cast::<T>().read() }
 }
 
+/// Where a snapshot loads a structure's members from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The structure itself, through a cast pointer ([`cast`]).
+    Direct(*const u8),
+    /// The per-CPU copy its spans were copied into.
+    Copy(*mut u8),
+}
+
+/// The `$ty` member `$member` (a [`SockOffsets`] name) from a [`Source`].
+macro_rules! get {
+    ($source:expr, $ty:ty, $member:ident) => {
+        match $source {
+            Source::Direct(typed) => load::<$ty>(typed, global!(SOCK_OFFSETS.$member)),
+            Source::Copy(copy) => at::<$ty>(copy, global!(SOCK_COPY_AT.$member)),
+        }
+    };
+}
+
 /// Fills `out` from the socket at `sk`, in place (the event lives in the ring
-/// buffer; a copy on the 512-byte stack would not fit twice). The copy is
-/// the slot of the event's kind: raw tracepoint programs can interrupt
-/// other programs on the same CPU (only a program's own runs exclude each
-/// other), so each program has a copy of its own.
+/// buffer; a copy on the 512-byte stack would not fit twice).
+///
+/// Where the kernel has `bpf_rdonly_cast`, every member is one guarded load
+/// through a cast pointer. Elsewhere the spans of the agent's plan are
+/// copied with `bpf_probe_read_kernel` into the per-CPU copy of the event's
+/// kind (raw tracepoint programs can interrupt other programs on the same
+/// CPU: only a program's own runs exclude each other) and loaded from there.
 ///
 /// Returns the socket's protocol (`sk_protocol`; zero when it is not a full
-/// socket or the field was not copied).
+/// socket or the field is unknown).
 #[inline(always)]
 pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
     clear(out);
     out.sk = sk as u64;
     // SAFETY: helper without preconditions.
     out.jiffies = unsafe { bpf_jiffies64() };
-    let Some(copy) = SOCK_COPY.get_ptr_mut(kind as u32) else {
-        out.flags = SNAP_INCOMPLETE;
-        return 0;
+    let tcp_sock = global!(KERNEL_TYPES.tcp_sock);
+    let source = if tcp_sock == NO_TYPE {
+        let Some(copy) = SOCK_COPY.get_ptr_mut(kind as u32) else {
+            out.flags = SNAP_INCOMPLETE;
+            return 0;
+        };
+        let copy = copy.cast::<u8>();
+        copy_spans(copy, sk, &SOCK_COPY_COMMON.load());
+        Source::Copy(copy)
+    } else {
+        Source::Direct(cast(sk as u64, tcp_sock))
     };
-    let copy = copy.cast::<u8>();
-    let at_: SockOffsets = SOCK_COPY_AT.load();
     let mut complete = true;
     let mut flags = 0u8;
     let mut protocol = 0u16;
 
-    copy_spans(copy, sk, &SOCK_COPY_COMMON.load());
-    out.family = at::<u16>(copy, at_.skc_family);
-    out.state = at::<u8>(copy, at_.skc_state);
-    out.sport = at::<u16>(copy, at_.skc_num);
-    out.dport = u16::from_be(at::<u16>(copy, at_.skc_dport));
-    out.cookie = at::<u64>(copy, at_.skc_cookie);
+    out.family = get!(source, u16, skc_family);
+    out.state = get!(source, u8, skc_state);
+    out.sport = get!(source, u16, skc_num);
+    out.dport = u16::from_be(get!(source, u16, skc_dport));
+    out.cookie = get!(source, u64, skc_cookie);
     if out.family == AF_INET {
-        set_ipv4(&mut out.saddr, at::<u32>(copy, at_.skc_rcv_saddr));
-        set_ipv4(&mut out.daddr, at::<u32>(copy, at_.skc_daddr));
+        set_ipv4(&mut out.saddr, get!(source, u32, skc_rcv_saddr));
+        set_ipv4(&mut out.daddr, get!(source, u32, skc_daddr));
     } else if out.family == AF_INET6 {
-        out.saddr = at::<[u8; 16]>(copy, at_.skc_v6_rcv_saddr);
-        out.daddr = at::<[u8; 16]>(copy, at_.skc_v6_daddr);
+        out.saddr = get!(source, [u8; 16], skc_v6_rcv_saddr);
+        out.daddr = get!(source, [u8; 16], skc_v6_daddr);
     }
-    let net = at::<u64>(copy, at_.skc_net) as *const u8;
-    if net.is_null() {
+    let net_ptr = get!(source, u64, skc_net);
+    let net = if net_ptr == 0 {
         complete = false;
+        None
     } else {
-        copy_spans(copy, net, &SOCK_COPY_NET.load());
-        out.netns = at::<u32>(copy, at_.net_ns_inum);
-    }
+        let net = match source {
+            Source::Direct(_) => Source::Direct(cast(net_ptr, global!(KERNEL_TYPES.net))),
+            Source::Copy(copy) => {
+                copy_spans(copy, net_ptr as *const u8, &SOCK_COPY_NET.load());
+                Source::Copy(copy)
+            }
+        };
+        out.netns = get!(net, u32, net_ns_inum);
+        Some(net)
+    };
 
     // Time-wait and request sockets are not a full `struct sock`: only
     // `sock_common` may be read from them.
     if out.state != tcp_state::TIME_WAIT && out.state != tcp_state::NEW_SYN_RECV {
-        copy_spans(copy, sk, &SOCK_COPY_FULL.load());
-        protocol = at::<u16>(copy, at_.sk_protocol);
-        let bit = at_.sock_keepopen_bit;
-        if bit < 64 && at::<u64>(copy, at_.sk_flags) & (1u64 << bit) != 0 {
+        if let Source::Copy(copy) = source {
+            copy_spans(copy, sk, &SOCK_COPY_FULL.load());
+        }
+        protocol = get!(source, u16, sk_protocol);
+        let bit = global!(SOCK_OFFSETS.sock_keepopen_bit);
+        if bit < 64 && get!(source, u64, sk_flags) & (1u64 << bit) != 0 {
             flags |= SNAP_KEEPALIVE_ON;
         }
-        out.sk_err = at::<i32>(copy, at_.sk_err);
-        out.probes_out = at::<u8>(copy, at_.icsk_probes_out);
-        out.retransmits = at::<u8>(copy, at_.icsk_retransmits);
-        out.user_timeout_ms = at::<u32>(copy, at_.icsk_user_timeout);
-        out.lrcvtime = at::<u32>(copy, at_.icsk_ack_lrcvtime);
-        out.rcv_tstamp = at::<u32>(copy, at_.tp_rcv_tstamp);
-        out.lsndtime = at::<u32>(copy, at_.tp_lsndtime);
-        out.packets_out = at::<u32>(copy, at_.tp_packets_out);
+        out.sk_err = get!(source, i32, sk_err);
+        out.probes_out = get!(source, u8, icsk_probes_out);
+        out.retransmits = get!(source, u8, icsk_retransmits);
+        out.user_timeout_ms = get!(source, u32, icsk_user_timeout);
+        out.lrcvtime = get!(source, u32, icsk_ack_lrcvtime);
+        out.rcv_tstamp = get!(source, u32, tp_rcv_tstamp);
+        out.lsndtime = get!(source, u32, tp_lsndtime);
+        out.packets_out = get!(source, u32, tp_packets_out);
 
         // Zero on the socket means "use the namespace's sysctl" (which is in
         // jiffies for time and interval, like the socket's own values).
-        let idle = at::<u32>(copy, at_.tp_keepalive_time);
-        let intvl = at::<u32>(copy, at_.tp_keepalive_intvl);
-        let cnt = at::<u8>(copy, at_.tp_keepalive_probes);
+        let idle = get!(source, u32, tp_keepalive_time);
+        let intvl = get!(source, u32, tp_keepalive_intvl);
+        let cnt = get!(source, u8, tp_keepalive_probes);
         out.keepalive_time = if idle != 0 {
             flags |= SNAP_IDLE_FROM_SOCKET;
             idle
-        } else if net.is_null() {
-            0
         } else {
-            at::<u32>(copy, at_.net_keepalive_time)
+            net.map_or(0, |net| get!(net, u32, net_keepalive_time))
         };
         out.keepalive_intvl = if intvl != 0 {
             flags |= SNAP_INTVL_FROM_SOCKET;
             intvl
-        } else if net.is_null() {
-            0
         } else {
-            at::<u32>(copy, at_.net_keepalive_intvl)
+            net.map_or(0, |net| get!(net, u32, net_keepalive_intvl))
         };
         out.keepalive_probes = if cnt != 0 {
             flags |= SNAP_CNT_FROM_SOCKET;
             cnt
-        } else if net.is_null() {
-            0
         } else {
-            at::<u8>(copy, at_.net_keepalive_probes)
+            net.map_or(0, |net| get!(net, u8, net_keepalive_probes))
         };
     }
     if !complete {

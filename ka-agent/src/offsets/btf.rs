@@ -483,6 +483,27 @@ impl fmt::Display for RawArg {
 }
 
 impl KernelBtf {
+    /// The type id of the structure `name` (not a forward declaration).
+    pub fn struct_id(&self, name: &str) -> Option<u32> {
+        self.btf
+            .resolve_ids_by_name(name)
+            .ok()?
+            .into_iter()
+            .find(|id| matches!(self.btf.resolve_type_by_id(*id), Ok(Type::Struct(_))))
+    }
+
+    /// The type id of the function `name` (a kfunc, for one the kernel
+    /// exports to BPF programs).
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.btf
+            .resolve_ids_by_name(name)
+            .ok()?
+            .into_iter()
+            .find(|id| matches!(self.btf.resolve_type_by_id(*id), Ok(Type::Func(_))))
+    }
+}
+
+impl KernelBtf {
     /// The arguments a raw tracepoint program of `name` receives (its
     /// `TP_PROTO`), from the `btf_trace_<name>` typedef the kernel declares
     /// for every tracepoint, without the leading `void *__data`; `None`

@@ -14,8 +14,8 @@ pub mod tracefs;
 use std::{collections::BTreeMap, fmt, path::PathBuf};
 
 use ka_common::{
-    ErrorReportFields, RetransmitFields, SendResetFields, SetStateFields, SkRecordFields,
-    SockCopyPlan, SockOffsets, TimerFields,
+    ErrorReportFields, KernelTypes, RetransmitFields, SendResetFields, SetStateFields,
+    SkRecordFields, SockCopyPlan, SockOffsets, TimerFields,
 };
 
 pub use kernel::ensure_tracefs_mounted;
@@ -108,6 +108,9 @@ pub struct KernelLayout {
     /// The hot hooks whose raw tracepoint arguments are what the programs
     /// read; the others run on their tracepoint.
     pub raw: RawTracepoints,
+    /// Loads through `bpf_rdonly_cast` instead of helper reads; `None`
+    /// (noted) where the kernel lacks the kfunc or a type.
+    pub casts: Option<Casts>,
     pub sock: SockOffsets,
     /// How the programs copy `sock`'s fields (grouped from `sock`).
     pub sock_copy: SockCopyPlan,
@@ -244,6 +247,7 @@ impl KernelLayout {
             ));
         }
         let raw = RawTracepoints::check(&kernel_btf, &sock, &sock_copy, &mut notes)?;
+        let casts = Casts::find(&kernel_btf, &mut notes);
         let kernel_release = kernel::kernel_release();
         let hz = kernel::config_hz(&kernel_release)?;
         Ok(Self {
@@ -256,6 +260,7 @@ impl KernelLayout {
             timer_start,
             timer_expire_entry,
             raw,
+            casts,
             sock,
             sock_copy,
             reset_reasons,
@@ -263,6 +268,57 @@ impl KernelLayout {
             hz,
             kernel_release,
             notes,
+        })
+    }
+}
+
+/// What the programs need to load kernel memory directly: the
+/// `bpf_rdonly_cast` kfunc (Linux 6.2+) and the types they cast to. A load
+/// through a cast pointer is one instruction the kernel guards against
+/// faults; `bpf_probe_read_kernel` is a helper call each time (six per
+/// socket snapshot, one per timer the kernel starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Casts {
+    /// BTF id of `bpf_rdonly_cast`, patched into the programs' calls.
+    pub kfunc: u32,
+    pub types: KernelTypes,
+}
+
+impl Casts {
+    fn find(kernel_btf: &btf::KernelBtf, notes: &mut Vec<LayoutNote>) -> Option<Self> {
+        let found = (
+            kernel_btf.function_id("bpf_rdonly_cast"),
+            kernel_btf.struct_id("tcp_sock"),
+            kernel_btf.struct_id("net"),
+            kernel_btf.struct_id("timer_list"),
+        );
+        let (Some(kfunc), Some(tcp_sock), Some(net), Some(timer_list)) = found else {
+            let missing = [
+                (found.0.is_none(), "the bpf_rdonly_cast kfunc"),
+                (found.1.is_none(), "struct tcp_sock"),
+                (found.2.is_none(), "struct net"),
+                (found.3.is_none(), "struct timer_list"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, what)| missing.then_some(what))
+            .collect::<Vec<_>>()
+            .join(", ");
+            notes.push(LayoutNote::new(
+                "direct kernel loads",
+                format!(
+                    "BTF lacks {missing}; the programs read with bpf_probe_read_kernel (slower)"
+                ),
+            ));
+            return None;
+        };
+        Some(Self {
+            kfunc,
+            types: KernelTypes {
+                tcp_sock,
+                net,
+                timer_list,
+                reserved: 0,
+            },
         })
     }
 }
@@ -598,5 +654,53 @@ mod tests {
         .unwrap_err();
         assert!(error.is_bad_input(), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn direct_loads_need_the_kfunc_and_every_type() {
+        // The fixture has the socket, namespace and timer structures but,
+        // like a kernel before 6.2, no bpf_rdonly_cast.
+        let fixture = btf::KernelBtf::from_file(&fixtures().join("btf/sock-6.19.btf")).unwrap();
+        assert!(fixture.struct_id("tcp_sock").is_some());
+        let mut notes = Vec::new();
+        assert_eq!(Casts::find(&fixture, &mut notes), None);
+        let note = notes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            note.contains("direct kernel loads: BTF lacks the bpf_rdonly_cast kfunc;"),
+            "{note}"
+        );
+        assert!(!note.contains("struct tcp_sock"), "{note}");
+    }
+
+    #[test]
+    fn live_direct_loads_name_the_kfunc_and_the_structures() {
+        let Some(sources) = live_sources() else {
+            return;
+        };
+        let live = btf::KernelBtf::from_file(&sources.btf).unwrap();
+        let mut notes = Vec::new();
+        let casts = Casts::find(&live, &mut notes);
+        // Linux 6.2 added the kfunc; the 6.1 VM of the matrix has none.
+        let Some(kfunc) = live.function_id("bpf_rdonly_cast") else {
+            assert_eq!(casts, None);
+            return;
+        };
+        let casts = casts.expect("casts with the kfunc and the structures present");
+        assert_eq!(casts.kfunc, kfunc);
+        let KernelTypes {
+            tcp_sock,
+            net,
+            timer_list,
+            reserved: _,
+        } = casts.types;
+        assert_eq!(Some(tcp_sock), live.struct_id("tcp_sock"));
+        assert_eq!(Some(net), live.struct_id("net"));
+        assert_eq!(Some(timer_list), live.struct_id("timer_list"));
+        assert!(casts.types.direct());
+        assert!(notes.is_empty(), "{notes:?}");
     }
 }

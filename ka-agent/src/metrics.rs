@@ -350,24 +350,42 @@ impl Metrics {
 
     /// Counts one observation of the tracker.
     pub fn apply(&self, observation: &Observation) {
+        self.apply_at(observation, Instant::now());
+    }
+
+    /// Applies a batch, with one clock read for all of it (the series'
+    /// last use only needs to be as fine as `--series-ttl`).
+    pub fn apply_all(&self, observations: &[Observation]) {
+        if observations.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for observation in observations {
+            self.apply_at(observation, now);
+        }
+    }
+
+    fn apply_at(&self, observation: &Observation, now: Instant) {
         match observation {
-            Observation::Opened(labels) => self.count(Family::Opened, "", labels),
+            Observation::Opened(labels) => self.count(Family::Opened, "", labels, now),
             Observation::Closed {
                 labels,
                 cause,
                 idle_before_close,
             } => {
-                self.count(Family::Closed, cause.name(), labels);
+                self.count(Family::Closed, cause.name(), labels, now);
                 if let Some((closer, idle)) = idle_before_close
                     && let Child::Histogram(h) =
-                        self.child(Family::IdleBeforeClose, closer.name(), labels)
+                        self.child(Family::IdleBeforeClose, closer.name(), labels, now)
                 {
                     h.observe(*idle);
                 }
             }
-            Observation::ProbeSent(labels) => self.count(Family::Probes, "", labels),
-            Observation::Retransmit(labels) => self.count(Family::Retransmits, "", labels),
-            Observation::ResetReceived(labels) => self.count(Family::ResetsReceived, "", labels),
+            Observation::ProbeSent(labels) => self.count(Family::Probes, "", labels, now),
+            Observation::Retransmit(labels) => self.count(Family::Retransmits, "", labels, now),
+            Observation::ResetReceived(labels) => {
+                self.count(Family::ResetsReceived, "", labels, now)
+            }
             Observation::ResetSent {
                 labels,
                 netns,
@@ -387,10 +405,11 @@ impl Metrics {
                     Family::ResetsSent,
                     reason,
                     labels.as_ref().unwrap_or(&unknown),
+                    now,
                 );
             }
             Observation::Zombie { labels, kind } => {
-                self.count(Family::Zombies, kind.name(), labels);
+                self.count(Family::Zombies, kind.name(), labels, now);
             }
         }
     }
@@ -427,8 +446,8 @@ impl Metrics {
         values
     }
 
-    fn count(&self, family: Family, own: &str, labels: &Labels) {
-        if let Child::Counter(c) = self.child(family, own, labels) {
+    fn count(&self, family: Family, own: &str, labels: &Labels, now: Instant) {
+        if let Child::Counter(c) = self.child(family, own, labels, now) {
             c.inc();
         }
     }
@@ -436,11 +455,10 @@ impl Metrics {
     /// The counter or histogram of a connection series. A series seen
     /// before is one hash lookup (events arrive by the ten thousand a
     /// second); a new one is admitted against `--max-series` first.
-    fn child(&self, family: Family, own: &str, labels: &Labels) -> Child {
+    fn child(&self, family: Family, own: &str, labels: &Labels, now: Instant) -> Child {
         let Ok(mut limiter) = self.series.lock() else {
             return self.make_child(family, &self.values(&own_labels(own), labels));
         };
-        let now = Instant::now();
         let query = SeriesQuery {
             family,
             own,

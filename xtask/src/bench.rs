@@ -68,6 +68,9 @@ enum Config {
     Agent,
     Tcpstates,
     Bpftrace,
+    /// A program that does nothing, on `timer:timer_start`: only timed, to
+    /// show what the kernel's run timing reports for no work at all here.
+    BpftraceEmpty,
 }
 
 impl Config {
@@ -77,6 +80,7 @@ impl Config {
             Self::Agent => "ka-agent",
             Self::Tcpstates => "tcpstates",
             Self::Bpftrace => "bpftrace-count",
+            Self::BpftraceEmpty => "bpftrace-empty",
         }
     }
 }
@@ -509,6 +513,11 @@ fn attach(config: Config, binary: &Path, dir: &Path) -> anyhow::Result<Attached>
             ]);
             ("bpftrace", command, libc::SIGINT)
         }
+        Config::BpftraceEmpty => {
+            let mut command = Command::new("bpftrace");
+            command.args(["-e", "tracepoint:timer:timer_start { }"]);
+            ("bpftrace", command, libc::SIGINT)
+        }
     };
     let mut proc = Proc::spawn(
         name,
@@ -711,7 +720,10 @@ fn timed_runs(
 ) -> anyhow::Result<Timed> {
     let _stats = BpfStats::set(true);
     let mut timed = Timed::default();
-    for &config in configs {
+    let empty = configs
+        .contains(&Config::Bpftrace)
+        .then_some(Config::BpftraceEmpty);
+    for &config in configs.iter().chain(&empty) {
         match attach(config, binary, dir)? {
             Attached::Nothing => {}
             Attached::Agent(mut agent) => {
@@ -1232,8 +1244,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let mut json_references = Vec::new();
     for (config, &ns) in &timed.reference_ns {
         println!(
-            "  reference: {:<15} {ns:>23.1}   (mean per run of its programs, all hooks)",
+            "  reference: {:<15} {ns:>23.1}   ({})",
             config.name(),
+            if *config == Config::BpftraceEmpty {
+                "an empty program on timer_start: the timing's floor here"
+            } else {
+                "mean per run of its programs, all hooks"
+            }
         );
         json_references.push(Json::obj([
             ("config", Json::Str(config.name().into())),
@@ -1340,6 +1357,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .get("timer_start")
         .map(|&(_, ns)| ns)
         .filter(|ns| ns.is_finite());
+    let floor = timed
+        .reference_ns
+        .get(&Config::BpftraceEmpty)
+        .map_or_else(String::new, |ns| format!(" (an empty program: {ns:.0} ns)"));
     let verdict = |ok: Option<bool>| match ok {
         Some(true) => "ok",
         Some(false) => "MISSED",
@@ -1363,9 +1384,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             keepalive_ratio.map(|r| r >= 0.99),
         ),
         ("no lost events during churn", Some(lost == 0.0)),
-        ("TCP hooks <= 150 ns", tcp_hooks_ns.map(|n| n <= 150.0)),
         (
-            "timer_start (mostly non-keepalive) <= 40 ns",
+            &format!("TCP hooks <= 150 ns{floor}"),
+            tcp_hooks_ns.map(|n| n <= 150.0),
+        ),
+        (
+            &format!("timer_start (mostly non-keepalive) <= 40 ns{floor}"),
             timer_ns.map(|n| n <= 40.0),
         ),
         (

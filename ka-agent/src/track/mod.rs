@@ -415,7 +415,10 @@ impl Tracker {
 
     /// Takes what happened since the last call.
     pub fn drain_observations(&mut self) -> Vec<Observation> {
-        std::mem::take(&mut self.observations)
+        // The next batch starts with room for as many as this one: no
+        // regrowing from empty on every drain.
+        let room = Vec::with_capacity(self.observations.len());
+        std::mem::replace(&mut self.observations, room)
     }
 
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 
 use crate::{idle_timeout::IdleTimeout, track::PeerLabel};
 
@@ -92,7 +92,7 @@ pub struct TopArgs {
     #[arg(long, env = "KA_REFRESH", default_value = "1s", value_parser = parse_refresh)]
     pub refresh: u64,
     /// Never start an own agent: keep retrying --agent instead.
-    #[arg(long, env = "KA_NO_SPAWN")]
+    #[arg(long, env = "KA_NO_SPAWN", value_parser = BoolishValueParser::new())]
     pub no_spawn: bool,
     /// Show only this class at start (the z/p/a/o keys change it).
     #[arg(long, env = "KA_CLASS", value_parser = ["zombie", "probing", "at_risk", "ok", "closing"])]
@@ -177,7 +177,7 @@ pub struct AuditArgs {
     )]
     pub idle_timeouts: Vec<IdleTimeout>,
     /// Print JSON instead of a table.
-    #[arg(long, env = "KA_JSON")]
+    #[arg(long, env = "KA_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
 }
 
@@ -193,7 +193,7 @@ pub struct SnapshotArgs {
     )]
     pub idle_timeouts: Vec<IdleTimeout>,
     /// Print JSON (the only format; accepted for the documented spelling).
-    #[arg(long, env = "KA_JSON")]
+    #[arg(long, env = "KA_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
 }
 
@@ -212,12 +212,12 @@ pub struct KernelArgs {
     /// Attach every hook through its tracepoint, never a raw tracepoint
     /// (by default the hot hooks run raw where this kernel's BTF declares
     /// their arguments, which costs less).
-    #[arg(long, env = "KA_NO_RAW_TRACEPOINTS")]
+    #[arg(long, env = "KA_NO_RAW_TRACEPOINTS", value_parser = BoolishValueParser::new())]
     pub no_raw_tracepoints: bool,
     /// Read kernel memory with `bpf_probe_read_kernel` only (by default,
     /// where the kernel has the `bpf_rdonly_cast` kfunc, the programs load
     /// socket and timer fields directly, which costs less).
-    #[arg(long, env = "KA_NO_DIRECT_LOADS")]
+    #[arg(long, env = "KA_NO_DIRECT_LOADS", value_parser = BoolishValueParser::new())]
     pub no_direct_loads: bool,
 }
 
@@ -273,7 +273,7 @@ pub struct RunArgs {
     /// default: the timing is host-wide (every BPF program on the node pays
     /// two clock reads per run, ka's and others'); the run counts are
     /// exported anyway whenever something else turned the timing on.
-    #[arg(long, env = "KA_PROGRAM_RUN_STATS")]
+    #[arg(long, env = "KA_PROGRAM_RUN_STATS", value_parser = BoolishValueParser::new())]
     pub program_run_stats: bool,
     #[command(flatten)]
     pub kernel: KernelArgs,

@@ -384,7 +384,7 @@ impl Metrics {
             Observation::ProbeSent(labels) => self.count(Family::Probes, "", labels, now),
             Observation::Retransmit(labels) => self.count(Family::Retransmits, "", labels, now),
             Observation::ResetReceived(labels) => {
-                self.count(Family::ResetsReceived, "", labels, now)
+                self.count(Family::ResetsReceived, "", labels, now);
             }
             Observation::ResetSent {
                 labels,

@@ -67,6 +67,24 @@ fn environment_variables_are_options_too() {
         .expect("run ka-agent");
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("bogus"));
+    // A switch's variable takes a yes/no word; anything else is an error,
+    // not "on".
+    for (variable, command) in [
+        ("KA_NO_RAW_TRACEPOINTS", "check"),
+        ("KA_NO_DIRECT_LOADS", "check"),
+        ("KA_PROGRAM_RUN_STATS", "run"),
+        ("KA_JSON", "snapshot"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+            .arg(command)
+            .env(variable, "maybe")
+            .output()
+            .expect("run ka-agent");
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{variable}: {text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{variable}: {text}");
+        assert!(text.contains("'maybe'"), "{variable}: {text}");
+    }
 }
 
 #[test]

@@ -84,6 +84,18 @@ fn load<T: Copy + Default>(typed: *const u8, offset: u16) -> T {
     unsafe { typed.add(usize::from(offset)).cast::<T>().read_volatile() }
 }
 
+/// The `T` at `offset` in the kernel structure at `ptr`, of BTF type
+/// `btf_id`: a direct load where the kernel allows it (`KERNEL_TYPES`),
+/// else a helper read. Zero for an absent member.
+#[inline(always)]
+fn member<T: Copy + Default>(ptr: u64, btf_id: u32, offset: u16) -> T {
+    if btf_id == NO_TYPE {
+        field::<T>(ptr as *const u8, offset)
+    } else {
+        load::<T>(cast(ptr, btf_id), offset)
+    }
+}
+
 /// Reads a `T` at `base + offset`: zero for an absent field or a failed read
 /// (the latter is counted). The destination is initialized before the read,
 /// so no path can hand an undefined value to the verifier.
@@ -114,12 +126,11 @@ fn field<T: Copy + Default>(base: *const u8, offset: u16) -> T {
 /// The socket's TCP state.
 #[inline(always)]
 pub fn state(sk: *const u8) -> u8 {
-    let offset = global!(SOCK_OFFSETS.skc_state);
-    let tcp_sock = global!(KERNEL_TYPES.tcp_sock);
-    if tcp_sock == NO_TYPE {
-        return field::<u8>(sk, offset);
-    }
-    load::<u8>(cast(sk as u64, tcp_sock), offset)
+    member::<u8>(
+        sk as u64,
+        global!(KERNEL_TYPES.tcp_sock),
+        global!(SOCK_OFFSETS.skc_state),
+    )
 }
 
 /// Whether `timer` is a socket's keepalive timer (its callback is
@@ -131,13 +142,11 @@ pub fn is_keepalive_timer(timer: u64) -> bool {
     if keepalive_fn == 0 {
         return false;
     }
-    let offset = global!(SOCK_OFFSETS.timer_function);
-    let timer_list = global!(KERNEL_TYPES.timer_list);
-    let function = if timer_list == NO_TYPE {
-        field::<u64>(timer as *const u8, offset)
-    } else {
-        load::<u64>(cast(timer, timer_list), offset)
-    };
+    let function = member::<u64>(
+        timer,
+        global!(KERNEL_TYPES.timer_list),
+        global!(SOCK_OFFSETS.timer_function),
+    );
     function == keepalive_fn
 }
 
@@ -145,13 +154,11 @@ pub fn is_keepalive_timer(timer: u64) -> bool {
 #[inline(always)]
 pub fn keepalive_on(sk: *const u8) -> bool {
     let bit = global!(SOCK_OFFSETS.sock_keepopen_bit);
-    let offset = global!(SOCK_OFFSETS.sk_flags);
-    let tcp_sock = global!(KERNEL_TYPES.tcp_sock);
-    let flags = if tcp_sock == NO_TYPE {
-        field::<u64>(sk, offset)
-    } else {
-        load::<u64>(cast(sk as u64, tcp_sock), offset)
-    };
+    let flags = member::<u64>(
+        sk as u64,
+        global!(KERNEL_TYPES.tcp_sock),
+        global!(SOCK_OFFSETS.sk_flags),
+    );
     bit < 64 && flags & (1u64 << bit) != 0
 }
 

@@ -674,8 +674,31 @@ struct Results {
     dir: PathBuf,
 }
 
-/// Boots `kernel` with vng and runs `plan` in it, bounded by `timeout`.
+/// Boots `kernel` with vng and runs `plan` in it, bounded by `timeout`;
+/// once more if the VM never started (vng gone within seconds, nothing on
+/// the console, the guest script never ran: seen once in CI, the next
+/// boot of the same kernel passed), never when the guest ran.
 fn boot(
+    tools: &Tools,
+    kernel: &Kernel,
+    agent: &Path,
+    plan: &[Step],
+    timeout: Duration,
+) -> anyhow::Result<Results> {
+    let first = boot_once(tools, kernel, agent, plan, timeout);
+    let dir = cache().join("results").join(&kernel.version);
+    let never_started = !dir.join("uname").exists()
+        && fs::read_to_string(dir.join("console.log")).is_ok_and(|c| c.trim().is_empty());
+    match first {
+        Err(error) if never_started => {
+            eprintln!("xtask: vm-test: the VM never started ({error:#}); booting it once more");
+            boot_once(tools, kernel, agent, plan, timeout)
+        }
+        other => other,
+    }
+}
+
+fn boot_once(
     tools: &Tools,
     kernel: &Kernel,
     agent: &Path,

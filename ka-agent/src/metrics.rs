@@ -53,6 +53,7 @@ pub struct Metrics {
     pub events_lost: IntCounter,
     pub ring_fill: Gauge,
     pub decode_errors: IntCounter,
+    pub pod_list_failures: IntCounter,
     pub opened: IntCounterVec,
     pub closed: IntCounterVec,
     pub connections: IntGaugeVec,
@@ -236,6 +237,10 @@ impl Metrics {
                 "ka_event_decode_errors_total",
                 "Ring-buffer records that were not valid events (agent/program mismatch).",
             )?,
+            pod_list_failures: IntCounter::new(
+                "ka_pod_list_failures_total",
+                "Inventories (with --node-name) for which this node's pods could not be listed from the Kubernetes API: pod labels come from the last good list, or are missing.",
+            )?,
             opened: counter("ka_connections_opened_total", "Connections that reached ESTABLISHED.", &[])?,
             closed: counter(
                 "ka_connections_closed_total",
@@ -330,6 +335,7 @@ impl Metrics {
             Box::new(metrics.events_lost.clone()),
             Box::new(metrics.ring_fill.clone()),
             Box::new(metrics.decode_errors.clone()),
+            Box::new(metrics.pod_list_failures.clone()),
             Box::new(metrics.connections.clone()),
             Box::new(metrics.probing.clone()),
             Box::new(metrics.at_risk.clone()),

@@ -244,6 +244,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // close still waiting in the ring is not a connection gone
                 // without its close (which the reconciliation closes).
                 drain(ring.get_mut(), &mut tracker, &metrics);
+                metrics.pod_list_failures.inc_by(u64::from(update.pod_list_failed));
                 let first = !tracker.inventory_done();
                 let report = tracker.reconcile(&update);
                 if first {

@@ -132,6 +132,7 @@ fn prepared() -> InventoryUpdate {
         owners,
         took: Duration::ZERO,
         dump_took: Duration::ZERO,
+        pod_list_failed: false,
     }
 }
 

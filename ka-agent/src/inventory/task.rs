@@ -24,6 +24,9 @@ pub struct InventoryUpdate {
     pub took: Duration,
     /// How long the `sock_diag` dump of every namespace took, alone.
     pub dump_took: Duration,
+    /// Pod labels were asked for (`--node-name`) but this node's pods could
+    /// not be listed for this inventory.
+    pub pod_list_failed: bool,
 }
 
 /// The receiving end, owned by the event loop.
@@ -72,8 +75,9 @@ pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<Invent
                 let started = Instant::now();
                 match take(&mut index) {
                     Ok(mut update) => {
-                        if let Some(pods) = &mut pods {
-                            pods.label(&mut update);
+                        match &mut pods {
+                            Some(pods) => pods.label(&mut update),
+                            None => update.pod_list_failed = node.is_some(),
                         }
                         update.took = started.elapsed();
                         if sender.blocking_send(update).is_err() {
@@ -117,6 +121,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         owners,
         took: started.elapsed(),
         dump_took,
+        pod_list_failed: false,
     })
 }
 
@@ -152,10 +157,48 @@ impl PodDirectory {
             Ok(pods) => self.pods = pods,
             Err(error) => {
                 tracing::warn!(%error, "listing this node's pods failed; keeping the last list");
+                update.pod_list_failed = true;
             }
         }
         for owner in update.owners.values_mut() {
             owner.pod = PodLabels::of(&owner.workload, &self.pods);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unanswered_pod_list_is_reported_and_the_last_list_kept() {
+        // A port nothing listens on: the API does not answer.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let last = PodsByUid::from([(
+            "uid".to_owned(),
+            crate::attribution::kubernetes::PodRef {
+                namespace: "default".to_owned(),
+                name: "web".to_owned(),
+                containers: std::collections::BTreeMap::new(),
+            },
+        )]);
+        let mut directory = PodDirectory {
+            client: KubernetesClient::with_base_url(&url, None, "node-a"),
+            pods: last.clone(),
+        };
+        let mut update = InventoryUpdate {
+            inventory: Inventory {
+                namespaces: Vec::new(),
+            },
+            owners: HashMap::new(),
+            took: Duration::ZERO,
+            dump_took: Duration::ZERO,
+            pod_list_failed: false,
+        };
+        directory.label(&mut update);
+        assert!(update.pod_list_failed);
+        assert_eq!(directory.pods, last);
     }
 }

@@ -416,6 +416,7 @@ mod tests {
             owners,
             dump_took: std::time::Duration::ZERO,
             took: std::time::Duration::ZERO,
+            pod_list_failed: false,
         }
     }
 

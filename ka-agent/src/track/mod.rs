@@ -50,7 +50,7 @@ pub const RECENTLY_CLOSED: usize = 1024;
 #[derive(Clone, Debug, Serialize)]
 pub struct ClosedConnection {
     #[serde(flatten)]
-    pub connection: Box<Connection>,
+    pub connection: Connection,
     pub cause: CloseCause,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub closer: Option<Closer>,

@@ -17,18 +17,13 @@ fn kernel_has_kprobes() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
 }
 
-/// Whether the kernel's BTF names `enum sk_rst_reason` (6.10 and later):
-/// looked up in the raw string section, without the agent's BTF parser.
-fn btf_has_reset_reasons() -> bool {
+/// Whether the kernel's BTF names `name` (`sk_rst_reason`: 6.10 and later;
+/// `bpf_rdonly_cast`: 6.2 and later): looked up in the raw string section,
+/// without the agent's BTF parser.
+fn btf_names(name: &str) -> bool {
     let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
-    btf.windows(15).any(|w| w == b"\0sk_rst_reason\0")
-}
-
-/// Whether the kernel's BTF names the `bpf_rdonly_cast` kfunc (6.2 and
-/// later), looked up the same way.
-fn btf_has_rdonly_cast() -> bool {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
-    btf.windows(17).any(|w| w == b"\0bpf_rdonly_cast\0")
+    let needle = format!("\0{name}\0");
+    btf.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 fn check_report() -> String {
@@ -106,7 +101,7 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
     // 6.18), with the helper elsewhere (6.1): either way every program
     // above loaded.
     let reads = line_of(&report, "kernel reads");
-    if btf_has_rdonly_cast() {
+    if btf_names("bpf_rdonly_cast") {
         assert!(
             reads.ends_with("direct loads through bpf_rdonly_cast"),
             "BTF has bpf_rdonly_cast:\n{report}"
@@ -118,7 +113,7 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
         );
     }
     let reasons = line_of(&report, "reset reasons");
-    if btf_has_reset_reasons() {
+    if btf_names("sk_rst_reason") {
         assert!(
             reasons.contains("present"),
             "BTF has sk_rst_reason:\n{report}"

@@ -4,27 +4,145 @@
 
 use ka_common::KeepaliveFiredEvent;
 
-use super::{PendingFire, Tracker};
+use super::{Observation, PendingFire, Tracker};
 
 impl Tracker {
     pub(super) fn on_keepalive_fired(&mut self, event: &KeepaliveFiredEvent) {
         let Some(conn) = self.adopt(&event.sock, event.header.ktime_ns) else {
             return;
         };
+        let probes_out = event.sock.probes_out;
+        // The re-arm after the previous expiry went unseen (its program run
+        // was skipped: a timer softirq interrupting `timer_start`'s program
+        // in process context on the same CPU). The timer fired again, so
+        // the handler re-armed it; one more unanswered probe means it sent
+        // one then. Only that handler moves `icsk_probes_out` while the
+        // timer waits (zero-window probes need queued data, with which the
+        // keepalive handler re-arms without probing, and that re-arm is
+        // seen).
+        let missed_probe = conn
+            .pending_fire
+            .is_some_and(|fire| probes_out == fire.probes_out.wrapping_add(1));
         let ka = &mut conn.keepalive;
+        if missed_probe {
+            ka.probes_sent += 1;
+            ka.probe_outstanding = true;
+        }
         // Every acceptable ACK resets icsk_probes_out: if the last expiry
         // sent a probe and the count is back at zero, the peer answered. A
         // probe still counted here went a whole interval without an answer.
-        if ka.probe_outstanding && event.sock.probes_out == 0 {
+        if ka.probe_outstanding && probes_out == 0 {
             ka.probes_answered += 1;
         }
         ka.probe_outstanding = false;
-        ka.unanswered = event.sock.probes_out;
+        ka.unanswered = probes_out;
         conn.pending_fire = Some(PendingFire {
             cpu: event.header.cpu,
             ktime_ns: event.header.ktime_ns,
-            probes_out: event.sock.probes_out,
+            probes_out,
         });
         conn.last_fire = Some((event.header.cpu, event.header.ktime_ns));
+        if missed_probe {
+            let labels = conn.labels();
+            self.observations.push(Observation::ProbeSent(labels));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{
+        EventHeader, EventKind, KeepaliveArmedEvent, KeepaliveFiredEvent, SockSnapshot, tcp_state,
+    };
+
+    use crate::{
+        decode::Event,
+        track::{Observation, Tracker, TrackerConfig},
+    };
+
+    fn idle_socket(probes_out: u8) -> SockSnapshot {
+        SockSnapshot {
+            sk: 0xB,
+            netns: 7,
+            family: ka_common::AF_INET,
+            saddr: [198, 18, 11, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [198, 18, 11, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 41000,
+            dport: 9000,
+            state: tcp_state::ESTABLISHED,
+            flags: ka_common::SNAP_KEEPALIVE_ON,
+            probes_out,
+            ..SockSnapshot::default()
+        }
+    }
+
+    fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            cpu: 1,
+            ktime_ns,
+        }
+    }
+
+    fn fired(probes_out: u8, ktime_ns: u64) -> Event {
+        Event::KeepaliveFired(KeepaliveFiredEvent {
+            header: header(EventKind::KeepaliveFired, ktime_ns),
+            sock: idle_socket(probes_out),
+        })
+    }
+
+    fn armed(probes_out: u8, ktime_ns: u64) -> Event {
+        Event::KeepaliveArmed(KeepaliveArmedEvent {
+            header: header(EventKind::KeepaliveArmed, ktime_ns),
+            sock: idle_socket(probes_out),
+            expires: 0,
+        })
+    }
+
+    fn probes_counted(tracker: &mut Tracker) -> usize {
+        tracker
+            .drain_observations()
+            .iter()
+            .filter(|o| matches!(o, Observation::ProbeSent(_)))
+            .count()
+    }
+
+    #[test]
+    fn every_probe_is_counted_when_each_rearm_is_seen() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        for probes_out in 0..3 {
+            let at = u64::from(probes_out) * 1_000_000_000;
+            tracker.handle(&fired(probes_out, at));
+            tracker.handle(&armed(probes_out + 1, at + 10_000));
+        }
+        tracker.handle(&fired(3, 3_000_000_000));
+        assert_eq!(probes_counted(&mut tracker), 3);
+    }
+
+    #[test]
+    fn a_probe_whose_rearm_went_unseen_is_counted_at_the_next_expiry() {
+        // The kernel skipped `timer_start`'s run for the second re-arm.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&fired(0, 0));
+        tracker.handle(&armed(1, 10_000));
+        tracker.handle(&fired(1, 1_000_000_000));
+        tracker.handle(&fired(2, 2_000_000_000));
+        tracker.handle(&armed(3, 2_000_010_000));
+        tracker.handle(&fired(3, 3_000_000_000));
+        assert_eq!(probes_counted(&mut tracker), 3);
+    }
+
+    #[test]
+    fn a_rearm_without_a_probe_counts_nothing() {
+        // The socket was busy (owned by its user) or had data in flight:
+        // the handler re-armed without probing, and the peer answered the
+        // earlier probe in between.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&fired(0, 0));
+        tracker.handle(&armed(0, 10_000));
+        tracker.handle(&fired(0, 50_000_000));
+        tracker.handle(&armed(1, 50_010_000));
+        tracker.handle(&fired(0, 1_050_000_000));
+        assert_eq!(probes_counted(&mut tracker), 1);
     }
 }

@@ -113,11 +113,20 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(ka_agent::run::run(args)) {
-                Ok(()) => 0,
-                Err(error) => {
+            // The agent's loop runs on a worker, which also waits on the
+            // ring buffer, the timers and the sockets: its wake-ups need no
+            // hand-over to the main thread (a futex wake and a context
+            // switch, on every drain).
+            let agent = runtime.spawn(ka_agent::run::run(args));
+            match runtime.block_on(agent) {
+                Ok(Ok(())) => 0,
+                Ok(Err(error)) => {
                     eprintln!("ka-agent: {error}");
                     error.exit_code()
+                }
+                Err(error) => {
+                    eprintln!("ka-agent: the agent stopped unexpectedly: {error}");
+                    1
                 }
             }
         }

@@ -356,42 +356,55 @@ impl Metrics {
 
     /// Counts one observation of the tracker.
     pub fn apply(&self, observation: &Observation) {
-        self.apply_at(observation, Instant::now());
+        self.apply_all(std::slice::from_ref(observation));
     }
 
-    /// Applies a batch, with one clock read for all of it (the series'
-    /// last use only needs to be as fine as `--series-ttl`).
+    /// Applies a batch, with one clock read and one lock of the series
+    /// for all of it (the series' last use only needs to be as fine as
+    /// `--series-ttl`).
     pub fn apply_all(&self, observations: &[Observation]) {
         if observations.is_empty() {
             return;
         }
         let now = Instant::now();
+        // A poisoned lock (a panic while it was held) still counts, with
+        // series made afresh and no limit.
+        let mut guard = self.series.lock().ok();
+        let mut series = guard.as_deref_mut();
         for observation in observations {
-            self.apply_at(observation, now);
+            self.apply_at(series.as_deref_mut(), observation, now);
         }
     }
 
-    fn apply_at(&self, observation: &Observation, now: Instant) {
+    fn apply_at(
+        &self,
+        mut series: Option<&mut SeriesLimiter>,
+        observation: &Observation,
+        now: Instant,
+    ) {
+        let mut count = |family, own: &str, labels: &Labels| {
+            if let Child::Counter(c) = self.child(series.as_deref_mut(), family, own, labels, now) {
+                c.inc();
+            }
+        };
         match observation {
-            Observation::Opened(labels) => self.count(Family::Opened, "", labels, now),
+            Observation::Opened(labels) => count(Family::Opened, "", labels),
             Observation::Closed {
                 labels,
                 cause,
                 idle_before_close,
             } => {
-                self.count(Family::Closed, cause.name(), labels, now);
+                count(Family::Closed, cause.name(), labels);
                 if let Some((closer, idle)) = idle_before_close
                     && let Child::Histogram(h) =
-                        self.child(Family::IdleBeforeClose, closer.name(), labels, now)
+                        self.child(series, Family::IdleBeforeClose, closer.name(), labels, now)
                 {
                     h.observe(*idle);
                 }
             }
-            Observation::ProbeSent(labels) => self.count(Family::Probes, "", labels, now),
-            Observation::Retransmit(labels) => self.count(Family::Retransmits, "", labels, now),
-            Observation::ResetReceived(labels) => {
-                self.count(Family::ResetsReceived, "", labels, now);
-            }
+            Observation::ProbeSent(labels) => count(Family::Probes, "", labels),
+            Observation::Retransmit(labels) => count(Family::Retransmits, "", labels),
+            Observation::ResetReceived(labels) => count(Family::ResetsReceived, "", labels),
             Observation::ResetSent {
                 labels,
                 netns,
@@ -407,15 +420,14 @@ impl Metrics {
                     peer: String::new(),
                     pod: PodLabels::default(),
                 };
-                self.count(
+                count(
                     Family::ResetsSent,
                     reason,
                     labels.as_ref().unwrap_or(&unknown),
-                    now,
                 );
             }
             Observation::Zombie { labels, kind } => {
-                self.count(Family::Zombies, kind.name(), labels, now);
+                count(Family::Zombies, kind.name(), labels);
             }
         }
     }
@@ -452,17 +464,18 @@ impl Metrics {
         values
     }
 
-    fn count(&self, family: Family, own: &str, labels: &Labels, now: Instant) {
-        if let Child::Counter(c) = self.child(family, own, labels, now) {
-            c.inc();
-        }
-    }
-
     /// The counter or histogram of a connection series. A series seen
     /// before is one hash lookup (events arrive by the ten thousand a
     /// second); a new one is admitted against `--max-series` first.
-    fn child(&self, family: Family, own: &str, labels: &Labels, now: Instant) -> Child {
-        let Ok(mut limiter) = self.series.lock() else {
+    fn child(
+        &self,
+        series: Option<&mut SeriesLimiter>,
+        family: Family,
+        own: &str,
+        labels: &Labels,
+        now: Instant,
+    ) -> Child {
+        let Some(limiter) = series else {
             return self.make_child(family, &self.values(&own_labels(own), labels));
         };
         let query = SeriesQuery {
@@ -474,7 +487,7 @@ impl Metrics {
             resolved.last_used = now;
             return resolved.child.clone();
         }
-        let (admitted_key, full) = self.admit(&mut limiter, family, &own_labels(own), labels, now);
+        let (admitted_key, full) = self.admit(limiter, family, &own_labels(own), labels, now);
         let child = self.make_child(family, &full);
         if admitted_key.get(2).is_some_and(|port| port == OVERFLOW) {
             // Folded into `other`: not remembered, so a flood of new label

@@ -43,6 +43,9 @@ struct Closing {
 
 /// Most states kept in [`Connection::history`].
 pub const HISTORY: usize = 12;
+/// A connection's states, oldest first: inline, no allocation of its own
+/// (a record is created, copied and dropped for every short connection).
+pub type History = smallvec::SmallVec<[TcpState; HISTORY]>;
 /// Most closed connections kept for the API.
 pub const RECENTLY_CLOSED: usize = 1024;
 
@@ -258,7 +261,7 @@ pub struct Connection {
     pub direction: Direction,
     pub state: TcpState,
     /// The states it went through, oldest first (at most [`HISTORY`]).
-    pub history: Vec<TcpState>,
+    pub history: History,
     pub comm: String,
     /// Its pod and container, in Kubernetes (from the owner's cgroup and
     /// the API).
@@ -335,7 +338,7 @@ impl Connection {
             remote,
             direction,
             state,
-            history: vec![state],
+            history: smallvec::smallvec![state],
             comm: String::new(),
             pod: None,
             was_established: true,
@@ -555,7 +558,7 @@ impl Tracker {
             remote: socket_addr(snap.family, snap.daddr, snap.dport),
             direction,
             state: TcpState::from_raw(snap.state),
-            history: Vec::new(),
+            history: History::new(),
             comm: String::new(),
             pod: None,
             was_established: false,

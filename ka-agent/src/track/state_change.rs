@@ -205,7 +205,7 @@ impl Tracker {
     }
 }
 
-fn push_history(history: &mut Vec<TcpState>, state: TcpState) {
+fn push_history(history: &mut super::History, state: TcpState) {
     if history.len() >= super::HISTORY {
         history.remove(0);
     }

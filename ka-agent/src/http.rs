@@ -412,7 +412,7 @@ mod documentation {
             }],
         };
         let closed = crate::track::ClosedConnection {
-            connection,
+            connection: Box::new(connection),
             cause: crate::model::CloseCause::Normal,
             closer: Some(crate::model::Closer::Peer),
             idle_before_close_secs: Some(1.0),

@@ -206,7 +206,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             _ = tick.tick() => {
                 let now = monotonic_ns();
                 tracker.sweep(now);
-                metrics.apply_all(&tracker.drain_observations());
+                tracker.flush_observations(|batch| metrics.apply_all(batch));
                 kernel_counts.update(&stats, &metrics);
                 #[expect(clippy::cast_precision_loss, reason = "ring sizes are far below 2^52")]
                 metrics.ring_fill.set(
@@ -236,7 +236,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             // `Tracker::settle_closes`); give it without waiting for the tick.
             () = tokio::time::sleep(Duration::from_millis(25)), if tracker.has_closing() => {
                 tracker.settle_closes(monotonic_ns());
-                metrics.apply_all(&tracker.drain_observations());
+                tracker.flush_observations(|batch| metrics.apply_all(batch));
             }
             Some(query) = asked.recv() => answer(query, &tracker, &args.idle_timeouts),
             Some(update) = inventory.updates.recv() => {
@@ -459,7 +459,7 @@ fn drain(
         }
     }
     tracker.settle_closes(monotonic_ns());
-    metrics.apply_all(&tracker.drain_observations());
+    tracker.flush_observations(|batch| metrics.apply_all(batch));
 }
 
 /// Bridges aya-log records of the kernel programs into `tracing` (through

@@ -194,7 +194,7 @@ impl Tracker {
                         "connection gone without its close event: closed from its record"
                     );
                     let evidence = self.evidence_of(&conn);
-                    self.conclude(&conn, &evidence, namespace.dumped_at_ns);
+                    self.conclude(conn, &evidence, namespace.dumped_at_ns);
                 }
             }
         }

@@ -53,7 +53,7 @@ pub const RECENTLY_CLOSED: usize = 1024;
 #[derive(Clone, Debug, Serialize)]
 pub struct ClosedConnection {
     #[serde(flatten)]
-    pub connection: Connection,
+    pub connection: Box<Connection>,
     pub cause: CloseCause,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub closer: Option<Closer>,
@@ -414,6 +414,13 @@ impl Tracker {
             Event::KeepaliveFired(e) => self.on_keepalive_fired(e),
             Event::RcvStateProcess(e) => self.on_rcv_state_process(e),
         }
+    }
+
+    /// Hands what happened since the last call to `apply`; the buffer
+    /// keeps its room for the next batch.
+    pub fn flush_observations(&mut self, apply: impl FnOnce(&[Observation])) {
+        apply(&self.observations);
+        self.observations.clear();
     }
 
     /// Takes what happened since the last call.

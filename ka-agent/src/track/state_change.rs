@@ -99,7 +99,7 @@ impl Tracker {
     /// Gives the verdict on a connection that reached CLOSE.
     pub(super) fn settle(&mut self, sk: u64) {
         if let Some(closing) = self.closing.remove(&sk) {
-            self.finish(&closing.connection, closing.old_state, &closing.event);
+            self.finish(closing.connection, closing.old_state, &closing.event);
         }
     }
 
@@ -118,7 +118,7 @@ impl Tracker {
         }
     }
 
-    fn finish(&mut self, conn: &Connection, old: TcpState, event: &StateChangeEvent) {
+    fn finish(&mut self, conn: Box<Connection>, old: TcpState, event: &StateChangeEvent) {
         let snap = &event.sock;
         let in_keepalive_timer = conn.last_fire.is_some_and(|(cpu, ktime)| {
             cpu == event.header.cpu
@@ -130,7 +130,7 @@ impl Tracker {
             retransmits: snap.retransmits,
             probes_out: snap.probes_out,
             in_keepalive_timer,
-            ..self.evidence_of(conn)
+            ..self.evidence_of(&conn)
         };
         self.conclude(conn, &evidence, event.header.ktime_ns);
     }
@@ -153,10 +153,11 @@ impl Tracker {
         }
     }
 
-    /// Gives the verdict on a connection that ended at `closed_at_ns`.
+    /// Gives the verdict on a connection that ended at `closed_at_ns`; its
+    /// record moves to the recently closed.
     pub(super) fn conclude(
         &mut self,
-        conn: &Connection,
+        conn: Box<Connection>,
         evidence: &DeathEvidence,
         closed_at_ns: u64,
     ) {
@@ -187,13 +188,14 @@ impl Tracker {
             });
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
-        let mut record = conn.clone();
-        record.zombie = zombie.or(conn.zombie);
+        let closer = conn.closer.map(|(closer, _)| closer);
+        let mut record = conn;
+        record.zombie = zombie.or(record.zombie);
         record.state = TcpState::Close;
         self.remember_closed(super::ClosedConnection {
             connection: record,
             cause,
-            closer: conn.closer.map(|(closer, _)| closer),
+            closer,
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
             closed_at_ns,
         });

@@ -52,35 +52,23 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use ka_common::{
-        EventHeader, EventKind, KeepaliveArmedEvent, KeepaliveFiredEvent, SockSnapshot, tcp_state,
+        EventKind, KeepaliveArmedEvent, KeepaliveFiredEvent, SNAP_KEEPALIVE_ON, SockSnapshot,
+        tcp_state,
     };
 
     use crate::{
         decode::Event,
-        track::{Observation, Tracker, TrackerConfig},
+        track::{
+            Observation, Tracker, TrackerConfig,
+            fixtures::{header, socket},
+        },
     };
 
     fn idle_socket(probes_out: u8) -> SockSnapshot {
         SockSnapshot {
-            sk: 0xB,
-            netns: 7,
-            family: ka_common::AF_INET,
-            saddr: [198, 18, 11, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [198, 18, 11, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            sport: 41000,
-            dport: 9000,
-            state: tcp_state::ESTABLISHED,
-            flags: ka_common::SNAP_KEEPALIVE_ON,
+            flags: SNAP_KEEPALIVE_ON,
             probes_out,
-            ..SockSnapshot::default()
-        }
-    }
-
-    fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
-        EventHeader {
-            kind: kind as u32,
-            cpu: 1,
-            ktime_ns,
+            ..socket(9000, tcp_state::ESTABLISHED)
         }
     }
 

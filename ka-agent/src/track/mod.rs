@@ -649,3 +649,32 @@ fn socket_addr(family: u16, addr: [u8; 16], port: u16) -> SocketAddr {
     };
     SocketAddr::new(ip, port)
 }
+
+/// Events for the interpreters' unit tests.
+#[cfg(test)]
+mod fixtures {
+    use ka_common::{EventHeader, EventKind, SockSnapshot};
+
+    /// An IPv4 socket in `state` from 198.18.10.1 towards 198.18.10.2:`port`.
+    pub fn socket(port: u16, state: u8) -> SockSnapshot {
+        SockSnapshot {
+            sk: 0xA,
+            netns: 7,
+            family: ka_common::AF_INET,
+            saddr: [198, 18, 10, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [198, 18, 10, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport: 40000 + port,
+            dport: port,
+            state,
+            ..SockSnapshot::default()
+        }
+    }
+
+    pub fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            cpu: 0,
+            ktime_ns,
+        }
+    }
+}

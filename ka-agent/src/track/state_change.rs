@@ -226,41 +226,19 @@ fn idle_before_close(snap: &ka_common::SockSnapshot, hz: u32) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use ka_common::{
-        EventHeader, EventKind, ReceiveResetEvent, SockSnapshot, StateChangeEvent, tcp_state,
-    };
+    use ka_common::{EventKind, ReceiveResetEvent, StateChangeEvent, tcp_state};
 
     use crate::{
         decode::Event,
-        track::{Observation, Tracker, TrackerConfig},
+        track::{
+            Observation, Tracker, TrackerConfig,
+            fixtures::{header, socket},
+        },
     };
-
-    /// A socket at address 0xA in `SYN_SENT` towards `port`.
-    fn connecting(port: u16) -> SockSnapshot {
-        SockSnapshot {
-            sk: 0xA,
-            netns: 7,
-            family: ka_common::AF_INET,
-            saddr: [198, 18, 10, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [198, 18, 10, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            sport: 40000 + port,
-            dport: port,
-            state: tcp_state::SYN_SENT,
-            ..SockSnapshot::default()
-        }
-    }
-
-    fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
-        EventHeader {
-            kind: kind as u32,
-            cpu: 0,
-            ktime_ns,
-        }
-    }
 
     /// A refused connect: the RST, then `SYN_SENT` -> `CLOSE`.
     fn refused(tracker: &mut Tracker, port: u16, ktime_ns: u64) {
-        let sock = connecting(port);
+        let sock = socket(port, tcp_state::SYN_SENT);
         tracker.handle(&Event::ReceiveReset(ReceiveResetEvent {
             header: header(EventKind::ReceiveReset, ktime_ns),
             sock,

@@ -733,12 +733,12 @@ fn boot_once(
         .arg(&kernel.vmlinuz)
         .args(["--cpus", "2", "--memory", "2G", "--user", "root"])
         // One host thread runs both vCPUs. With a thread per vCPU (QEMU's
-        // default here), the 6.12 guest oopsed in 2 of 5 boots on an int3
+        // default here), the 6.12 guest oopsed in 3 of 6 boots on an int3
         // left in `enqueue_timer` after detaching the `timer_start` program
         // had re-patched that tracepoint's call site (`tracepoint_probe_
         // unregister` -> `call_srcu` -> `__mod_timer` on the patching CPU
-        // itself: the emulator ran stale code); 7 of 7 boots passed with
-        // one thread (or one vCPU), about 15 % slower.
+        // itself, most likely the emulator running stale code); 9 of 9
+        // boots passed with one thread (or one vCPU), about 15 % slower.
         .arg("--qemu-opts=-accel tcg,thread=single")
         .arg("--rwdir")
         .arg(&dir)

@@ -87,7 +87,12 @@ mod tests {
         })
     }
 
-    fn probes_counted(tracker: &mut Tracker) -> usize {
+    /// How many probes the tracker counts after `events`, in order.
+    fn probes_counted(events: &[Event]) -> usize {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        for event in events {
+            tracker.handle(event);
+        }
         tracker
             .drain_observations()
             .iter()
@@ -95,29 +100,34 @@ mod tests {
             .count()
     }
 
+    const SECOND: u64 = 1_000_000_000;
+
     #[test]
     fn every_probe_is_counted_when_each_rearm_is_seen() {
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        for probes_out in 0..3 {
-            let at = u64::from(probes_out) * 1_000_000_000;
-            tracker.handle(&fired(probes_out, at));
-            tracker.handle(&armed(probes_out + 1, at + 10_000));
-        }
-        tracker.handle(&fired(3, 3_000_000_000));
-        assert_eq!(probes_counted(&mut tracker), 3);
+        let events = [
+            fired(0, 0),
+            armed(1, 10_000),
+            fired(1, SECOND),
+            armed(2, SECOND + 10_000),
+            fired(2, 2 * SECOND),
+            armed(3, 2 * SECOND + 10_000),
+            fired(3, 3 * SECOND),
+        ];
+        assert_eq!(probes_counted(&events), 3);
     }
 
     #[test]
     fn a_probe_whose_rearm_went_unseen_is_counted_at_the_next_expiry() {
         // The kernel skipped `timer_start`'s run for the second re-arm.
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        tracker.handle(&fired(0, 0));
-        tracker.handle(&armed(1, 10_000));
-        tracker.handle(&fired(1, 1_000_000_000));
-        tracker.handle(&fired(2, 2_000_000_000));
-        tracker.handle(&armed(3, 2_000_010_000));
-        tracker.handle(&fired(3, 3_000_000_000));
-        assert_eq!(probes_counted(&mut tracker), 3);
+        let events = [
+            fired(0, 0),
+            armed(1, 10_000),
+            fired(1, SECOND),
+            fired(2, 2 * SECOND),
+            armed(3, 2 * SECOND + 10_000),
+            fired(3, 3 * SECOND),
+        ];
+        assert_eq!(probes_counted(&events), 3);
     }
 
     #[test]
@@ -125,12 +135,13 @@ mod tests {
         // The socket was busy (owned by its user) or had data in flight:
         // the handler re-armed without probing, and the peer answered the
         // earlier probe in between.
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        tracker.handle(&fired(0, 0));
-        tracker.handle(&armed(0, 10_000));
-        tracker.handle(&fired(0, 50_000_000));
-        tracker.handle(&armed(1, 50_010_000));
-        tracker.handle(&fired(0, 1_050_000_000));
-        assert_eq!(probes_counted(&mut tracker), 1);
+        let events = [
+            fired(0, 0),
+            armed(0, 10_000),
+            fired(0, 50_000_000),
+            armed(1, 50_010_000),
+            fired(0, SECOND + 50_000_000),
+        ];
+        assert_eq!(probes_counted(&events), 1);
     }
 }

@@ -423,12 +423,11 @@ impl Tracker {
         self.observations.clear();
     }
 
-    /// Takes what happened since the last call.
+    /// Takes what happened since the last call (the tests' view; the
+    /// agent flushes in place with [`Self::flush_observations`]).
+    #[cfg(test)]
     pub fn drain_observations(&mut self) -> Vec<Observation> {
-        // The next batch starts with room for as many as this one: no
-        // regrowing from empty on every drain.
-        let room = Vec::with_capacity(self.observations.len());
-        std::mem::replace(&mut self.observations, room)
+        std::mem::take(&mut self.observations)
     }
 
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {

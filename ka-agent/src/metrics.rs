@@ -209,7 +209,7 @@ impl Metrics {
                        extra: &[&'static str]|
          -> Result<IntCounterVec, MetricsError> {
             let m = IntCounterVec::new(Opts::new(name, help), &with_connection_labels(extra))?;
-            registry.register(Box::new(m.clone()))?;
+            registry.register(Box::new(Presorted(Box::new(m.clone()))))?;
             Ok(m)
         };
         let metrics = Self {
@@ -349,7 +349,7 @@ impl Metrics {
             Box::new(metrics.program_run_seconds.clone()),
             Box::new(metrics.program_misses.clone()),
         ] {
-            metrics.registry.register(collector)?;
+            metrics.registry.register(Box::new(Presorted(collector)))?;
         }
         Ok(metrics)
     }
@@ -665,6 +665,55 @@ pub fn to_openmetrics(text: &str) -> String {
     out
 }
 
+/// A collector handing its series out in the order `Registry::gather`
+/// sorts them into, so that the registry's sort finds them sorted: one
+/// comparison per series instead of some 17 for 10,000 series.
+///
+/// Why: most connection series carry empty labels (`comm` of a socket no
+/// process owned, `peer` without `--peer-label`), and the registry compares
+/// label values with `==`, a `memcmp` call even for two empty strings. On
+/// the AMD machines here glibc's EVEX `memcmp` does that with a masked load
+/// from the empty string's dangling pointer, which the CPU completes in
+/// microcode: that was 57 % of a scrape's time with 10,000 series. This
+/// sort never calls `memcmp` for an empty value.
+struct Presorted(Box<dyn prometheus::core::Collector>);
+
+impl prometheus::core::Collector for Presorted {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.0.collect();
+        for family in &mut families {
+            family
+                .mut_metric()
+                .sort_by(|a, b| by_label_values(a.get_label(), b.get_label()));
+        }
+        families
+    }
+}
+
+/// The registry's order of two series of one family: by label count, then
+/// by each label's value (names are the family's, in the same order).
+fn by_label_values(
+    a: &[prometheus::proto::LabelPair],
+    b: &[prometheus::proto::LabelPair],
+) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| match (a.value(), b.value()) {
+                ("", "") => std::cmp::Ordering::Equal,
+                ("", _) => std::cmp::Ordering::Less,
+                (_, "") => std::cmp::Ordering::Greater,
+                (a, b) => a.cmp(b),
+            })
+            .find(|order| order.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    })
+}
+
 /// The metrics reference (docs/metrics.md), generated from the registry so
 /// it cannot drift from the code.
 pub fn reference_markdown() -> Result<String, MetricsError> {
@@ -766,6 +815,62 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The series of each family in gathered order, as label values.
+    fn gathered(registry: &Registry) -> Vec<Vec<Vec<String>>> {
+        registry
+            .gather()
+            .iter()
+            .map(|family| {
+                family
+                    .get_metric()
+                    .iter()
+                    .map(|m| m.get_label().iter().map(|l| l.value().to_owned()).collect())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn presorted_series_come_out_as_the_registry_orders_them() {
+        let values = ["", "a", "ab", "b", ""];
+        let plain = Registry::new();
+        let presorted = Registry::new();
+        let vec = IntCounterVec::new(Opts::new("t_total", "t"), &["comm", "peer", "port"]).unwrap();
+        plain.register(Box::new(vec.clone())).unwrap();
+        presorted
+            .register(Box::new(Presorted(Box::new(vec.clone()))))
+            .unwrap();
+        for (i, comm) in values.iter().enumerate() {
+            for peer in &values[i..] {
+                for port in ["80", "", "443"] {
+                    vec.with_label_values(&[comm, peer, port]).inc();
+                }
+            }
+        }
+        let order = gathered(&presorted);
+        assert_eq!(order, gathered(&plain));
+        let series = &order[0];
+        assert!(series.windows(2).all(|w| w[0] < w[1]), "{series:?}");
+        assert_eq!(series.len(), 27);
+    }
+
+    #[test]
+    fn empty_label_values_sort_first() {
+        let pair = |value: &str| {
+            let mut pair = prometheus::proto::LabelPair::default();
+            pair.set_value(value.to_owned());
+            pair
+        };
+        for (a, b) in [("", ""), ("", "x"), ("x", ""), ("x", "y"), ("y", "y")] {
+            assert_eq!(
+                by_label_values(&[pair(a)], &[pair(b)]),
+                a.cmp(b),
+                "{a:?} {b:?}"
+            );
+        }
+        assert!(by_label_values(&[pair("z")], &[pair(""), pair("")]).is_lt());
+    }
 
     #[test]
     fn reference_is_current() {

@@ -100,6 +100,19 @@ struct SeriesLimiter {
     admitted: HashMap<Vec<String>, AdmittedSet>,
     /// Every series observed, by what observations name.
     resolved: hashbrown::HashMap<SeriesKey, Resolved>,
+    /// Admitted label sets by their values run together (see
+    /// [`run_together`]).
+    run_together: HashMap<String, Vec<String>>,
+}
+
+/// What the prometheus crate tells a vector's series apart by: it hashes
+/// the label values one after the other with no separator and keeps one
+/// series per hash, so two label sets whose values run together alike
+/// (`comm` "python3" with `peer` "1.2.3.4", and "python" with "31.2.3.4")
+/// would silently share one series. The second such set is folded into
+/// `other` instead, and counted.
+fn run_together(values: &[String]) -> String {
+    values.concat()
 }
 
 /// A resolved series: its counter or histogram, and its label set's key in
@@ -287,7 +300,7 @@ impl Metrics {
             tracked: IntGauge::new("ka_tracked_connections", "Connections in the agent's table.")?,
             series_overflow: IntCounter::new(
                 "ka_series_overflow_total",
-                "Observations folded into the `other` series because --max-series label sets exist.",
+                "Observations folded into the `other` series because --max-series label sets exist, or because their label values run together like another set's (the client library would merge the two series).",
             )?,
             kernel_events: IntCounterVec::new(
                 Opts::new(
@@ -321,6 +334,7 @@ impl Metrics {
                 ttl: limits.ttl,
                 admitted: HashMap::new(),
                 resolved: hashbrown::HashMap::new(),
+                run_together: HashMap::new(),
             }),
             evictions: IntCounter::new(
                 "ka_connection_evictions_total",
@@ -539,16 +553,19 @@ impl Metrics {
         now: Instant,
     ) -> (Vec<String>, Vec<String>) {
         let key = self.connection_values(labels);
-        let admitted = limiter.admitted.contains_key(&key) || limiter.admitted.len() < limiter.max;
+        let admitted = limiter.admitted.contains_key(&key)
+            || (limiter.admitted.len() < limiter.max
+                && !limiter.run_together.contains_key(&run_together(&key)));
         let key = if admitted {
             key
         } else {
             self.series_overflow.inc();
-            let mut folded = vec![OVERFLOW.to_owned(); connection_labels(self.pod_labels).len()];
-            folded[0] = labels.netns.to_string();
-            labels.direction.name().clone_into(&mut folded[1]);
-            folded
+            self.folded(&key)
         };
+        limiter
+            .run_together
+            .entry(run_together(&key))
+            .or_insert_with(|| key.clone());
         let mut full: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         full.extend(key.iter().cloned());
         let entry = limiter
@@ -560,6 +577,48 @@ impl Metrics {
             entry.1.push((family, full.clone()));
         }
         (key, full)
+    }
+
+    /// Connection label values folded into `other`: the namespace and
+    /// direction kept, every other label `other`.
+    fn folded(&self, connection_values: &[String]) -> Vec<String> {
+        let mut folded = vec![OVERFLOW.to_owned(); connection_labels(self.pod_labels).len()];
+        for (to, from) in folded.iter_mut().zip(connection_values).take(2) {
+            from.clone_into(to);
+        }
+        folded
+    }
+
+    /// Gauge series (`own` labels of their own, then the connection
+    /// labels) with their values summed; a label set whose values run
+    /// together like another's (see [`run_together`]) is summed into its
+    /// folded set instead. The first of such sets in label order keeps its
+    /// own series, so the choice is the same every second.
+    pub fn separate_gauges<V: std::ops::AddAssign>(
+        &self,
+        own: usize,
+        series: HashMap<Vec<String>, V>,
+    ) -> HashMap<Vec<String>, V> {
+        let mut sorted: Vec<(Vec<String>, V)> = series.into_iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut separated: HashMap<Vec<String>, V> = HashMap::with_capacity(sorted.len());
+        for (key, value) in sorted {
+            let key = if seen.insert(run_together(&key)) {
+                key
+            } else {
+                let mut folded = key[..own.min(key.len())].to_vec();
+                folded.extend(self.folded(key.get(own..).unwrap_or_default()));
+                folded
+            };
+            match separated.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut entry) => *entry.get_mut() += value,
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    entry.insert(value);
+                }
+            }
+        }
+        separated
     }
 
     /// Removes connection series not used for `--series-ttl` (their
@@ -590,6 +649,10 @@ impl Metrics {
                 .retain(|_, series| !stale.contains(&series.admitted_key));
         }
         for key in &stale {
+            let joined = run_together(key);
+            if limiter.run_together.get(&joined) == Some(key) {
+                limiter.run_together.remove(&joined);
+            }
             if let Some((_, series)) = limiter.admitted.remove(key) {
                 for (family, values) in series {
                     let values: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -780,7 +843,9 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          never an ephemeral port), `comm` (process name), `peer` (remote address or network, only with \
          `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
          (absent elsewhere). Past `--max-series` label sets, new ones fold into `other` \
-         (`ka_series_overflow_total`); sets unused for `--series-ttl` are removed.\n\n\
+         (`ka_series_overflow_total`), as does a set whose values, run together, equal another's \
+         (\"python3\" + \"1.2.3.4\", \"python\" + \"31.2.3.4\": the prometheus crate tells series apart \
+         by that alone); sets unused for `--series-ttl` are removed.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     for family in metrics.registry.gather() {
@@ -833,7 +898,9 @@ mod tests {
 
     #[test]
     fn presorted_series_come_out_as_the_registry_orders_them() {
-        let values = ["", "a", "ab", "b", ""];
+        // Values that cannot run together (see `run_together`), empty
+        // ones among them.
+        let (comms, peers) = (["", "a", "b"], ["", "x", "y"]);
         let plain = Registry::new();
         let presorted = Registry::new();
         let vec = IntCounterVec::new(Opts::new("t_total", "t"), &["comm", "peer", "port"]).unwrap();
@@ -841,8 +908,8 @@ mod tests {
         presorted
             .register(Box::new(Presorted(Box::new(vec.clone()))))
             .unwrap();
-        for (i, comm) in values.iter().enumerate() {
-            for peer in &values[i..] {
+        for comm in comms {
+            for peer in peers {
                 for port in ["80", "", "443"] {
                     vec.with_label_values(&[comm, peer, port]).inc();
                 }
@@ -944,6 +1011,79 @@ mod tests {
             after
                 .iter()
                 .all(|f| f.name() != "ka_resets_received_total" || f.get_metric().is_empty())
+        );
+    }
+
+    #[test]
+    fn label_sets_that_run_together_get_series_of_their_own() {
+        let metrics = Metrics::new(SeriesLimits {
+            max_series: 100,
+            ttl: Duration::from_secs(0),
+            pod_labels: false,
+        })
+        .unwrap();
+        let labels = |comm: &str, peer: &str| Labels {
+            netns: 1,
+            direction: crate::model::Direction::Outbound,
+            port: 443,
+            comm: comm.to_owned(),
+            peer: peer.to_owned(),
+            pod: PodLabels::default(),
+        };
+        // Both run together as "1outbound443python31.2.3.4".
+        let first = labels("python3", "1.2.3.4");
+        let second = labels("python", "31.2.3.4");
+        assert_eq!(
+            run_together(&metrics.connection_values(&first)),
+            run_together(&metrics.connection_values(&second))
+        );
+        for _ in 0..3 {
+            metrics.apply(&Observation::ResetReceived(first.clone()));
+        }
+        for _ in 0..2 {
+            metrics.apply(&Observation::ResetReceived(second.clone()));
+        }
+        let text = metrics.render();
+        let resets: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ka_resets_received_total{"))
+            .collect();
+        assert_eq!(
+            resets,
+            [
+                r#"ka_resets_received_total{comm="other",direction="outbound",netns="1",peer="other",port="other"} 2"#,
+                r#"ka_resets_received_total{comm="python3",direction="outbound",netns="1",peer="1.2.3.4",port="443"} 3"#,
+            ]
+        );
+        assert_eq!(metrics.series_overflow.get(), 2);
+        // Expired, the first set's values no longer hold the second out.
+        assert_eq!(metrics.expire_series(), 2);
+        metrics.apply(&Observation::ResetReceived(second.clone()));
+        assert!(metrics.render().contains(
+            r#"comm="python",direction="outbound",netns="1",peer="31.2.3.4",port="443"} 1"#
+        ),);
+
+        // Gauges: the same sets; the first in label order ("python" before
+        // "python3") keeps its series, the other is summed into its folded
+        // set.
+        let values = |l: &Labels| metrics.values(&["ESTABLISHED"], l);
+        let gauges = metrics.separate_gauges(
+            1,
+            HashMap::from([
+                (values(&first), 3_i64),
+                (values(&second), 2),
+                (values(&labels("a", "")), 1),
+            ]),
+        );
+        let mut folded = vec!["ESTABLISHED".to_owned()];
+        folded.extend(metrics.folded(&metrics.connection_values(&first)));
+        assert_eq!(
+            gauges,
+            HashMap::from([
+                (values(&second), 2),
+                (folded, 3),
+                (values(&labels("a", "")), 1)
+            ])
         );
     }
 

@@ -563,6 +563,9 @@ fn publish(
                 .or_default() += 1.0;
         }
     }
+    let by_state = metrics.separate_gauges(1, by_state);
+    let probing = metrics.separate_gauges(0, probing);
+    let at_risk = metrics.separate_gauges(2, at_risk);
     sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
     sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
     let keys: HashSet<Vec<String>> = at_risk.keys().cloned().collect();

@@ -579,8 +579,8 @@ impl Metrics {
         (key, full)
     }
 
-    /// Connection label values folded into `other`: the namespace and
-    /// direction kept, every other label `other`.
+    /// Connection label values folded into `other`: the network namespace
+    /// and the direction kept, every other label `other`.
     fn folded(&self, connection_values: &[String]) -> Vec<String> {
         let mut folded = vec![OVERFLOW.to_owned(); connection_labels(self.pod_labels).len()];
         for (to, from) in folded.iter_mut().zip(connection_values).take(2) {
@@ -1015,7 +1015,7 @@ mod tests {
     }
 
     #[test]
-    fn label_sets_that_run_together_get_series_of_their_own() {
+    fn label_sets_that_run_together_never_share_a_series() {
         let metrics = Metrics::new(SeriesLimits {
             max_series: 100,
             ttl: Duration::from_secs(0),

@@ -277,20 +277,60 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The body of `GET path` (HTTP/1.0), and how long the whole answer took.
-fn get(addr: SocketAddr, path: &str) -> Option<(String, Duration)> {
+/// How long an answer took, from the connect.
+#[derive(Clone, Copy)]
+struct Took {
+    /// To its first byte: the agent's own work (`/metrics` is rendered
+    /// whole before it is sent).
+    first_byte: Duration,
+    /// To its last byte: the first byte and the transfer over loopback.
+    whole: Duration,
+}
+
+/// The body of `GET path` (HTTP/1.0), and how long the answer took.
+fn get(addr: SocketAddr, path: &str) -> Option<(String, Took)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let took = started.elapsed();
+    let mut response = Vec::new();
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).ok()?;
+    let first_byte = started.elapsed();
+    response.push(first[0]);
+    stream.read_to_end(&mut response).ok()?;
+    let whole = started.elapsed();
+    let response = String::from_utf8(response).ok()?;
     response
         .split_once("\r\n\r\n")
-        .map(|(_, body)| (body.to_owned(), took))
+        .map(|(_, body)| (body.to_owned(), Took { first_byte, whole }))
+}
+
+/// This network namespace's `TcpExt` counter `name`.
+fn tcp_ext(name: &str) -> Option<u64> {
+    tcp_ext_in(&std::fs::read_to_string("/proc/net/netstat").ok()?, name)
+}
+
+/// The `TcpExt` counter `name` in the text of `/proc/net/netstat` (per
+/// group, a line of names, then a line of values).
+fn tcp_ext_in(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let (Some(names), Some(values)) = (
+            names.strip_prefix("TcpExt:"),
+            values.strip_prefix("TcpExt:"),
+        ) else {
+            continue;
+        };
+        return names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok());
+    }
+    None
 }
 
 fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
@@ -671,7 +711,7 @@ fn comparison(
                 std::thread::sleep(Duration::from_millis(1300));
                 let times: Vec<f64> = (0..5)
                     .filter_map(|_| get(agent.addr, "/metrics"))
-                    .map(|(_, took)| took.as_secs_f64() * 1000.0)
+                    .map(|(_, took)| took.whole.as_secs_f64() * 1000.0)
                     .collect();
                 let text = metrics(agent.addr)?;
                 figures.lost = sum(&text, "ka_events_lost_total", "");
@@ -938,6 +978,15 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
     })
 }
 
+/// Milliseconds, one decimal, in order.
+fn in_order(times_ms: &[f64]) -> String {
+    times_ms
+        .iter()
+        .map(|ms| format!("{ms:.1}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `took_ms.dump` of `ka-agent snapshot --json`.
 fn snapshot_dump_ms(json: &str) -> Option<f64> {
     serde_json::from_str::<serde_json::Value>(json).ok()?["took_ms"]["dump"].as_f64()
@@ -954,6 +1003,13 @@ struct Series {
     max_ms: f64,
     /// Every scrape's time, in order.
     times_ms: Vec<f64>,
+    /// Every scrape's time to its first byte (the agent's rendering), in
+    /// order.
+    first_byte_ms: Vec<f64>,
+    /// Zero-window probes the kernel sent during the scrapes
+    /// (`TcpExtTCPWinProbe`): a transfer stalled on a zero receive window
+    /// until the sender's probe timer reopened it.
+    window_probes: Option<u64>,
 }
 
 fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<Series> {
@@ -972,12 +1028,18 @@ fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<
     // Closes settle within 25 ms and series appear as they are applied.
     std::thread::sleep(Duration::from_secs(3));
     let mut times = Vec::new();
+    let mut first_byte = Vec::new();
     let mut text = String::new();
+    let probes_before = tcp_ext("TCPWinProbe");
     for _ in 0..10 {
         let (body, took) = get(agent.addr, "/metrics").context("/metrics did not answer")?;
-        times.push(took.as_secs_f64() * 1000.0);
+        times.push(took.whole.as_secs_f64() * 1000.0);
+        first_byte.push(took.first_byte.as_secs_f64() * 1000.0);
         text = body;
     }
+    let window_probes = probes_before
+        .zip(tcp_ext("TCPWinProbe"))
+        .map(|(before, after)| after.saturating_sub(before));
     Ok(Series {
         ports,
         lines: series_count(&text),
@@ -986,6 +1048,8 @@ fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<
         median_ms: median(&times).unwrap_or(f64::NAN),
         max_ms: times.iter().copied().fold(0.0, f64::max),
         times_ms: times,
+        first_byte_ms: first_byte,
+        window_probes,
     })
 }
 
@@ -1320,19 +1384,19 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "  /metrics after {} refused connections: {} series, {} KiB, median {:.1} ms, max {:.1} ms \
-         ({} folded into `other`); scrapes in order: {}",
+         ({} folded into `other`); scrapes in order: {}; their first bytes (the agent's \
+         rendering): {}; zero-window probes during them: {}",
         series.ports,
         series.lines,
         series.bytes / 1024,
         series.median_ms,
         series.max_ms,
         series.overflow,
+        in_order(&series.times_ms),
+        in_order(&series.first_byte_ms),
         series
-            .times_ms
-            .iter()
-            .map(|ms| format!("{ms:.1}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+            .window_probes
+            .map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
     );
 
     let churn_ratio = ratios
@@ -1484,6 +1548,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 ("folded_other", Json::Num(series.overflow)),
                 ("median_ms", Json::Num(series.median_ms)),
                 ("max_ms", Json::Num(series.max_ms)),
+                (
+                    "first_byte_median_ms",
+                    Json::opt(median(&series.first_byte_ms)),
+                ),
+                (
+                    "window_probes",
+                    series.window_probes.map_or(Json::Null, num),
+                ),
             ]),
         ),
         (
@@ -1524,5 +1596,17 @@ mod tests {
             r#"{"idle_timeouts":[],"connections":[],"took_ms":{"dump":261.5,"inventory":2400.0}}"#;
         assert_eq!(super::snapshot_dump_ms(json), Some(261.5));
         assert_eq!(super::snapshot_dump_ms("not json"), None);
+    }
+
+    #[test]
+    fn tcp_ext_counters_are_read_by_name() {
+        let netstat = "TcpExt: SyncookiesSent TCPWinProbe\nTcpExt: 3 17\n\
+                       IpExt: InNoRoutes TCPWinProbe\nIpExt: 0 99\n";
+        assert_eq!(super::tcp_ext_in(netstat, "TCPWinProbe"), Some(17));
+        assert_eq!(super::tcp_ext_in(netstat, "SyncookiesSent"), Some(3));
+        assert_eq!(super::tcp_ext_in(netstat, "NoSuchCounter"), None);
+        assert_eq!(super::tcp_ext_in("", "TCPWinProbe"), None);
+        // The live kernel has the counter the bench reads.
+        assert!(super::tcp_ext("TCPWinProbe").is_some());
     }
 }

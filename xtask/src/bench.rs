@@ -370,6 +370,21 @@ fn per_hook(text: &str, name: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// CPU time of all of a process's threads so far, in nanoseconds (the
+/// scheduler's own count, `schedstat`: finer than the clock ticks of
+/// `/proc/PID/stat`, which an idle agent stays within).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += schedstat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 fn vm_rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -886,6 +901,9 @@ struct Tracked {
     count: f64,
     lost: f64,
     rss_idle_kib: u64,
+    /// The agent's CPU with (almost) nothing to track, in percent of one
+    /// CPU.
+    idle_cpu_percent: Option<f64>,
     rss_kib: u64,
     map_bytes: u64,
     maps: u64,
@@ -896,10 +914,20 @@ struct Tracked {
     dump_ms: Option<f64>,
 }
 
-fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result<Tracked> {
+fn tracked_memory(
+    binary: &Path,
+    dir: &Path,
+    connections: u32,
+    idle: Duration,
+) -> anyhow::Result<Tracked> {
     let agent = Agent::start(binary, dir, &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
+    let idle_cpu_percent = cpu_ns(agent.proc.pid()).and_then(|before| {
+        std::thread::sleep(idle);
+        let used = cpu_ns(agent.proc.pid())?.saturating_sub(before);
+        Some(float(used) / idle.as_secs_f64() / 1e7)
+    });
     let pairs = connections.div_ceil(2);
     let python = cmd::which("python3").context("python3 is not installed")?;
     let started = Instant::now();
@@ -969,6 +997,7 @@ fn tracked_memory(binary: &Path, dir: &Path, connections: u32) -> anyhow::Result
         count: sum(&text, "ka_tracked_connections", ""),
         lost: sum(&text, "ka_events_lost_total", ""),
         rss_idle_kib,
+        idle_cpu_percent,
         rss_kib,
         map_bytes,
         maps,
@@ -1235,7 +1264,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "bench: memory with {} tracked connections",
         args.connections
     );
-    let tracked = tracked_memory(&binary, &dir.0, args.connections)?;
+    let idle = Duration::from_secs(if args.quick { 1 } else { 10 });
+    let tracked = tracked_memory(&binary, &dir.0, args.connections, idle)?;
     eprintln!("bench: /metrics after {} refused connections", args.ports);
     let series = metrics_with_series(&binary, &dir.0, args.ports)?;
 
@@ -1371,6 +1401,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         float(tracked.rss_idle_kib) / 1024.0,
         float(tracked.map_bytes) / 1_048_576.0,
         tracked.maps
+    );
+    println!(
+        "  an idle agent: {} of a CPU",
+        tracked
+            .idle_cpu_percent
+            .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.2} %"))
     );
     println!(
         "  ka-agent snapshot --json of them (inventory + owners + JSON): {}; the sock_diag dump alone: {}",
@@ -1532,6 +1568,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 ("lost_events", Json::Num(tracked.lost)),
                 ("open_secs", Json::Num(tracked.open_secs)),
                 ("agent_rss_kib_idle", num(tracked.rss_idle_kib)),
+                (
+                    "agent_cpu_percent_idle",
+                    Json::opt(tracked.idle_cpu_percent),
+                ),
                 ("agent_rss_kib", num(tracked.rss_kib)),
                 ("kernel_map_bytes", num(tracked.map_bytes)),
                 ("kernel_maps", num(tracked.maps)),

@@ -23,7 +23,7 @@ use crate::{
     loader::{LoadOptions, Probes},
     metrics::{Metrics, SeriesLimits},
     model::TcpState,
-    track::{Connection, Tracker, TrackerConfig},
+    track::{Connection, Labels, Tracker, TrackerConfig},
 };
 
 /// How often the agent collects events the programs submitted without a
@@ -542,30 +542,41 @@ pub fn at_risk_of(
     idle_secs: f64,
     timeouts: &[IdleTimeout],
 ) -> Vec<AtRisk> {
-    if connection.state != TcpState::Established {
-        return Vec::new();
-    }
+    risks(connection, idle_secs, timeouts)
+        .map(|(reason, timeout)| AtRisk {
+            reason,
+            idle_timeout: timeout.name.clone(),
+        })
+        .collect()
+}
+
+/// [`at_risk_of`] without allocating: each reason with its timeout.
+fn risks<'t>(
+    connection: &Connection,
+    idle_secs: f64,
+    timeouts: &'t [IdleTimeout],
+) -> impl Iterator<Item = (&'static str, &'t IdleTimeout)> {
+    let established = connection.state == TcpState::Established;
+    let keepalive_enabled = connection.keepalive.enabled;
+    let longest_silence_secs = connection.keepalive.longest_silence_secs();
     timeouts
         .iter()
-        .filter_map(|timeout| {
+        .filter(move |_| established)
+        .filter_map(move |timeout| {
             #[expect(clippy::cast_precision_loss, reason = "timeouts are far below 2^52 s")]
             let limit = timeout.seconds as f64;
             if idle_secs < limit {
                 return None;
             }
-            let reason = if !connection.keepalive.enabled {
+            let reason = if !keepalive_enabled {
                 "keepalive_disabled"
-            } else if connection.keepalive.longest_silence_secs() >= limit {
+            } else if longest_silence_secs >= limit {
                 "keepalive_slower_than_idle_timeout"
             } else {
                 return None;
             };
-            Some(AtRisk {
-                reason,
-                idle_timeout: timeout.name.clone(),
-            })
+            Some((reason, timeout))
         })
-        .collect()
 }
 
 /// Sets the gauges that describe the whole table: connections by state,
@@ -577,21 +588,39 @@ fn publish(
     metrics: &Metrics,
     gauges: &mut GaugeState,
 ) {
+    // Counted per label set first (one lookup per connection), label values
+    // built once per set: built per connection (six strings, two of them
+    // formatted numbers, hashed as a vector, per gauge) they were three
+    // quarters of an idle agent's CPU with 100,000 connections.
+    let mut sets: HashMap<Labels, LabelSetCounts> = HashMap::new();
+    for connection in tracker.connections() {
+        let counts = sets.entry(connection.labels()).or_default();
+        add(&mut counts.by_state, connection.state, 1);
+        if connection.state == TcpState::Established && connection.keepalive.unanswered > 0 {
+            counts.probing += 1;
+        }
+        for (reason, timeout) in risks(connection, connection.idle_secs(now), timeouts) {
+            add(&mut counts.at_risk, (reason, timeout.name.as_str()), 1.0);
+        }
+    }
     let mut by_state: HashMap<Vec<String>, i64> = HashMap::new();
     let mut probing: HashMap<Vec<String>, i64> = HashMap::new();
     let mut at_risk: HashMap<Vec<String>, f64> = HashMap::new();
-    for connection in tracker.connections() {
-        let labels = connection.labels();
-        *by_state
-            .entry(metrics.values(&[connection.state.name()], &labels))
-            .or_default() += 1;
-        if connection.state == TcpState::Established && connection.keepalive.unanswered > 0 {
-            *probing.entry(metrics.values(&[], &labels)).or_default() += 1;
+    // Sets that differ only in labels the series do not carry (pod labels
+    // outside Kubernetes) are summed.
+    for (labels, counts) in &sets {
+        for (state, count) in &counts.by_state {
+            *by_state
+                .entry(metrics.values(&[state.name()], labels))
+                .or_default() += count;
         }
-        for risk in at_risk_of(connection, connection.idle_secs(now), timeouts) {
+        if counts.probing > 0 {
+            *probing.entry(metrics.values(&[], labels)).or_default() += counts.probing;
+        }
+        for ((reason, timeout), count) in &counts.at_risk {
             *at_risk
-                .entry(metrics.values(&[risk.reason, &risk.idle_timeout], &labels))
-                .or_default() += 1.0;
+                .entry(metrics.values(&[reason, timeout], labels))
+                .or_default() += count;
         }
     }
     let by_state = metrics.separate_gauges(1, by_state);
@@ -612,6 +641,24 @@ fn publish(
     metrics
         .tracked
         .set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
+}
+
+/// The table gauges' counts of one label set.
+#[derive(Default)]
+struct LabelSetCounts<'t> {
+    by_state: Vec<(TcpState, i64)>,
+    probing: i64,
+    /// By reason and idle timeout name.
+    at_risk: Vec<((&'static str, &'t str), f64)>,
+}
+
+/// Adds `count` to `key`'s entry of a short list (a few states, a few
+/// timeouts: a scan costs less than hashing).
+fn add<K: PartialEq, V: std::ops::AddAssign>(list: &mut Vec<(K, V)>, key: K, count: V) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, total)) => *total += count,
+        None => list.push((key, count)),
+    }
 }
 
 /// Answers a question of the API from the table, worst first.

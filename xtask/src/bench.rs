@@ -385,6 +385,14 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// A process's CPU over the next `window`, in percent of one CPU.
+fn cpu_percent(pid: u32, window: Duration) -> Option<f64> {
+    let before = cpu_ns(pid)?;
+    std::thread::sleep(window);
+    let used = cpu_ns(pid)?.saturating_sub(before);
+    Some(float(used) / window.as_secs_f64() / 1e7)
+}
+
 fn vm_rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -904,6 +912,10 @@ struct Tracked {
     /// The agent's CPU with (almost) nothing to track, in percent of one
     /// CPU.
     idle_cpu_percent: Option<f64>,
+    /// The same while it tracks the connections, over one inventory
+    /// interval (nothing moves on them: the per-second gauges and one
+    /// inventory of all of them).
+    held_cpu_percent: Option<f64>,
     rss_kib: u64,
     map_bytes: u64,
     maps: u64,
@@ -923,11 +935,7 @@ fn tracked_memory(
     let agent = Agent::start(binary, dir, &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
-    let idle_cpu_percent = cpu_ns(agent.proc.pid()).and_then(|before| {
-        std::thread::sleep(idle);
-        let used = cpu_ns(agent.proc.pid())?.saturating_sub(before);
-        Some(float(used) / idle.as_secs_f64() / 1e7)
-    });
+    let idle_cpu_percent = cpu_percent(agent.proc.pid(), idle);
     let pairs = connections.div_ceil(2);
     let python = cmd::which("python3").context("python3 is not installed")?;
     let started = Instant::now();
@@ -974,6 +982,8 @@ fn tracked_memory(
     std::thread::sleep(Duration::from_secs(2));
     text = metrics(agent.addr)?;
     let rss_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
+    // One inventory interval (30 s by default): the CPU it costs included.
+    let held_cpu_percent = cpu_percent(agent.proc.pid(), idle * 3);
     let (map_bytes, maps) = map_memory(agent.proc.pid());
     // One inventory of every connection, with owners and JSON output: an
     // upper bound of the agent's periodic sock_diag inventory.
@@ -998,6 +1008,7 @@ fn tracked_memory(
         lost: sum(&text, "ka_events_lost_total", ""),
         rss_idle_kib,
         idle_cpu_percent,
+        held_cpu_percent,
         rss_kib,
         map_bytes,
         maps,
@@ -1402,11 +1413,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         float(tracked.map_bytes) / 1_048_576.0,
         tracked.maps
     );
+    let percent = |p: Option<f64>| p.map_or_else(|| "unknown".to_owned(), |p| format!("{p:.2} %"));
     println!(
-        "  an idle agent: {} of a CPU",
-        tracked
-            .idle_cpu_percent
-            .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.2} %"))
+        "  agent CPU: idle {} of a CPU; holding the {} connections {}",
+        percent(tracked.idle_cpu_percent),
+        tracked.count,
+        percent(tracked.held_cpu_percent)
     );
     println!(
         "  ka-agent snapshot --json of them (inventory + owners + JSON): {}; the sock_diag dump alone: {}",
@@ -1571,6 +1583,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 (
                     "agent_cpu_percent_idle",
                     Json::opt(tracked.idle_cpu_percent),
+                ),
+                (
+                    "agent_cpu_percent_holding",
+                    Json::opt(tracked.held_cpu_percent),
                 ),
                 ("agent_rss_kib", num(tracked.rss_kib)),
                 ("kernel_map_bytes", num(tracked.map_bytes)),

@@ -134,6 +134,46 @@ impl PartialEq for Labels {
     }
 }
 
+/// A connection's aggregation labels borrowed from its record, for
+/// grouping the whole table every second (the table gauges): building
+/// [`Labels`] per connection (a string clone each, a formatted address with
+/// `--peer-label`) made that walk 60-100 ms with 200,000 connections.
+///
+/// At least as fine as [`Labels`]: two connections with equal keys have
+/// equal labels (the peer is the whole remote address whatever
+/// `--peer-label` renders of it; a record without a pod is apart from one
+/// with an empty pod), so whoever groups by it sums the groups whose
+/// labels come out the same.
+#[derive(Clone, Copy, Debug, Eq, Hash)]
+pub struct LabelKey<'c> {
+    netns: u32,
+    direction: Direction,
+    port: u16,
+    comm: &'c str,
+    /// The remote address, only when a peer label is rendered from it.
+    peer: Option<IpAddr>,
+    pod: Option<&'c PodLabels>,
+}
+
+impl PartialEq for LabelKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        let Self {
+            netns,
+            direction,
+            port,
+            comm,
+            peer,
+            pod,
+        } = self;
+        *netns == other.netns
+            && *direction == other.direction
+            && *port == other.port
+            && same_text(comm, other.comm)
+            && *peer == other.peer
+            && *pod == other.pod
+    }
+}
+
 /// Whether two strings are equal, without a `memcmp` call for empty ones.
 ///
 /// Series are looked up by these labels several times per connection, and
@@ -307,15 +347,31 @@ impl Connection {
         self.labels_with(self.peer_label)
     }
 
-    pub fn labels_with(&self, peer_label: PeerLabel) -> Labels {
-        let port = match self.direction {
+    /// Its labels' grouping key (see [`LabelKey`]).
+    pub fn label_key(&self) -> LabelKey<'_> {
+        LabelKey {
+            netns: self.netns,
+            direction: self.direction,
+            port: self.service_port(),
+            comm: &self.comm,
+            peer: (self.peer_label != PeerLabel::None).then_some(self.remote.ip()),
+            pod: self.pod.as_deref(),
+        }
+    }
+
+    /// Local for inbound, remote for outbound.
+    fn service_port(&self) -> u16 {
+        match self.direction {
             Direction::Inbound => self.local.port(),
             Direction::Outbound => self.remote.port(),
-        };
+        }
+    }
+
+    pub fn labels_with(&self, peer_label: PeerLabel) -> Labels {
         Labels {
             netns: self.netns,
             direction: self.direction,
-            port,
+            port: self.service_port(),
             comm: self.comm.clone(),
             peer: peer_label.render(self.remote.ip()),
             pod: self.pod.as_deref().cloned().unwrap_or_default(),
@@ -650,6 +706,15 @@ fn socket_addr(family: u16, addr: [u8; 16], port: u16) -> SocketAddr {
 }
 
 /// Events for the interpreters' unit tests.
+#[cfg(test)]
+impl Tracker {
+    /// Puts a record built by hand into the table, under its `sk`.
+    pub(crate) fn insert_for_tests(&mut self, mut conn: Connection) {
+        conn.peer_label = self.config.peer_label;
+        self.insert(conn);
+    }
+}
+
 #[cfg(test)]
 mod fixtures {
     use ka_common::{EventHeader, EventKind, SockSnapshot};

@@ -243,6 +243,80 @@ fn overload_is_counted_never_silent() {
     assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
 }
 
+/// Connections `lost_events_are_made_good_by_an_early_inventory` holds.
+const HELD: usize = 300;
+
+#[test]
+fn lost_events_are_made_good_by_an_early_inventory() {
+    if !require_root("lost_events_are_made_good_by_an_early_inventory") {
+        return;
+    }
+    let _serial = serial();
+    // A one-page ring, and no periodic inventory within the test: only
+    // the inventory the agent asks for when it sees a loss can make good
+    // what the overflow swallowed.
+    let agent = Agent::start(&[
+        "--ring-buffer-bytes",
+        "4096",
+        "--inventory-interval",
+        "300s",
+    ]);
+    let ns = Netns::new("mg");
+    let netns = ns.inode().to_string();
+    // Closes lost: churned connections whose opening arrived but whose
+    // close did not stay tracked until an inventory finds them gone.
+    storm(&ns, "127.0.0.1:7205".parse().unwrap(), 2000);
+    agent.wait_metrics(
+        Duration::from_secs(20),
+        "a loss, and none of the storm's connections left in the table",
+        |m| {
+            m.count("ka_events_lost_total", &[]) > 0
+                && !m.has_series("ka_connections", &[("netns", &netns)])
+        },
+    );
+    // Openings lost: held connections the agent never heard of until an
+    // inventory finds them.
+    let held = ns.run_in(|| {
+        let addr: SocketAddr = "127.0.0.1:7204".parse().unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        (0..HELD)
+            .map(|_| {
+                let stream = std::net::TcpStream::connect(addr).unwrap();
+                let (accepted, _) = listener.accept().unwrap();
+                (stream, accepted)
+            })
+            .collect::<Vec<_>>()
+    });
+    let both_ends = i64::try_from(2 * HELD).unwrap();
+    let m = agent.wait_metrics(
+        Duration::from_secs(30),
+        "the namespace's table to be exactly its held connections",
+        |m| {
+            m.count("ka_events_lost_total", &[]) > 0
+                && m.count("ka_connections", &[("netns", &netns)]) == both_ends
+        },
+    );
+    assert_eq!(
+        m.count(
+            "ka_connections",
+            &[("netns", &netns), ("state", "ESTABLISHED")]
+        ),
+        both_ends,
+        "{}",
+        m.text
+    );
+    // How many openings reached the agent as events (the rest came from
+    // the inventory), for the record.
+    eprintln!(
+        "held connections' openings received as events: {} of {both_ends}",
+        m.count(
+            "ka_connections_opened_total",
+            &[("netns", &netns), ("port", "7204")]
+        )
+    );
+    drop(held);
+}
+
 #[test]
 fn a_full_connection_table_evicts_and_counts() {
     if !require_root("a_full_connection_table_evicts_and_counts") {

@@ -213,6 +213,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
     let mut lost_seen = 0u64;
+    let mut unreconciled_loss = false;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut sigint =
@@ -252,9 +253,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
                 let lost = stats.lost();
                 if missed > 0 || lost > lost_seen {
+                    unreconciled_loss = true;
+                } else if unreconciled_loss {
                     // A close may have gone unseen: the inventory finds the
-                    // connections that are gone and closes them.
+                    // connections that are gone and closes them. Asked for
+                    // once the losses stop: during the overload an
+                    // inventory (a dump, owners from /proc) takes the CPU
+                    // the event loop is short of.
                     inventory.request_now();
+                    unreconciled_loss = false;
                 }
                 lost_seen = lost;
                 if tick_count.is_multiple_of(60) {

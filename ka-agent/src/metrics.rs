@@ -73,9 +73,148 @@ pub struct Metrics {
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     pub program_misses: IntCounterVec,
+    pub inventory: InventoryMetrics,
     series: Mutex<SeriesLimiter>,
     /// Connection series carry the Kubernetes labels.
     pod_labels: bool,
+}
+
+/// Buckets of `ka_inventory_duration_seconds`: a few milliseconds for a
+/// quiet host to tens of seconds for hundreds of thousands of sockets
+/// with their owners.
+const INVENTORY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The agent's inventories (`sock_diag` dumps reconciled with the table):
+/// whether they happen, what they cost and what they corrected.
+pub struct InventoryMetrics {
+    pub taken: IntCounterVec,
+    pub failures: IntCounter,
+    pub duration: HistogramVec,
+    pub last_success: Gauge,
+    pub interval: Gauge,
+    pub corrected: IntCounterVec,
+}
+
+impl InventoryMetrics {
+    fn new() -> Result<Self, MetricsError> {
+        let inventory = Self {
+            taken: IntCounterVec::new(
+                Opts::new(
+                    "ka_inventories_total",
+                    "Inventories reconciled with the table, by trigger: start, interval (--inventory-interval), events_lost (asked for early once lost events stop).",
+                ),
+                &["trigger"],
+            )?,
+            failures: IntCounter::new(
+                "ka_inventory_failures_total",
+                "Inventories that failed (the reason is in the log): the table goes on from events alone until one succeeds.",
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "ka_inventory_duration_seconds",
+                    "Time of each inventory phase: dump (sock_diag of every network namespace) and attribution (owners from /proc, pods) in a thread of their own; reconcile on the event loop, while events wait in the ring buffer.",
+                )
+                .buckets(INVENTORY_BUCKETS.to_vec()),
+                &["phase"],
+            )?,
+            last_success: Gauge::new(
+                "ka_inventory_last_success_timestamp_seconds",
+                "Unix time of the last inventory reconciled with the table (0 before the first).",
+            )?,
+            interval: Gauge::new(
+                "ka_inventory_interval_seconds",
+                "The configured time between inventories (--inventory-interval).",
+            )?,
+            corrected: IntCounterVec::new(
+                Opts::new(
+                    "ka_inventory_connections_total",
+                    "Connections an inventory found the events had not told, by outcome: adopted (unknown to the table: open before the agent started, or their opening lost) and vanished (tracked, but gone from the kernel: their close lost; closed from what their record holds).",
+                ),
+                &["outcome"],
+            )?,
+        };
+        for trigger in crate::inventory::Trigger::ALL {
+            inventory.taken.with_label_values(&[trigger.name()]);
+        }
+        for phase in InventoryPhase::ALL {
+            inventory.duration.with_label_values(&[phase.name()]);
+        }
+        for outcome in ["adopted", "vanished"] {
+            inventory.corrected.with_label_values(&[outcome]);
+        }
+        Ok(inventory)
+    }
+
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 6] {
+        [
+            Box::new(self.taken.clone()),
+            Box::new(self.failures.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.last_success.clone()),
+            Box::new(self.interval.clone()),
+            Box::new(self.corrected.clone()),
+        ]
+    }
+
+    /// Counts an inventory reconciled with the table.
+    pub fn reconciled(
+        &self,
+        update: &crate::inventory::InventoryUpdate,
+        report: &crate::track::ReconcileReport,
+        reconcile_took: Duration,
+    ) {
+        let crate::track::ReconcileReport {
+            adopted,
+            refreshed: _,
+            vanished,
+            namespaces: _,
+        } = *report;
+        self.taken.with_label_values(&[update.trigger.name()]).inc();
+        for (phase, took) in [
+            (InventoryPhase::Dump, update.dump_took),
+            (
+                InventoryPhase::Attribution,
+                update.took.saturating_sub(update.dump_took),
+            ),
+            (InventoryPhase::Reconcile, reconcile_took),
+        ] {
+            self.duration
+                .with_label_values(&[phase.name()])
+                .observe(took.as_secs_f64());
+        }
+        self.corrected
+            .with_label_values(&["adopted"])
+            .inc_by(adopted as u64);
+        self.corrected
+            .with_label_values(&["vanished"])
+            .inc_by(vanished as u64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_success.set(now.as_secs_f64());
+    }
+}
+
+/// The phases of `ka_inventory_duration_seconds`.
+#[derive(Clone, Copy)]
+enum InventoryPhase {
+    Dump,
+    Attribution,
+    Reconcile,
+}
+
+impl InventoryPhase {
+    const ALL: [Self; 3] = [Self::Dump, Self::Attribution, Self::Reconcile];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Dump => "dump",
+            Self::Attribution => "attribution",
+            Self::Reconcile => "reconcile",
+        }
+    }
 }
 
 /// Which counter or histogram a connection series belongs to.
@@ -328,6 +467,7 @@ impl Metrics {
                 ),
                 &["hook"],
             )?,
+            inventory: InventoryMetrics::new()?,
             pod_labels: limits.pod_labels,
             series: Mutex::new(SeriesLimiter {
                 max: limits.max_series,
@@ -362,7 +502,10 @@ impl Metrics {
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
             Box::new(metrics.program_misses.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(metrics.inventory.collectors())
+        {
             metrics.registry.register(Box::new(Presorted(collector)))?;
         }
         Ok(metrics)

@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
@@ -202,9 +202,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let drain_timer = tokio::time::sleep(drain_every);
     tokio::pin!(drain_timer);
     tracing::info!("first inventory of every network namespace (sock_diag) started");
+    let inventory_interval = args.inventory_interval.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "intervals are far below 2^52 s")]
+    metrics.inventory.interval.set(inventory_interval as f64);
     let mut inventory = crate::inventory::spawn(
-        Duration::from_secs(args.inventory_interval.max(1)),
+        Duration::from_secs(inventory_interval),
         args.node_name.clone(),
+        metrics.inventory.failures.clone(),
     )
     .map_err(RunError::Inventory)?;
     let mut gauges = GaugeState::default();
@@ -288,7 +292,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let _ = drain(ring.get_mut(), &mut tracker, &metrics);
                 metrics.pod_list_failures.inc_by(u64::from(update.pod_list_failed));
                 let first = !tracker.inventory_done();
+                let reconcile_started = Instant::now();
                 let report = tracker.reconcile(&update);
+                metrics.inventory.reconciled(&update, &report, reconcile_started.elapsed());
                 if first {
                     tracing::info!(
                         namespaces = report.namespaces,

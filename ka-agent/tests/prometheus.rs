@@ -276,7 +276,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
 
     // Alerts: zombies fire at once, at-risk waits its 15 minutes (pending),
     // and nothing was lost, no hook that matters is missing, no pod list
-    // failed, no series folded, the agent is up.
+    // failed, no series folded, inventories keep up, the agent is up.
     let expected = [
         ("KaZombieConnections", "firing"),
         ("KaConnectionsAtRisk", "pending"),
@@ -284,6 +284,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         ("KaHookMissing", "inactive"),
         ("KaPodListFailing", "inactive"),
         ("KaSeriesOverflow", "inactive"),
+        ("KaInventoryStale", "inactive"),
         ("KaAgentDown", "inactive"),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);

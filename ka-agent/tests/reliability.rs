@@ -307,13 +307,24 @@ fn lost_events_are_made_good_by_an_early_inventory() {
     );
     // How many openings reached the agent as events (the rest came from
     // the inventory), for the record.
-    eprintln!(
-        "held connections' openings received as events: {} of {both_ends}",
-        m.count(
-            "ka_connections_opened_total",
-            &[("netns", &netns), ("port", "7204")]
-        )
+    let opened = m.count(
+        "ka_connections_opened_total",
+        &[("netns", &netns), ("port", "7204")],
     );
+    eprintln!("held connections' openings received as events: {opened} of {both_ends}");
+    // The inventories say so themselves: taken because of the losses, and
+    // at least the held connections whose opening was lost were adopted.
+    assert!(
+        m.count("ka_inventories_total", &[("trigger", "events_lost")]) >= 1,
+        "{}",
+        m.text
+    );
+    assert!(
+        m.count("ka_inventory_connections_total", &[("outcome", "adopted")]) >= both_ends - opened,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.count("ka_inventory_failures_total", &[]), 0);
     drop(held);
 }
 

@@ -35,7 +35,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use task::{InventoryTask, InventoryUpdate, spawn, take};
+pub use task::{InventoryTask, InventoryUpdate, Trigger, spawn, take};
 
 use crate::model::TcpState;
 

@@ -27,6 +27,32 @@ pub struct InventoryUpdate {
     /// Pod labels were asked for (`--node-name`) but this node's pods could
     /// not be listed for this inventory.
     pub pod_list_failed: bool,
+    pub trigger: Trigger,
+}
+
+/// Why an inventory was taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Trigger {
+    /// The agent's first, at start-up (also `snapshot` and `audit`).
+    #[default]
+    Start,
+    /// `--inventory-interval` passed since the last one started.
+    Interval,
+    /// The event loop asked for it early: events were lost, and closes
+    /// among them leave connections in the table that are gone.
+    EventsLost,
+}
+
+impl Trigger {
+    pub const ALL: [Self; 3] = [Self::Start, Self::Interval, Self::EventsLost];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Interval => "interval",
+            Self::EventsLost => "events_lost",
+        }
+    }
 }
 
 /// The receiving end, owned by the event loop.
@@ -51,18 +77,25 @@ impl InventoryTask {
 }
 
 /// Waits out the rest of `interval` after `started`, or less if an early
-/// inventory is asked for. False when the event loop has gone.
-fn wait_for_next(early: &Receiver<()>, interval: Duration, started: Instant) -> bool {
+/// inventory is asked for; why the next one is taken. `None` when the
+/// event loop has gone.
+fn wait_for_next(early: &Receiver<()>, interval: Duration, started: Instant) -> Option<Trigger> {
     match early.recv_timeout(interval.saturating_sub(started.elapsed())) {
-        Ok(()) | Err(RecvTimeoutError::Timeout) => true,
-        Err(RecvTimeoutError::Disconnected) => false,
+        Ok(()) => Some(Trigger::EventsLost),
+        Err(RecvTimeoutError::Timeout) => Some(Trigger::Interval),
+        Err(RecvTimeoutError::Disconnected) => None,
     }
 }
 
 /// Starts the background inventory: one right away, then every `interval`
 /// (or earlier, on [`InventoryTask::request_now`]). The thread ends when
-/// the receiver is dropped.
-pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<InventoryTask> {
+/// the receiver is dropped. A failed inventory is counted in `failures`
+/// (the table then goes on from events alone until one succeeds).
+pub fn spawn(
+    interval: Duration,
+    node: Option<String>,
+    failures: prometheus::IntCounter,
+) -> std::io::Result<InventoryTask> {
     // One pending update at most: a slow loop gets the newest, not a queue.
     let (sender, updates) = tokio::sync::mpsc::channel(1);
     let (early, asked_early) = std::sync::mpsc::sync_channel(1);
@@ -71,6 +104,7 @@ pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<Invent
         .spawn(move || {
             let mut index = ProcessIndex::new();
             let mut pods = node.as_deref().and_then(PodDirectory::in_cluster);
+            let mut trigger = Trigger::Start;
             loop {
                 let started = Instant::now();
                 match take(&mut index) {
@@ -80,14 +114,19 @@ pub fn spawn(interval: Duration, node: Option<String>) -> std::io::Result<Invent
                             None => update.pod_list_failed = node.is_some(),
                         }
                         update.took = started.elapsed();
+                        update.trigger = trigger;
                         if sender.blocking_send(update).is_err() {
                             return;
                         }
                     }
-                    Err(error) => tracing::warn!(%error, "inventory failed"),
+                    Err(error) => {
+                        failures.inc();
+                        tracing::warn!(%error, "inventory failed");
+                    }
                 }
-                if !wait_for_next(&asked_early, interval, started) || sender.is_closed() {
-                    return;
+                match wait_for_next(&asked_early, interval, started) {
+                    Some(next) if !sender.is_closed() => trigger = next,
+                    _ => return,
                 }
             }
         })?;
@@ -122,6 +161,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         took: started.elapsed(),
         dump_took,
         pod_list_failed: false,
+        trigger: Trigger::Start,
     })
 }
 
@@ -196,6 +236,7 @@ mod tests {
             took: Duration::ZERO,
             dump_took: Duration::ZERO,
             pod_list_failed: false,
+            trigger: Trigger::Start,
         };
         directory.label(&mut update);
         assert!(update.pod_list_failed);

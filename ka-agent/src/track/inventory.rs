@@ -424,6 +424,7 @@ mod tests {
             dump_took: std::time::Duration::ZERO,
             took: std::time::Duration::ZERO,
             pod_list_failed: false,
+            trigger: crate::inventory::Trigger::Interval,
         }
     }
 

@@ -94,6 +94,7 @@ pub struct InventoryMetrics {
     pub duration: HistogramVec,
     pub last_success: Gauge,
     pub interval: Gauge,
+    pub namespaces: IntGauge,
     pub corrected: IntCounterVec,
 }
 
@@ -127,6 +128,10 @@ impl InventoryMetrics {
                 "ka_inventory_interval_seconds",
                 "The configured time between inventories (--inventory-interval).",
             )?,
+            namespaces: IntGauge::new(
+                "ka_inventory_namespaces",
+                "Network namespaces the last inventory covered: every one on the host, or only the agent's own when it may not enter the others (CAP_SYS_ADMIN; the log says so).",
+            )?,
             corrected: IntCounterVec::new(
                 Opts::new(
                     "ka_inventory_connections_total",
@@ -147,13 +152,14 @@ impl InventoryMetrics {
         Ok(inventory)
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 6] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 7] {
         [
             Box::new(self.taken.clone()),
             Box::new(self.failures.clone()),
             Box::new(self.duration.clone()),
             Box::new(self.last_success.clone()),
             Box::new(self.interval.clone()),
+            Box::new(self.namespaces.clone()),
             Box::new(self.corrected.clone()),
         ]
     }
@@ -169,7 +175,7 @@ impl InventoryMetrics {
             adopted,
             refreshed: _,
             vanished,
-            namespaces: _,
+            namespaces,
         } = *report;
         self.taken.with_label_values(&[update.trigger.name()]).inc();
         for (phase, took) in [
@@ -184,6 +190,8 @@ impl InventoryMetrics {
                 .with_label_values(&[phase.name()])
                 .observe(took.as_secs_f64());
         }
+        self.namespaces
+            .set(i64::try_from(namespaces).unwrap_or(i64::MAX));
         self.corrected
             .with_label_values(&["adopted"])
             .inc_by(adopted as u64);

@@ -325,6 +325,8 @@ fn lost_events_are_made_good_by_an_early_inventory() {
         m.text
     );
     assert_eq!(m.count("ka_inventory_failures_total", &[]), 0);
+    // This test's namespace and the host's at least.
+    assert!(m.count("ka_inventory_namespaces", &[]) >= 2, "{}", m.text);
     drop(held);
 }
 

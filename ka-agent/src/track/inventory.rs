@@ -185,24 +185,13 @@ impl Tracker {
             .collect();
         for key in vanished {
             if let Some(conn) = self.connections.remove(&key) {
-                self.forget_adopted(&conn);
                 report.vanished += 1;
                 // Its CLOSE was never seen: a kernel run skipped (nested
                 // in itself on that CPU, see ka_program_misses_total) or
                 // an event lost. It is closed all the same, from what the
                 // record holds (a reset sent by the keepalive timer, the
                 // error reported), as of the dump that found it gone.
-                if conn.was_established {
-                    tracing::info!(
-                        local = %conn.local,
-                        remote = %conn.remote,
-                        netns = conn.netns,
-                        state = ?conn.state,
-                        "connection gone without its close event: closed from its record"
-                    );
-                    let evidence = self.evidence_of(&conn);
-                    self.conclude(conn, &evidence, namespace.dumped_at_ns);
-                }
+                self.close_unseen(conn, namespace.dumped_at_ns, "gone from the inventory");
             }
         }
     }
@@ -282,7 +271,7 @@ impl Tracker {
         }
     }
 
-    fn forget_adopted(&mut self, conn: &Connection) {
+    pub(super) fn forget_adopted(&mut self, conn: &Connection) {
         if self.inventory.adopted.remove(&conn.sk).is_some() {
             self.inventory
                 .adopted_by_tuple

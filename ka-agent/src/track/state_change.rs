@@ -43,7 +43,9 @@ impl Tracker {
             if !already_opening {
                 let conn = self.new_connection(snap, direction, ktime);
                 self.settle(snap.sk);
-                self.connections.remove(&snap.sk);
+                if let Some(earlier) = self.connections.remove(&snap.sk) {
+                    self.close_unseen(earlier, ktime, "socket address reused");
+                }
                 self.insert(conn);
             }
         }
@@ -133,6 +135,27 @@ impl Tracker {
             ..self.evidence_of(&conn)
         };
         self.conclude(conn, &evidence, event.header.ktime_ns);
+    }
+
+    /// Closes a connection whose CLOSE was never seen (a run of the
+    /// program the kernel skipped, or an event lost) from what its record
+    /// holds, as of `closed_at_ns`: found gone by an inventory, or its
+    /// socket address taken by a new connection.
+    pub(super) fn close_unseen(&mut self, conn: Box<Connection>, closed_at_ns: u64, found: &str) {
+        self.forget_adopted(&conn);
+        if !conn.was_established {
+            return;
+        }
+        tracing::info!(
+            local = %conn.local,
+            remote = %conn.remote,
+            netns = conn.netns,
+            state = ?conn.state,
+            found,
+            "connection gone without its close event: closed from its record"
+        );
+        let evidence = self.evidence_of(&conn);
+        self.conclude(conn, &evidence, closed_at_ns);
     }
 
     /// What the record of `conn` says about its death, without a CLOSE
@@ -270,5 +293,59 @@ mod tests {
             })
             .collect();
         assert_eq!(closed.len(), 2, "{closed:?}");
+    }
+
+    fn transition(sock: ka_common::SockSnapshot, old: u8, new: u8, ktime_ns: u64) -> Event {
+        Event::StateChange(StateChangeEvent {
+            header: header(EventKind::StateChange, ktime_ns),
+            sock: ka_common::SockSnapshot { state: new, ..sock },
+            oldstate: old,
+            newstate: new,
+            reserved: [0; 6],
+        })
+    }
+
+    #[test]
+    fn a_connection_whose_close_was_skipped_is_closed_when_its_address_is_reused() {
+        // A connection reaches FIN_WAIT1; the kernel skips the run that
+        // would have sent its CLOSE; a new connection opens on the freed
+        // socket's address.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let first = socket(80, tcp_state::ESTABLISHED);
+        tracker.handle(&transition(
+            first,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ));
+        tracker.handle(&transition(
+            first,
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            2_000,
+        ));
+        let second = socket(443, tcp_state::ESTABLISHED);
+        tracker.handle(&transition(
+            second,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            3_000,
+        ));
+        let observations = tracker.drain_observations();
+        let opened = observations
+            .iter()
+            .filter(|o| matches!(o, Observation::Opened(_)))
+            .count();
+        let closed: Vec<_> = observations
+            .iter()
+            .filter_map(|o| match o {
+                Observation::Closed { labels, cause, .. } => Some((labels.port, *cause)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened, 2);
+        // Closed by the local side: a normal close, from its record.
+        assert_eq!(closed, [(80, crate::model::CloseCause::Normal)]);
+        assert_eq!(tracker.connections.len(), 1);
     }
 }

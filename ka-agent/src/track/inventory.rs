@@ -10,6 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::BuildHasher as _,
     net::SocketAddr,
 };
 
@@ -20,6 +21,11 @@ use crate::{
     model::{Direction, TcpState},
 };
 
+/// The least time closes are kept for the reconciliation (see
+/// `InventoryState::closed_kept_ns`): a dump and its reconciliation of a
+/// small table take milliseconds.
+const MIN_CLOSED_KEPT_NS: u64 = 1_000_000_000;
+
 /// The tracker's record of what the inventory contributed.
 #[derive(Debug, Default)]
 pub struct InventoryState {
@@ -29,6 +35,15 @@ pub struct InventoryState {
     /// The same records by (netns, local, remote), for events without a
     /// cookie (kernels where the cookie offset is absent).
     adopted_by_tuple: HashMap<(u32, SocketAddr, SocketAddr), u64>,
+    /// Connections that closed lately, by a hash of (netns, local,
+    /// remote), with when: a socket a dump saw, that closed before the
+    /// dump was reconciled, is not adopted from it.
+    closed_lately: hashbrown::HashMap<u64, u64>,
+    closed_hasher: hashbrown::DefaultHashBuilder,
+    /// How long closes are kept in `closed_lately`: twice the last
+    /// inventory's time from the start of its dump (none before the first
+    /// is reconciled: every close since start-up may matter to it).
+    closed_kept_ns: Option<u64>,
     /// At least one inventory was reconciled.
     first_done: bool,
     /// Records removed because their socket was gone from a dump.
@@ -86,6 +101,8 @@ impl Tracker {
             self.reconcile_namespace(namespace, &update.owners, &mut report);
             report.namespaces += 1;
         }
+        let took_ns = u64::try_from(update.took.as_nanos()).unwrap_or(u64::MAX);
+        self.inventory.closed_kept_ns = Some(took_ns.saturating_mul(2).max(MIN_CLOSED_KEPT_NS));
         self.inventory.first_done = true;
         self.inventory.vanished_total += report.vanished as u64;
         report
@@ -155,6 +172,12 @@ impl Tracker {
                 .or_else(|| by_tuple.get(&(entry.local, entry.remote)))
                 .copied();
             let owner = owners.get(&entry.inode);
+            if key.is_none()
+                && self.closed_since(netns, entry.local, entry.remote, namespace.dumped_at_ns)
+            {
+                // Alive when the dump saw it, closed (and counted) since.
+                continue;
+            }
             if let Some(key) = key {
                 seen.insert(key);
                 if self.refresh_from(key, entry, namespace, owner) {
@@ -269,6 +292,44 @@ impl Tracker {
             _ if local < remote => Direction::Inbound,
             _ => Direction::Outbound,
         }
+    }
+
+    fn closed_key(&self, netns: u32, local: SocketAddr, remote: SocketAddr) -> u64 {
+        self.inventory
+            .closed_hasher
+            .hash_one((netns, local, remote))
+    }
+
+    /// Remembers a close for the reconciliation of a dump under way.
+    pub(super) fn note_closed(&mut self, conn: &Connection, closed_at_ns: u64) {
+        let key = self.closed_key(conn.netns, conn.local, conn.remote);
+        self.inventory.closed_lately.insert(key, closed_at_ns);
+    }
+
+    /// Whether the connection (netns, local, remote) closed at or after
+    /// `since_ns`.
+    fn closed_since(
+        &self,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        since_ns: u64,
+    ) -> bool {
+        self.inventory
+            .closed_lately
+            .get(&self.closed_key(netns, local, remote))
+            .is_some_and(|closed_at| *closed_at >= since_ns)
+    }
+
+    /// Forgets the closes no dump still to be reconciled can have seen
+    /// alive.
+    pub(super) fn forget_old_closes(&mut self, now_ns: u64) {
+        let Some(kept_ns) = self.inventory.closed_kept_ns else {
+            return;
+        };
+        self.inventory
+            .closed_lately
+            .retain(|_, closed_at| closed_at.saturating_add(kept_ns) >= now_ns);
     }
 
     pub(super) fn forget_adopted(&mut self, conn: &Connection) {
@@ -515,5 +576,55 @@ mod tests {
         let ka = &tracker.connections.get(&1).unwrap().keepalive;
         assert!(!ka.idle_from_socket);
         assert!((ka.longest_silence_secs() - 10.0).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn a_connection_closed_after_the_dump_is_not_adopted_from_it() {
+        use ka_common::{EventKind, StateChangeEvent, tcp_state};
+
+        use crate::{
+            decode::Event,
+            track::fixtures::{header, socket},
+        };
+        let transition = |old: u8, new: u8, ktime_ns: u64| {
+            Event::StateChange(StateChangeEvent {
+                header: header(EventKind::StateChange, ktime_ns),
+                sock: ka_common::SockSnapshot {
+                    state: new,
+                    ..socket(443, new)
+                },
+                oldstate: old,
+                newstate: new,
+                reserved: [0; 6],
+            })
+        };
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&transition(
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ));
+        // The dump sees it established; it closes before the dump is
+        // reconciled (its events are read first).
+        let dump = update(
+            vec![entry(
+                5,
+                "198.18.10.1:40443",
+                "198.18.10.2:443",
+                DiagTimer::None,
+                0,
+            )],
+            2_000,
+        );
+        tracker.handle(&transition(
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            3_000,
+        ));
+        tracker.handle(&transition(tcp_state::FIN_WAIT1, tcp_state::CLOSE, 4_000));
+        tracker.settle_closes(u64::MAX);
+        let report = tracker.reconcile(&dump);
+        assert_eq!((report.adopted, report.vanished), (0, 0));
+        assert!(tracker.connections.is_empty());
     }
 }

@@ -523,6 +523,7 @@ impl Tracker {
     /// Periodic work: `CLOSE_WAIT` leaks, closes waiting for a verdict.
     pub fn sweep(&mut self, now_ns: u64) {
         self.settle_closes(now_ns);
+        self.forget_old_closes(now_ns);
         let threshold_ns = self
             .config
             .close_wait_leak_secs

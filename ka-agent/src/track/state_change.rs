@@ -212,6 +212,7 @@ impl Tracker {
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
         let closer = conn.closer.map(|(closer, _)| closer);
+        self.note_closed(&conn, closed_at_ns);
         let mut record = conn;
         record.zombie = zombie.or(record.zombie);
         record.state = TcpState::Close;

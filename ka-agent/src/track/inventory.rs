@@ -306,6 +306,14 @@ impl Tracker {
         self.inventory.closed_lately.insert(key, closed_at_ns);
     }
 
+    /// The same for a socket the table does not know.
+    pub(super) fn note_closed_socket(&mut self, snap: &ka_common::SockSnapshot, closed_at_ns: u64) {
+        let local = super::socket_addr(snap.family, snap.saddr, snap.sport);
+        let remote = super::socket_addr(snap.family, snap.daddr, snap.dport);
+        let key = self.closed_key(snap.netns, local, remote);
+        self.inventory.closed_lately.insert(key, closed_at_ns);
+    }
+
     /// Whether the connection (netns, local, remote) closed at or after
     /// `since_ns`.
     fn closed_since(
@@ -586,18 +594,19 @@ mod tests {
             decode::Event,
             track::fixtures::{header, socket},
         };
-        let transition = |old: u8, new: u8, ktime_ns: u64| {
+        let transition_on = |port: u16, old: u8, new: u8, ktime_ns: u64| {
             Event::StateChange(StateChangeEvent {
                 header: header(EventKind::StateChange, ktime_ns),
                 sock: ka_common::SockSnapshot {
-                    state: new,
-                    ..socket(443, new)
+                    sk: 0xA + u64::from(port),
+                    ..socket(port, new)
                 },
                 oldstate: old,
                 newstate: new,
                 reserved: [0; 6],
             })
         };
+        let transition = |old: u8, new: u8, ktime_ns: u64| transition_on(443, old, new, ktime_ns);
         let mut tracker = Tracker::new(TrackerConfig::default());
         tracker.handle(&transition(
             tcp_state::SYN_SENT,
@@ -606,14 +615,19 @@ mod tests {
         ));
         // The dump sees it established; it closes before the dump is
         // reconciled (its events are read first).
+        // The second, from before the agent, is not in the table yet: only
+        // its CLOSE arrives.
         let dump = update(
-            vec![entry(
-                5,
-                "198.18.10.1:40443",
-                "198.18.10.2:443",
-                DiagTimer::None,
-                0,
-            )],
+            vec![
+                entry(
+                    5,
+                    "198.18.10.1:40443",
+                    "198.18.10.2:443",
+                    DiagTimer::None,
+                    0,
+                ),
+                entry(6, "198.18.10.1:40080", "198.18.10.2:80", DiagTimer::None, 0),
+            ],
             2_000,
         );
         tracker.handle(&transition(
@@ -622,9 +636,23 @@ mod tests {
             3_000,
         ));
         tracker.handle(&transition(tcp_state::FIN_WAIT1, tcp_state::CLOSE, 4_000));
-        tracker.settle_closes(u64::MAX);
+        tracker.handle(&transition_on(
+            80,
+            tcp_state::LAST_ACK,
+            tcp_state::CLOSE,
+            4_500,
+        ));
+        // The first close still waits for its verdict (see
+        // `settle_closes`) while the dump is reconciled.
         let report = tracker.reconcile(&dump);
         assert_eq!((report.adopted, report.vanished), (0, 0));
         assert!(tracker.connections.is_empty());
+        tracker.settle_closes(u64::MAX);
+        let closed = tracker
+            .drain_observations()
+            .iter()
+            .filter(|o| matches!(o, crate::track::Observation::Closed { .. }))
+            .count();
+        assert_eq!(closed, 1);
     }
 }

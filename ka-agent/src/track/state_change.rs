@@ -54,6 +54,11 @@ impl Tracker {
         }
         let hz = self.config.hz;
         let Some(conn) = self.adopt(snap, ktime) else {
+            if new == TcpState::Close {
+                // A connection from before the agent, unknown yet: a dump
+                // under way may have seen it alive.
+                self.note_closed_socket(snap, ktime);
+            }
             return;
         };
         conn.state = new;
@@ -84,6 +89,9 @@ impl Tracker {
                 // follows on this socket (see `settle_closes`).
                 if let Some(conn) = self.connections.remove(&snap.sk) {
                     self.settle(snap.sk);
+                    // Closed now, whatever the verdict: a dump that saw it
+                    // alive must not bring it back.
+                    self.note_closed(&conn, ktime);
                     self.closing.insert(
                         snap.sk,
                         super::Closing {

@@ -302,6 +302,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         took_ms = update.took.as_millis(),
                         "first inventory of every network namespace reconciled: ready"
                     );
+                } else if report.vanished > 0 {
+                    tracing::info!(
+                        vanished = report.vanished,
+                        adopted = report.adopted,
+                        took_ms = update.took.as_millis(),
+                        "inventory reconciled: connections gone without their close event closed from their records"
+                    );
                 } else {
                     tracing::debug!(?report, took_ms = update.took.as_millis(), "inventory reconciled");
                 }

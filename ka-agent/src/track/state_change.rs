@@ -154,7 +154,9 @@ impl Tracker {
         if !conn.was_established {
             return;
         }
-        tracing::info!(
+        // Debug: after a mass exit with lost events there are hundreds of
+        // thousands; the inventory's summary and the loss counters say it.
+        tracing::debug!(
             local = %conn.local,
             remote = %conn.remote,
             netns = conn.netns,

@@ -26,6 +26,11 @@ use crate::{
 /// small table take milliseconds.
 const MIN_CLOSED_KEPT_NS: u64 = 1_000_000_000;
 
+/// How long closes are kept before the first inventory is reconciled:
+/// longer than a first inventory of a few hundred thousand sockets takes,
+/// and bounded should it never come (a failing inventory).
+const FIRST_CLOSED_KEPT_NS: u64 = 20_000_000_000;
+
 /// The tracker's record of what the inventory contributed.
 #[derive(Debug, Default)]
 pub struct InventoryState {
@@ -41,8 +46,8 @@ pub struct InventoryState {
     closed_lately: hashbrown::HashMap<u64, u64>,
     closed_hasher: hashbrown::DefaultHashBuilder,
     /// How long closes are kept in `closed_lately`: twice the last
-    /// inventory's time from the start of its dump (none before the first
-    /// is reconciled: every close since start-up may matter to it).
+    /// inventory's time from the start of its dump; before the first is
+    /// reconciled, `FIRST_CLOSED_KEPT_NS`.
     closed_kept_ns: Option<u64>,
     /// At least one inventory was reconciled.
     first_done: bool,
@@ -301,16 +306,14 @@ impl Tracker {
     }
 
     /// Remembers a close for the reconciliation of a dump under way.
-    pub(super) fn note_closed(&mut self, conn: &Connection, closed_at_ns: u64) {
-        let key = self.closed_key(conn.netns, conn.local, conn.remote);
-        self.inventory.closed_lately.insert(key, closed_at_ns);
-    }
-
-    /// The same for a socket the table does not know.
-    pub(super) fn note_closed_socket(&mut self, snap: &ka_common::SockSnapshot, closed_at_ns: u64) {
-        let local = super::socket_addr(snap.family, snap.saddr, snap.sport);
-        let remote = super::socket_addr(snap.family, snap.daddr, snap.dport);
-        let key = self.closed_key(snap.netns, local, remote);
+    pub(super) fn note_closed(
+        &mut self,
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        closed_at_ns: u64,
+    ) {
+        let key = self.closed_key(netns, local, remote);
         self.inventory.closed_lately.insert(key, closed_at_ns);
     }
 
@@ -332,9 +335,10 @@ impl Tracker {
     /// Forgets the closes no dump still to be reconciled can have seen
     /// alive.
     pub(super) fn forget_old_closes(&mut self, now_ns: u64) {
-        let Some(kept_ns) = self.inventory.closed_kept_ns else {
-            return;
-        };
+        let kept_ns = self
+            .inventory
+            .closed_kept_ns
+            .unwrap_or(FIRST_CLOSED_KEPT_NS);
         self.inventory
             .closed_lately
             .retain(|_, closed_at| closed_at.saturating_add(kept_ns) >= now_ns);
@@ -588,35 +592,22 @@ mod tests {
 
     #[test]
     fn a_connection_closed_after_the_dump_is_not_adopted_from_it() {
-        use ka_common::{EventKind, StateChangeEvent, tcp_state};
+        use ka_common::tcp_state;
 
-        use crate::{
-            decode::Event,
-            track::fixtures::{header, socket},
-        };
+        use crate::track::fixtures::{socket, transition};
         let transition_on = |port: u16, old: u8, new: u8, ktime_ns: u64| {
-            Event::StateChange(StateChangeEvent {
-                header: header(EventKind::StateChange, ktime_ns),
-                sock: ka_common::SockSnapshot {
-                    sk: 0xA + u64::from(port),
-                    ..socket(port, new)
-                },
-                oldstate: old,
-                newstate: new,
-                reserved: [0; 6],
-            })
+            let sock = ka_common::SockSnapshot {
+                sk: 0xA + u64::from(port),
+                ..socket(port, new)
+            };
+            transition(sock, old, new, ktime_ns)
         };
-        let transition = |old: u8, new: u8, ktime_ns: u64| transition_on(443, old, new, ktime_ns);
+        let on_443 = |old: u8, new: u8, ktime_ns: u64| transition_on(443, old, new, ktime_ns);
         let mut tracker = Tracker::new(TrackerConfig::default());
-        tracker.handle(&transition(
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            1_000,
-        ));
-        // The dump sees it established; it closes before the dump is
-        // reconciled (its events are read first).
-        // The second, from before the agent, is not in the table yet: only
-        // its CLOSE arrives.
+        tracker.handle(&on_443(tcp_state::SYN_SENT, tcp_state::ESTABLISHED, 1_000));
+        // The dump sees both established. The first closes before the dump
+        // is reconciled; the second, from before the agent and unknown to
+        // the table, too (only its CLOSE arrives).
         let dump = update(
             vec![
                 entry(
@@ -630,12 +621,8 @@ mod tests {
             ],
             2_000,
         );
-        tracker.handle(&transition(
-            tcp_state::ESTABLISHED,
-            tcp_state::FIN_WAIT1,
-            3_000,
-        ));
-        tracker.handle(&transition(tcp_state::FIN_WAIT1, tcp_state::CLOSE, 4_000));
+        tracker.handle(&on_443(tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1, 3_000));
+        tracker.handle(&on_443(tcp_state::FIN_WAIT1, tcp_state::CLOSE, 4_000));
         tracker.handle(&transition_on(
             80,
             tcp_state::LAST_ACK,

@@ -742,4 +742,15 @@ mod fixtures {
             ktime_ns,
         }
     }
+
+    /// `sock` moving from `old` to `new` at `ktime_ns`.
+    pub fn transition(sock: SockSnapshot, old: u8, new: u8, ktime_ns: u64) -> crate::decode::Event {
+        crate::decode::Event::StateChange(ka_common::StateChangeEvent {
+            header: header(EventKind::StateChange, ktime_ns),
+            sock: SockSnapshot { state: new, ..sock },
+            oldstate: old,
+            newstate: new,
+            reserved: [0; 6],
+        })
+    }
 }

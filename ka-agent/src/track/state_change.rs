@@ -57,7 +57,12 @@ impl Tracker {
             if new == TcpState::Close {
                 // A connection from before the agent, unknown yet: a dump
                 // under way may have seen it alive.
-                self.note_closed_socket(snap, ktime);
+                self.note_closed(
+                    snap.netns,
+                    super::socket_addr(snap.family, snap.saddr, snap.sport),
+                    super::socket_addr(snap.family, snap.daddr, snap.dport),
+                    ktime,
+                );
             }
             return;
         };
@@ -91,7 +96,7 @@ impl Tracker {
                     self.settle(snap.sk);
                     // Closed now, whatever the verdict: a dump that saw it
                     // alive must not bring it back.
-                    self.note_closed(&conn, ktime);
+                    self.note_closed(conn.netns, conn.local, conn.remote, ktime);
                     self.closing.insert(
                         snap.sk,
                         super::Closing {
@@ -151,6 +156,7 @@ impl Tracker {
     /// socket address taken by a new connection.
     pub(super) fn close_unseen(&mut self, conn: Box<Connection>, closed_at_ns: u64, found: &str) {
         self.forget_adopted(&conn);
+        self.note_closed(conn.netns, conn.local, conn.remote, closed_at_ns);
         if !conn.was_established {
             return;
         }
@@ -222,7 +228,6 @@ impl Tracker {
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
         let closer = conn.closer.map(|(closer, _)| closer);
-        self.note_closed(&conn, closed_at_ns);
         let mut record = conn;
         record.zombie = zombie.or(record.zombie);
         record.state = TcpState::Close;
@@ -266,7 +271,7 @@ mod tests {
         decode::Event,
         track::{
             Observation, Tracker, TrackerConfig,
-            fixtures::{header, socket},
+            fixtures::{header, socket, transition},
         },
     };
 
@@ -304,16 +309,6 @@ mod tests {
             })
             .collect();
         assert_eq!(closed.len(), 2, "{closed:?}");
-    }
-
-    fn transition(sock: ka_common::SockSnapshot, old: u8, new: u8, ktime_ns: u64) -> Event {
-        Event::StateChange(StateChangeEvent {
-            header: header(EventKind::StateChange, ktime_ns),
-            sock: ka_common::SockSnapshot { state: new, ..sock },
-            oldstate: old,
-            newstate: new,
-            reserved: [0; 6],
-        })
     }
 
     #[test]

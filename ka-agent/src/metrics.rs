@@ -826,10 +826,22 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    ///
+    /// The registry reads its collectors in no particular order while the
+    /// event loop counts: gathering under the lock a batch is applied
+    /// under makes a scrape see each batch whole or not at all (a death's
+    /// zombie with its close, not the close alone). The event loop waits
+    /// for the gathering (milliseconds with 10,000 series), not for the
+    /// encoding.
     pub fn render(&self) -> String {
+        let families = {
+            // Held when poisoned too (`apply_all` then counts without it).
+            let _batch = self.series.lock();
+            self.registry.gather()
+        };
         let encoder = prometheus::TextEncoder::new();
         encoder
-            .encode_to_string(&self.registry.gather())
+            .encode_to_string(&families)
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 
@@ -997,6 +1009,8 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          (`ka_series_overflow_total`), as does a set whose values, run together, equal another's \
          (\"python3\" + \"1.2.3.4\", \"python\" + \"31.2.3.4\": the prometheus crate tells series apart \
          by that alone); sets unused for `--series-ttl` are removed.\n\n\
+         A scrape counts each batch of kernel events whole or not at all: a connection's close, its \
+         cause and the zombie its death revealed appear in the same scrape.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     for family in metrics.registry.gather() {
@@ -1163,6 +1177,63 @@ mod tests {
                 .iter()
                 .all(|f| f.name() != "ka_resets_received_total" || f.get_metric().is_empty())
         );
+    }
+
+    #[test]
+    fn a_scrape_sees_a_batch_whole_or_not_at_all() {
+        const DEATHS: u64 = 20_000;
+        let metrics = Metrics::new(SeriesLimits {
+            max_series: 100,
+            ttl: Duration::from_mins(10),
+            pod_labels: false,
+        })
+        .unwrap();
+        let labels = Labels {
+            netns: 1,
+            direction: crate::model::Direction::Outbound,
+            port: 443,
+            comm: "client".to_owned(),
+            peer: String::new(),
+            pod: PodLabels::default(),
+        };
+        // What `conclude` pushes for a keepalive death, in its order.
+        let death = [
+            Observation::Zombie {
+                labels: labels.clone(),
+                kind: crate::model::ZombieKind::DeadPeerKeepalive,
+            },
+            Observation::Closed {
+                labels,
+                cause: crate::model::CloseCause::KeepaliveTimeout,
+                idle_before_close: None,
+            },
+        ];
+        let value = |text: &str, family: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(family))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        std::thread::scope(|scope| {
+            let counting = scope.spawn(|| {
+                for _ in 0..DEATHS {
+                    metrics.apply_all(&death);
+                }
+            });
+            let mut scrapes = 0;
+            while !counting.is_finished() || scrapes == 0 {
+                let text = metrics.render();
+                assert_eq!(
+                    value(&text, "ka_zombies_total{"),
+                    value(&text, "ka_connections_closed_total{"),
+                    "a scrape split a batch:\n{text}"
+                );
+                scrapes += 1;
+            }
+        });
+        let text = metrics.render();
+        assert_eq!(value(&text, "ka_zombies_total{"), DEATHS);
     }
 
     #[test]

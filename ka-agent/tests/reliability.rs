@@ -353,6 +353,93 @@ fn a_full_connection_table_evicts_and_counts() {
     assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
 }
 
+/// A running process's soft `RLIMIT_NOFILE`, lowered from outside with
+/// prlimit(1) and put back on drop (also when the test fails).
+struct LoweredFileLimit {
+    pid: u32,
+    soft: String,
+    hard: String,
+}
+
+impl LoweredFileLimit {
+    fn to(pid: u32, soft: u32) -> Self {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        // "Max open files            1024                 524288               files"
+        let values: Vec<&str> = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .expect("a file limit")
+            .split_whitespace()
+            .collect();
+        let limit = Self {
+            pid,
+            soft: values[0].to_owned(),
+            hard: values[1].to_owned(),
+        };
+        limit.set(&format!("{soft}:"));
+        limit
+    }
+
+    fn set(&self, nofile: &str) {
+        let status = Command::new("prlimit")
+            .args([
+                "--pid",
+                &self.pid.to_string(),
+                &format!("--nofile={nofile}"),
+            ])
+            .status()
+            .expect("prlimit (util-linux)");
+        assert!(status.success(), "prlimit --nofile={nofile}");
+    }
+}
+
+impl Drop for LoweredFileLimit {
+    fn drop(&mut self) {
+        self.set(&format!("{}:{}", self.soft, self.hard));
+    }
+}
+
+#[test]
+fn an_inventory_that_fails_is_counted_and_the_next_one_recovers() {
+    if !require_root("an_inventory_that_fails_is_counted_and_the_next_one_recovers") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(&["--inventory-interval", "1s"]);
+    agent.wait_metrics(Duration::from_secs(20), "the first inventory", |m| {
+        m.count("ka_inventories_total", &[("trigger", "start")]) == 1
+    });
+    {
+        // Descriptors 0-2 are open, so the agent can open no new one: not
+        // /proc, not a namespace, not a sock_diag socket. What it holds
+        // (the ring buffer, its listener) stays usable.
+        let _limit = LoweredFileLimit::to(agent.pid(), 3);
+        std::thread::sleep(Duration::from_millis(3500));
+    }
+    let restored = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let m = agent.wait_metrics(
+        Duration::from_secs(20),
+        "the failed inventories counted, then one reconciled after the limit was restored",
+        |m| {
+            m.count("ka_inventory_failures_total", &[]) >= 2
+                && m.sum("ka_inventory_last_success_timestamp_seconds", &[]) >= restored
+        },
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("inventory failed") && log.contains("Too many open files"),
+        "{log}"
+    );
+    // A failure is not mistaken for a host without namespaces.
+    assert!(!log.contains("limited to the agent's own"), "{log}");
+    assert!(m.count("ka_inventory_namespaces", &[]) >= 1, "{}", m.text);
+    assert_eq!(http_get(agent.addr, "/readyz").map(|r| r.0), Some(200));
+    assert_eq!(agent.stop(), Some(0));
+}
+
 /// The capabilities the `DaemonSet` and the systemd unit grant (docs/security.md).
 const CAPABILITIES: [&str; 6] = [
     "bpf",

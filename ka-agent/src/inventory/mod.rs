@@ -296,7 +296,10 @@ fn read_sysctl(proc_sys: &Path, key: &str) -> Option<u64> {
 
 /// Distinct network namespaces: inode → the paths it can be entered from,
 /// from `/proc/*/ns/net` and the `ip netns` bind mounts in `/run/netns`.
-pub fn list_namespaces(proc: &Path, run_netns: &Path) -> BTreeMap<u32, Vec<PathBuf>> {
+pub fn list_namespaces(
+    proc: &Path,
+    run_netns: &Path,
+) -> std::io::Result<BTreeMap<u32, Vec<PathBuf>>> {
     let mut namespaces: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
     let mut add = |path: PathBuf| {
         // A process that exited meanwhile is simply not there.
@@ -315,14 +318,12 @@ pub fn list_namespaces(proc: &Path, run_netns: &Path) -> BTreeMap<u32, Vec<PathB
             add(entry.path());
         }
     }
-    if let Ok(dir) = std::fs::read_dir(proc) {
-        for entry in dir.flatten() {
-            if entry.file_name().to_str().is_some_and(is_pid) {
-                add(entry.path().join("ns/net"));
-            }
+    for entry in std::fs::read_dir(proc)?.flatten() {
+        if entry.file_name().to_str().is_some_and(is_pid) {
+            add(entry.path().join("ns/net"));
         }
     }
-    namespaces
+    Ok(namespaces)
 }
 
 fn is_pid(name: &str) -> bool {
@@ -332,14 +333,25 @@ fn is_pid(name: &str) -> bool {
 /// Dumps every network namespace of the host, one thread each, one after
 /// the other. A namespace that vanishes on the way is skipped.
 pub fn dump_all_namespaces() -> Result<Inventory, InventoryError> {
-    let namespaces = list_namespaces(Path::new("/proc"), Path::new("/run/netns"));
+    let namespaces = list_namespaces(Path::new("/proc"), Path::new("/run/netns"))
+        .map_err(InventoryError::Enumerate)?;
     if namespaces.is_empty() {
         return Err(InventoryError::Enumerate(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no readable /proc/*/ns/net",
         )));
     }
+    dump_namespaces(namespaces)
+}
+
+/// Dumps each listed namespace through the first of its paths that still
+/// leads to it. A namespace none of whose paths can be entered any more is
+/// skipped (its processes exited), but not all of them: the list includes
+/// the agent's own, so nothing dumped is a failure (out of file
+/// descriptors, say), not an empty host.
+fn dump_namespaces(namespaces: BTreeMap<u32, Vec<PathBuf>>) -> Result<Inventory, InventoryError> {
     let mut inventory = Inventory::default();
+    let mut any_error = None;
     for (inode, paths) in namespaces {
         let mut last_error = None;
         for path in &paths {
@@ -361,9 +373,13 @@ pub fn dump_all_namespaces() -> Result<Inventory, InventoryError> {
         }
         if let Some(error) = last_error {
             tracing::debug!(netns = inode, %error, "network namespace skipped (gone)");
+            any_error = Some(error);
         }
     }
-    Ok(inventory)
+    match any_error {
+        Some(error) if inventory.namespaces.is_empty() => Err(error),
+        _ => Ok(inventory),
+    }
 }
 
 fn error_is_permission(error: &InventoryError) -> bool {
@@ -372,6 +388,21 @@ fn error_is_permission(error: &InventoryError) -> bool {
         InventoryError::EnterNamespace { source, .. }
             if source.kind() == std::io::ErrorKind::PermissionDenied
     )
+}
+
+impl InventoryError {
+    /// Whether the agent may see its own namespace only (no
+    /// `CAP_SYS_ADMIN`, or no other process's namespace readable), rather
+    /// than failing to take an inventory at all.
+    pub fn leaves_only_own_namespace(&self) -> bool {
+        match self {
+            Self::EnterNamespace { source, .. } | Self::OpenNamespace { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+            }
+            Self::Enumerate(source) => source.kind() == std::io::ErrorKind::NotFound,
+            Self::Netlink(_) | Self::Decode(_) | Self::Thread => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -424,8 +455,27 @@ mod tests {
 
     #[test]
     fn own_namespace_is_listed() {
-        let namespaces = list_namespaces(Path::new("/proc"), Path::new("/nonexistent"));
+        let namespaces = list_namespaces(Path::new("/proc"), Path::new("/nonexistent")).unwrap();
         let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
         assert!(namespaces.contains_key(&u32::try_from(own).unwrap()));
+    }
+
+    #[test]
+    fn nothing_dumped_is_a_failure_not_an_empty_host() {
+        let gone = |pid: &str| PathBuf::from(format!("/nonexistent/{pid}/ns/net"));
+        let error = dump_namespaces(BTreeMap::from([(1, vec![gone("1")]), (2, vec![gone("2")])]))
+            .expect_err("no namespace could be dumped");
+        assert!(
+            matches!(error, InventoryError::OpenNamespace { .. }),
+            "{error}"
+        );
+        // Some gone, some dumped: the gone are skipped.
+        let own = u32::try_from(std::fs::metadata("/proc/self/ns/net").unwrap().ino()).unwrap();
+        if let Ok(inventory) = dump_namespaces(BTreeMap::from([
+            (1, vec![gone("1")]),
+            (own, vec![PathBuf::from("/proc/self/ns/net")]),
+        ])) {
+            assert_eq!(inventory.namespaces.len(), 1);
+        }
     }
 }

@@ -141,12 +141,13 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         Ok(inventory) => inventory,
         // Without CAP_SYS_ADMIN no other namespace can be entered; the
         // agent's own is still worth its inventory.
-        Err(error) => {
+        Err(error) if error.leaves_only_own_namespace() => {
             tracing::warn!(%error, "inventory limited to the agent's own network namespace");
             super::Inventory {
                 namespaces: vec![super::dump_namespace(None)?],
             }
         }
+        Err(error) => return Err(error),
     };
     let dump_took = started.elapsed();
     let inodes: Vec<u64> = inventory.sockets().map(|s| s.inode).collect();

@@ -642,4 +642,35 @@ mod tests {
             .count();
         assert_eq!(closed, 1);
     }
+
+    #[test]
+    fn remembered_closes_are_bounded_with_and_without_an_inventory() {
+        const SEC: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let addr = |port: u16| SocketAddr::from(([198, 18, 0, 1], port));
+        tracker.note_closed(7, addr(1), addr(443), SEC);
+        tracker.note_closed(7, addr(2), addr(443), 15 * SEC);
+        // No inventory reconciled yet (one that keeps failing): kept 20 s.
+        tracker.forget_old_closes(22 * SEC);
+        assert_eq!(tracker.inventory.closed_lately.len(), 1);
+        assert!(tracker.closed_since(7, addr(2), addr(443), 0));
+        tracker.forget_old_closes(36 * SEC);
+        assert!(tracker.inventory.closed_lately.is_empty());
+
+        // After one: twice its time, at least a second.
+        let mut slow = update(vec![], 40 * SEC);
+        slow.took = std::time::Duration::from_secs(3);
+        tracker.reconcile(&slow);
+        tracker.note_closed(7, addr(3), addr(443), 50 * SEC);
+        tracker.forget_old_closes(56 * SEC);
+        assert!(tracker.closed_since(7, addr(3), addr(443), 50 * SEC));
+        tracker.forget_old_closes(57 * SEC);
+        assert!(tracker.inventory.closed_lately.is_empty());
+        tracker.reconcile(&update(vec![], 60 * SEC));
+        tracker.note_closed(7, addr(4), addr(443), 70 * SEC);
+        tracker.forget_old_closes(71 * SEC);
+        assert_eq!(tracker.inventory.closed_lately.len(), 1);
+        tracker.forget_old_closes(71 * SEC + 1);
+        assert!(tracker.inventory.closed_lately.is_empty());
+    }
 }

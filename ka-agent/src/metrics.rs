@@ -95,6 +95,7 @@ pub struct InventoryMetrics {
     pub last_success: Gauge,
     pub interval: Gauge,
     pub namespaces: IntGauge,
+    pub own_namespace_only: IntGauge,
     pub corrected: IntCounterVec,
 }
 
@@ -130,7 +131,11 @@ impl InventoryMetrics {
             )?,
             namespaces: IntGauge::new(
                 "ka_inventory_namespaces",
-                "Network namespaces the last inventory covered: every one on the host, or only the agent's own when it may not enter the others (CAP_SYS_ADMIN; the log says so).",
+                "Network namespaces the last inventory covered: every one on the host, or only the agent's own when it may not enter the others (see ka_inventory_own_namespace_only).",
+            )?,
+            own_namespace_only: IntGauge::new(
+                "ka_inventory_own_namespace_only",
+                "1 when the last inventory covered only the agent's own network namespace, as it may not enter the others (no CAP_SYS_ADMIN) or read them: connections in other namespaces whose events were lost are then never adopted nor found gone.",
             )?,
             corrected: IntCounterVec::new(
                 Opts::new(
@@ -152,7 +157,7 @@ impl InventoryMetrics {
         Ok(inventory)
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 7] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 8] {
         [
             Box::new(self.taken.clone()),
             Box::new(self.failures.clone()),
@@ -160,6 +165,7 @@ impl InventoryMetrics {
             Box::new(self.last_success.clone()),
             Box::new(self.interval.clone()),
             Box::new(self.namespaces.clone()),
+            Box::new(self.own_namespace_only.clone()),
             Box::new(self.corrected.clone()),
         ]
     }
@@ -192,6 +198,8 @@ impl InventoryMetrics {
         }
         self.namespaces
             .set(i64::try_from(namespaces).unwrap_or(i64::MAX));
+        self.own_namespace_only
+            .set(i64::from(update.own_namespace_only));
         self.corrected
             .with_label_values(&["adopted"])
             .inc_by(adopted as u64);

@@ -285,6 +285,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         ("KaPodListFailing", "inactive"),
         ("KaSeriesOverflow", "inactive"),
         ("KaInventoryStale", "inactive"),
+        ("KaInventoryOwnNamespaceOnly", "inactive"),
         ("KaAgentDown", "inactive"),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);

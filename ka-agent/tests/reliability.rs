@@ -510,6 +510,66 @@ fn least_privilege_is_enough_and_less_is_not() {
 }
 
 #[test]
+fn without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only() {
+    if !require_root("without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only") {
+        return;
+    }
+    let _serial = serial();
+    // Another namespace with a connection in it, which only setns reaches.
+    let ns = Netns::new("on");
+    let addr: SocketAddr = "127.0.0.1:7206".parse().unwrap();
+    let listener = ns.listen(addr);
+    let _held = (
+        ns.connect(addr, &SocketOptions::default()).unwrap(),
+        listener.accept().unwrap(),
+    );
+    let bounding = std::iter::once("-all".to_owned())
+        .chain(
+            CAPABILITIES
+                .iter()
+                .filter(|c| **c != "sys_admin")
+                .map(|c| format!("+{c}")),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let agent = Agent::start_via(
+        &[
+            "setpriv",
+            &format!("--bounding-set={bounding}"),
+            &format!("--inh-caps={bounding}"),
+        ],
+        &[],
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        m.count("ka_inventory_own_namespace_only", &[]),
+        1,
+        "{}",
+        m.text
+    );
+    assert_eq!(m.count("ka_inventory_namespaces", &[]), 1, "{}", m.text);
+    assert_eq!(m.count("ka_inventory_failures_total", &[]), 0, "{}", m.text);
+    let log = agent.log();
+    assert!(
+        log.contains("inventory limited to the agent's own network namespace")
+            && log.contains("CAP_SYS_ADMIN"),
+        "{log}"
+    );
+    assert_eq!(agent.stop(), Some(0));
+
+    // With it: every namespace, and the gauge says so.
+    let agent = Agent::start(&[]);
+    let m = agent.metrics();
+    assert_eq!(
+        m.count("ka_inventory_own_namespace_only", &[]),
+        0,
+        "{}",
+        m.text
+    );
+    assert!(m.count("ka_inventory_namespaces", &[]) >= 2, "{}", m.text);
+}
+
+#[test]
 fn an_unparsable_tracefs_format_is_one_clear_error() {
     if !require_root("an_unparsable_tracefs_format_is_one_clear_error") {
         return;

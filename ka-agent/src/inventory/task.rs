@@ -27,6 +27,9 @@ pub struct InventoryUpdate {
     /// Pod labels were asked for (`--node-name`) but this node's pods could
     /// not be listed for this inventory.
     pub pod_list_failed: bool,
+    /// Only the agent's own network namespace could be dumped: it may not
+    /// enter the others (no `CAP_SYS_ADMIN`) or read them.
+    pub own_namespace_only: bool,
     pub trigger: Trigger,
 }
 
@@ -137,12 +140,14 @@ pub fn spawn(
 /// `audit` use.
 pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::InventoryError> {
     let started = Instant::now();
+    let mut own_namespace_only = false;
     let inventory = match dump_all_namespaces() {
         Ok(inventory) => inventory,
         // Without CAP_SYS_ADMIN no other namespace can be entered; the
         // agent's own is still worth its inventory.
         Err(error) if error.leaves_only_own_namespace() => {
             tracing::warn!(%error, "inventory limited to the agent's own network namespace");
+            own_namespace_only = true;
             super::Inventory {
                 namespaces: vec![super::dump_namespace(None)?],
             }
@@ -162,6 +167,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         took: started.elapsed(),
         dump_took,
         pod_list_failed: false,
+        own_namespace_only,
         trigger: Trigger::Start,
     })
 }
@@ -237,6 +243,7 @@ mod tests {
             took: Duration::ZERO,
             dump_took: Duration::ZERO,
             pod_list_failed: false,
+            own_namespace_only: false,
             trigger: Trigger::Start,
         };
         directory.label(&mut update);

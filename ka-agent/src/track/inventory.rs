@@ -486,6 +486,7 @@ mod tests {
             dump_took: std::time::Duration::ZERO,
             took: std::time::Duration::ZERO,
             pod_list_failed: false,
+            own_namespace_only: false,
             trigger: crate::inventory::Trigger::Interval,
         }
     }

@@ -41,12 +41,28 @@ impl Agent {
     /// started before ours existed may have counted that test's events under
     /// the same `netns` label.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_via(&[], args)
+    }
+
+    /// Starts the agent through `wrapper` (a command and its arguments
+    /// that runs the rest, such as `setpriv` with fewer capabilities).
+    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let stderr_path =
             std::env::temp_dir().join(format!("ka-agent-test-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_ka-agent"))
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command
+                    .args(wrapper_args)
+                    .arg(env!("CARGO_BIN_EXE_ka-agent"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ka-agent")),
+        };
+        let child = command
             .arg("run")
             .arg("--listen")
             .arg(addr.to_string())

@@ -539,6 +539,7 @@ fn without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only() {
             &format!("--inh-caps={bounding}"),
         ],
         &[],
+        &[],
     );
     let m = agent.metrics();
     assert_eq!(

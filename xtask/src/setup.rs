@@ -43,7 +43,9 @@ const BUILD_PACKAGES: &[Package] = &[
 /// Debian packages the tests use: the lab (iproute2, nftables), real peers
 /// and load (nginx, curl, wrk), Prometheus and promtool, reference tools
 /// (bpftool, libbpf-tools), tmux for the TUI test, ps, capsh for the
-/// least-privilege tests, and kmod's depmod for the kernel matrix.
+/// least-privilege tests, kmod's depmod for the kernel matrix, and openssl
+/// and python3 for the fake Kubernetes API server (TLS) of the pod-label
+/// test.
 const TEST_PACKAGES: &[Package] = &[
     Package {
         name: "nftables",
@@ -88,6 +90,14 @@ const TEST_PACKAGES: &[Package] = &[
     Package {
         name: "libcap2-bin",
         provides: &["capsh"],
+    },
+    Package {
+        name: "openssl",
+        provides: &["openssl"],
+    },
+    Package {
+        name: "python3",
+        provides: &["python3"],
     },
     // virtme-ng (the kernel matrix's VM runner) calls depmod on the host.
     Package {

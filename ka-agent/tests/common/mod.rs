@@ -41,12 +41,13 @@ impl Agent {
     /// started before ours existed may have counted that test's events under
     /// the same `netns` label.
     pub fn start(args: &[&str]) -> Self {
-        Self::start_via(&[], args)
+        Self::start_via(&[], &[], args)
     }
 
     /// Starts the agent through `wrapper` (a command and its arguments
-    /// that runs the rest, such as `setpriv` with fewer capabilities).
-    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Self {
+    /// that runs the rest, such as `setpriv` with fewer capabilities), with
+    /// `env` added to its environment.
+    pub fn start_via(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let stderr_path =
@@ -63,6 +64,7 @@ impl Agent {
             None => Command::new(env!("CARGO_BIN_EXE_ka-agent")),
         };
         let child = command
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--listen")
             .arg(addr.to_string())

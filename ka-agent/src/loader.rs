@@ -618,6 +618,34 @@ fn describe(error: &dyn std::error::Error) -> String {
     text.lines().next().unwrap_or_default().to_owned()
 }
 
+/// Kernel memory of the BPF maps this process holds (the agent holds only
+/// its own), as the kernel accounts it: the `memlock` of each map in
+/// `/proc/self/fdinfo`, once per map however many descriptors refer to it.
+pub fn own_map_bytes() -> u64 {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return 0;
+    };
+    map_bytes(
+        fds.flatten()
+            .filter_map(|fd| std::fs::read_to_string(fd.path()).ok()),
+    )
+}
+
+fn map_bytes(fdinfos: impl IntoIterator<Item = String>) -> u64 {
+    let mut maps = std::collections::HashMap::new();
+    for info in fdinfos {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, memlock);
+        }
+    }
+    maps.values().sum()
+}
+
 #[cfg(test)]
 mod tests {
     use ka_common::{MOV_R0_R1, RDONLY_CAST_PLACEHOLDER};
@@ -676,5 +704,15 @@ mod tests {
             left, 0,
             "{anywhere} placeholders, {left} left after patching"
         );
+    }
+
+    #[test]
+    fn map_memory_counts_each_map_once() {
+        let ring = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nmap_type:\t27\nkey_size:\t0\nvalue_size:\t0\nmax_entries:\t4194304\nmap_flags:\t0x0\nmap_extra:\t0x0\nmemlock:\t4210688\nmap_id:\t42\nfrozen:\t0\n";
+        let stats = "map_type:\t6\nmemlock:\t9216\nmap_id:\t43\n";
+        let program = "prog_type:\t17\nmemlock:\t4096\nprog_id:\t7\n";
+        let file = "pos:\t0\nflags:\t0100000\n";
+        let infos = [ring, stats, ring, program, file].map(str::to_owned);
+        assert_eq!(map_bytes(infos), 4_210_688 + 9_216);
     }
 }

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     pub program_misses: IntCounterVec,
+    pub kernel_map_bytes: IntGauge,
     pub inventory: InventoryMetrics,
     series: Mutex<SeriesLimiter>,
     /// Connection series carry the Kubernetes labels.
@@ -492,6 +493,10 @@ impl Metrics {
                 resolved: hashbrown::HashMap::new(),
                 run_together: HashMap::new(),
             }),
+            kernel_map_bytes: IntGauge::new(
+                "ka_kernel_map_bytes",
+                "Kernel memory of the agent's BPF maps, the event ring buffer included, as the kernel accounts it (memlock): outside the process's own memory (process_resident_memory_bytes).",
+            )?,
             evictions: IntCounter::new(
                 "ka_connection_evictions_total",
                 "Connections dropped from a full table (--max-connections).",
@@ -518,12 +523,18 @@ impl Metrics {
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
             Box::new(metrics.program_misses.clone()),
+            Box::new(metrics.kernel_map_bytes.clone()),
         ]
         .into_iter()
         .chain(metrics.inventory.collectors())
         {
             metrics.registry.register(Box::new(Presorted(collector)))?;
         }
+        // The agent's own CPU, memory, threads and descriptors
+        // (`process_*`, from /proc/self): what it costs where it runs.
+        metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(metrics)
     }
 

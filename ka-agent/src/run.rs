@@ -154,6 +154,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .with_label_values(&[env!("CARGO_PKG_VERSION"), layout.kernel_release.as_str()])
         .set(1);
     report_hooks(&probes, &metrics);
+    // Fixed once loaded: every map is allocated at its full size up front.
+    metrics
+        .kernel_map_bytes
+        .set(i64::try_from(crate::loader::own_map_bytes()).unwrap_or(i64::MAX));
     spawn_kernel_logger(&mut probes);
     let ring = probes.take_events()?;
     let mut stats = probes.take_stats()?;

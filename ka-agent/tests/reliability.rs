@@ -351,6 +351,15 @@ fn a_full_connection_table_evicts_and_counts() {
     });
     assert!(m.count("ka_tracked_connections", &[]) <= 50);
     assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
+    // What the agent costs, said by itself: the default 4 MiB ring is in
+    // its kernel map memory, its own memory is the process's.
+    assert!(m.count("ka_kernel_map_bytes", &[]) >= 4 << 20, "{}", m.text);
+    assert!(
+        m.sum("process_resident_memory_bytes", &[]) > 0.0,
+        "{}",
+        m.text
+    );
+    assert!(m.count("process_open_fds", &[]) > 0, "{}", m.text);
 }
 
 /// A running process's soft `RLIMIT_NOFILE`, lowered from outside with

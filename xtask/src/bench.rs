@@ -455,29 +455,6 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Kernel memory of the BPF maps a process holds (`memlock` of each map's
-/// fdinfo, once per map id), in bytes, and how many maps.
-fn map_memory(pid: u32) -> (u64, u64) {
-    let mut seen = BTreeMap::new();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0);
-    };
-    for fd in fds.flatten() {
-        let Ok(info) = std::fs::read_to_string(fd.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
-            seen.insert(id, memlock);
-        }
-    }
-    (seen.values().sum(), seen.len() as u64)
-}
-
 /// Whether a process holds a loaded BPF program (attached soon after).
 fn holds_bpf_program(pid: u32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
@@ -968,8 +945,7 @@ struct Tracked {
     /// inventory of all of them).
     held_cpu_percent: Option<f64>,
     rss_kib: u64,
-    map_bytes: u64,
-    maps: u64,
+    map_bytes: f64,
     open_secs: f64,
     snapshot_secs: Option<f64>,
     /// The `sock_diag` dump of every namespace alone, as the snapshot
@@ -1035,7 +1011,8 @@ fn tracked_memory(
     let rss_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
     // One inventory interval (30 s by default): the CPU it costs included.
     let held_cpu_percent = cpu_percent(agent.proc.pid(), idle * 3);
-    let (map_bytes, maps) = map_memory(agent.proc.pid());
+    // As the agent reports it (memlock of each of its maps).
+    let map_bytes = sum(&text, "ka_kernel_map_bytes", "");
     // One inventory of every connection, with owners and JSON output: an
     // upper bound of the agent's periodic sock_diag inventory.
     let snapshot_started = Instant::now();
@@ -1062,7 +1039,6 @@ fn tracked_memory(
         held_cpu_percent,
         rss_kib,
         map_bytes,
-        maps,
         open_secs,
         snapshot_secs,
         dump_ms,
@@ -1473,15 +1449,14 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     println!(
         "  {} connection pairs opened in {:.1} s: {} tracked, {} lost events; agent RSS {:.1} MiB \
-         ({:.1} MiB before); kernel maps {:.1} MiB in {} maps",
+         ({:.1} MiB before); kernel maps {:.1} MiB (ka_kernel_map_bytes)",
         tracked.pairs,
         tracked.open_secs,
         tracked.count,
         tracked.lost,
         float(tracked.rss_kib) / 1024.0,
         float(tracked.rss_idle_kib) / 1024.0,
-        float(tracked.map_bytes) / 1_048_576.0,
-        tracked.maps
+        tracked.map_bytes / 1_048_576.0,
     );
     let percent = |p: Option<f64>| p.map_or_else(|| "unknown".to_owned(), |p| format!("{p:.2} %"));
     println!(
@@ -1659,8 +1634,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                     Json::opt(tracked.held_cpu_percent),
                 ),
                 ("agent_rss_kib", num(tracked.rss_kib)),
-                ("kernel_map_bytes", num(tracked.map_bytes)),
-                ("kernel_maps", num(tracked.maps)),
+                ("kernel_map_bytes", Json::Num(tracked.map_bytes)),
                 ("snapshot_secs", Json::opt(tracked.snapshot_secs)),
                 ("inventory_dump_ms", Json::opt(tracked.dump_ms)),
             ]),

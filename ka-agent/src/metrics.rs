@@ -560,6 +560,14 @@ impl Metrics {
         }
     }
 
+    /// Runs `set` (which sets metrics directly, not through `apply_all`
+    /// or `expire_series`) under the lock a batch is applied under: a
+    /// scrape sees all of its changes or none (see `render`).
+    pub fn as_one_batch<R>(&self, set: impl FnOnce() -> R) -> R {
+        let _batch = self.series.lock();
+        set()
+    }
+
     fn apply_at(
         &self,
         mut series: Option<&mut SeriesLimiter>,
@@ -1029,7 +1037,9 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          (\"python3\" + \"1.2.3.4\", \"python\" + \"31.2.3.4\": the prometheus crate tells series apart \
          by that alone); sets unused for `--series-ttl` are removed.\n\n\
          A scrape counts each batch of kernel events whole or not at all: a connection's close, its \
-         cause and the zombie its death revealed appear in the same scrape.\n\n\
+         cause and the zombie its death revealed appear in the same scrape; the table's gauges \
+         (`ka_connections`, `ka_connections_probing`, `ka_connections_at_risk`, \
+         `ka_tracked_connections`) are all of the same second.\n\n\
          | metric | type | labels | meaning |\n|---|---|---|---|\n",
     );
     for family in metrics.registry.gather() {
@@ -1253,6 +1263,44 @@ mod tests {
         });
         let text = metrics.render();
         assert_eq!(value(&text, "ka_zombies_total{"), DEATHS);
+    }
+
+    #[test]
+    fn a_scrape_sees_gauges_set_as_one_batch_whole() {
+        const SECONDS: i64 = 20_000;
+        let metrics = Metrics::new(SeriesLimits {
+            max_series: 100,
+            ttl: Duration::from_mins(10),
+            pod_labels: false,
+        })
+        .unwrap();
+        let value = |text: &str, family: &str| -> i64 {
+            text.lines()
+                .find(|l| l.starts_with(family))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        std::thread::scope(|scope| {
+            let publishing = scope.spawn(|| {
+                for second in 1..=SECONDS {
+                    metrics.as_one_batch(|| {
+                        metrics.tracked.set(second);
+                        metrics.evictions.inc();
+                    });
+                }
+            });
+            let mut scrapes = 0;
+            while !publishing.is_finished() || scrapes == 0 {
+                let text = metrics.render();
+                assert_eq!(
+                    value(&text, "ka_tracked_connections "),
+                    value(&text, "ka_connection_evictions_total "),
+                    "a scrape split a batch:\n{text}"
+                );
+                scrapes += 1;
+            }
+        });
     }
 
     #[test]

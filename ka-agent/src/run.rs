@@ -659,21 +659,24 @@ fn publish(
     let by_state = metrics.separate_gauges(1, by_state);
     let probing = metrics.separate_gauges(0, probing);
     let at_risk = metrics.separate_gauges(2, at_risk);
-    sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
-    sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
-    let keys: HashSet<Vec<String>> = at_risk.keys().cloned().collect();
-    for (key, value) in &at_risk {
-        metrics.at_risk.with_label_values(key).set(*value);
-    }
-    for gone in gauges.at_risk.difference(&keys) {
-        let _ = metrics
-            .at_risk
-            .remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    gauges.at_risk = keys;
-    metrics
-        .tracked
-        .set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
+    // Set as one: a scrape sees this second's table, not half of it.
+    metrics.as_one_batch(|| {
+        sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
+        sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
+        let keys: HashSet<Vec<String>> = at_risk.keys().cloned().collect();
+        for (key, value) in &at_risk {
+            metrics.at_risk.with_label_values(key).set(*value);
+        }
+        for gone in gauges.at_risk.difference(&keys) {
+            let _ = metrics
+                .at_risk
+                .remove_label_values(&gone.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        gauges.at_risk = keys;
+        metrics
+            .tracked
+            .set(i64::try_from(tracker.len()).unwrap_or(i64::MAX));
+    });
 }
 
 /// The table gauges' counts of one label set.

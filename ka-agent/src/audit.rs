@@ -91,6 +91,10 @@ pub struct Snapshot {
     /// How long the inventory took: the `sock_diag` dump of every
     /// namespace, and the dump with the owners' attribution (/proc).
     pub took_ms: SnapshotTimings,
+    /// Only the caller's own network namespace could be inventoried (no
+    /// `CAP_SYS_ADMIN`); absent when every namespace was.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_namespace_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -184,6 +188,7 @@ pub fn snapshot(update: &InventoryUpdate, timeouts: &[IdleTimeout], now_ns: u64)
             dump: update.dump_took.as_secs_f64() * 1000.0,
             inventory: update.took.as_secs_f64() * 1000.0,
         },
+        own_namespace_only: update.own_namespace_only,
     }
 }
 
@@ -243,6 +248,9 @@ pub struct AuditReport {
     pub established: usize,
     pub at_risk: usize,
     pub exposed: usize,
+    /// See [`Snapshot::own_namespace_only`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_namespace_only: bool,
 }
 
 /// The fix for connections exposed to `timeout` for `reason`.
@@ -426,6 +434,7 @@ pub fn audit_with(
         established,
         at_risk: at_risk_total,
         exposed: exposed_total,
+        own_namespace_only: update.own_namespace_only,
     }
 }
 
@@ -444,6 +453,12 @@ pub fn render(report: &AuditReport) -> String {
         report.namespaces.len(),
         timeouts.join(", ")
     );
+    if report.own_namespace_only {
+        let _ = writeln!(
+            out,
+            "  (only this process's own network namespace: the others need CAP_SYS_ADMIN)"
+        );
+    }
     for ns in &report.namespaces {
         let conntrack = ns
             .conntrack_established_secs

@@ -566,6 +566,21 @@ fn without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only() {
         "{log}"
     );
     assert_eq!(agent.stop(), Some(0));
+    // The audit, likewise limited, says so in its report.
+    let audit = Command::new("setpriv")
+        .arg(format!("--bounding-set={bounding}"))
+        .arg(format!("--inh-caps={bounding}"))
+        .arg(env!("CARGO_BIN_EXE_ka-agent"))
+        .arg("audit")
+        .output()
+        .expect("setpriv");
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        report.contains("only this process's own network namespace")
+            && report.contains("in 1 network namespaces"),
+        "{report}{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
 
     // With it: every namespace, and the gauge says so.
     let agent = Agent::start(&[]);

@@ -286,6 +286,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         ("KaSeriesOverflow", "inactive"),
         ("KaInventoryStale", "inactive"),
         ("KaInventoryOwnNamespaceOnly", "inactive"),
+        ("KaAgentFileDescriptors", "inactive"),
         ("KaAgentDown", "inactive"),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -1208,15 +1208,56 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_scrape_sees_a_batch_whole_or_not_at_all() {
-        const DEATHS: u64 = 20_000;
-        let metrics = Metrics::new(SeriesLimits {
+    /// The first sample of `family` (its name and the `{` or space after
+    /// it) in an exposition, 0 if absent.
+    fn first_sample(text: &str, family: &str) -> i64 {
+        text.lines()
+            .find(|l| l.starts_with(family))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Scrapes while another thread runs `batch` `times` times: every
+    /// scrape must show `a` and `b` alike. Returns the last exposition.
+    fn scrapes_see_alike(
+        metrics: &Metrics,
+        batch: impl Fn() + Sync,
+        times: usize,
+        (a, b): (&str, &str),
+    ) -> String {
+        std::thread::scope(|scope| {
+            let writing = scope.spawn(|| {
+                for _ in 0..times {
+                    batch();
+                }
+            });
+            let mut scrapes = 0;
+            while !writing.is_finished() || scrapes == 0 {
+                let text = metrics.render();
+                assert_eq!(
+                    first_sample(&text, a),
+                    first_sample(&text, b),
+                    "a scrape split a batch:\n{text}"
+                );
+                scrapes += 1;
+            }
+        });
+        metrics.render()
+    }
+
+    fn small_metrics() -> Metrics {
+        Metrics::new(SeriesLimits {
             max_series: 100,
             ttl: Duration::from_mins(10),
             pod_labels: false,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_scrape_sees_a_batch_whole_or_not_at_all() {
+        let metrics = small_metrics();
         let labels = Labels {
             netns: 1,
             direction: crate::model::Direction::Outbound,
@@ -1237,70 +1278,30 @@ mod tests {
                 idle_before_close: None,
             },
         ];
-        let value = |text: &str, family: &str| -> u64 {
-            text.lines()
-                .find(|l| l.starts_with(family))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        std::thread::scope(|scope| {
-            let counting = scope.spawn(|| {
-                for _ in 0..DEATHS {
-                    metrics.apply_all(&death);
-                }
-            });
-            let mut scrapes = 0;
-            while !counting.is_finished() || scrapes == 0 {
-                let text = metrics.render();
-                assert_eq!(
-                    value(&text, "ka_zombies_total{"),
-                    value(&text, "ka_connections_closed_total{"),
-                    "a scrape split a batch:\n{text}"
-                );
-                scrapes += 1;
-            }
-        });
-        let text = metrics.render();
-        assert_eq!(value(&text, "ka_zombies_total{"), DEATHS);
+        let text = scrapes_see_alike(
+            &metrics,
+            || metrics.apply_all(&death),
+            20_000,
+            ("ka_zombies_total{", "ka_connections_closed_total{"),
+        );
+        assert_eq!(first_sample(&text, "ka_zombies_total{"), 20_000);
     }
 
     #[test]
     fn a_scrape_sees_gauges_set_as_one_batch_whole() {
-        const SECONDS: i64 = 20_000;
-        let metrics = Metrics::new(SeriesLimits {
-            max_series: 100,
-            ttl: Duration::from_mins(10),
-            pod_labels: false,
-        })
-        .unwrap();
-        let value = |text: &str, family: &str| -> i64 {
-            text.lines()
-                .find(|l| l.starts_with(family))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        std::thread::scope(|scope| {
-            let publishing = scope.spawn(|| {
-                for second in 1..=SECONDS {
-                    metrics.as_one_batch(|| {
-                        metrics.tracked.set(second);
-                        metrics.evictions.inc();
-                    });
-                }
-            });
-            let mut scrapes = 0;
-            while !publishing.is_finished() || scrapes == 0 {
-                let text = metrics.render();
-                assert_eq!(
-                    value(&text, "ka_tracked_connections "),
-                    value(&text, "ka_connection_evictions_total "),
-                    "a scrape split a batch:\n{text}"
-                );
-                scrapes += 1;
-            }
-        });
+        let metrics = small_metrics();
+        let text = scrapes_see_alike(
+            &metrics,
+            || {
+                metrics.as_one_batch(|| {
+                    metrics.tracked.inc();
+                    metrics.evictions.inc();
+                });
+            },
+            20_000,
+            ("ka_tracked_connections ", "ka_connection_evictions_total "),
+        );
+        assert_eq!(first_sample(&text, "ka_tracked_connections "), 20_000);
     }
 
     #[test]

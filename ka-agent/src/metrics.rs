@@ -563,9 +563,9 @@ impl Metrics {
     /// Runs `set` (which sets metrics directly, not through `apply_all`
     /// or `expire_series`) under the lock a batch is applied under: a
     /// scrape sees all of its changes or none (see `render`).
-    pub fn as_one_batch<R>(&self, set: impl FnOnce() -> R) -> R {
+    pub fn as_one_batch(&self, set: impl FnOnce()) {
         let _batch = self.series.lock();
-        set()
+        set();
     }
 
     fn apply_at(

@@ -459,18 +459,36 @@ const CAPABILITIES: [&str; 6] = [
     "dac_read_search",
 ];
 
-fn check_with_capabilities(caps: &[&str]) -> std::process::Output {
+/// The setpriv(1) command and arguments that run what follows with only
+/// `caps` (as root: the bounding set becomes the permitted set).
+fn with_capabilities<'a>(caps: impl IntoIterator<Item = &'a str>) -> [String; 3] {
     let bounding = std::iter::once("-all".to_owned())
-        .chain(caps.iter().map(|c| format!("+{c}")))
+        .chain(caps.into_iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
         .join(",");
-    Command::new("setpriv")
-        .arg(format!("--bounding-set={bounding}"))
-        .arg(format!("--inh-caps={bounding}"))
+    [
+        "setpriv".to_owned(),
+        format!("--bounding-set={bounding}"),
+        format!("--inh-caps={bounding}"),
+    ]
+}
+
+/// `ka-agent <command>` with only `caps`.
+fn agent_command_with_capabilities<'a>(
+    caps: impl IntoIterator<Item = &'a str>,
+    command: &str,
+) -> std::process::Output {
+    let [setpriv, bounding, inheritable] = with_capabilities(caps);
+    Command::new(setpriv)
+        .args([bounding, inheritable])
         .arg(env!("CARGO_BIN_EXE_ka-agent"))
-        .arg("check")
+        .arg(command)
         .output()
         .expect("setpriv")
+}
+
+fn check_with_capabilities(caps: &[&str]) -> std::process::Output {
+    agent_command_with_capabilities(caps.iter().copied(), "check")
 }
 
 #[test]
@@ -532,24 +550,9 @@ fn without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only() {
         ns.connect(addr, &SocketOptions::default()).unwrap(),
         listener.accept().unwrap(),
     );
-    let bounding = std::iter::once("-all".to_owned())
-        .chain(
-            CAPABILITIES
-                .iter()
-                .filter(|c| **c != "sys_admin")
-                .map(|c| format!("+{c}")),
-        )
-        .collect::<Vec<_>>()
-        .join(",");
-    let agent = Agent::start_via(
-        &[
-            "setpriv",
-            &format!("--bounding-set={bounding}"),
-            &format!("--inh-caps={bounding}"),
-        ],
-        &[],
-        &[],
-    );
+    let without_sys_admin = || CAPABILITIES.into_iter().filter(|c| *c != "sys_admin");
+    let wrapper = with_capabilities(without_sys_admin());
+    let agent = Agent::start_via(&wrapper.each_ref().map(String::as_str), &[], &[]);
     let m = agent.metrics();
     assert_eq!(
         m.count("ka_inventory_own_namespace_only", &[]),
@@ -567,13 +570,7 @@ fn without_cap_sys_admin_the_inventory_says_it_covers_its_own_namespace_only() {
     );
     assert_eq!(agent.stop(), Some(0));
     // The audit, likewise limited, says so in its report.
-    let audit = Command::new("setpriv")
-        .arg(format!("--bounding-set={bounding}"))
-        .arg(format!("--inh-caps={bounding}"))
-        .arg(env!("CARGO_BIN_EXE_ka-agent"))
-        .arg("audit")
-        .output()
-        .expect("setpriv");
+    let audit = agent_command_with_capabilities(without_sys_admin(), "audit");
     let report = String::from_utf8_lossy(&audit.stdout);
     assert!(
         report.contains("only this process's own network namespace")

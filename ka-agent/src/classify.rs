@@ -3,10 +3,7 @@
 
 use crate::model::{CloseCause, Closer, TcpState, ZombieKind};
 
-const EPIPE: i32 = 32;
-const ECONNRESET: i32 = 104;
-const ETIMEDOUT: i32 = 110;
-const ECONNREFUSED: i32 = 111;
+use libc::{ECONNABORTED, ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT};
 
 /// What was known about a connection at the moment it reached CLOSE.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,7 +14,8 @@ const ECONNREFUSED: i32 = 111;
 pub struct DeathEvidence {
     /// State it left for CLOSE.
     pub old_state: Option<TcpState>,
-    /// `sk_err` at the transition (set before `tcp_done` on every kernel).
+    /// `sk_err` at the transition (set before `tcp_done` on every kernel),
+    /// positive.
     pub sk_err: i32,
     /// `icsk_retransmits` at the transition.
     pub retransmits: u8,
@@ -39,10 +37,10 @@ pub struct DeathEvidence {
 
 /// The death cause (`ka_connections_closed_total{cause}`).
 pub fn close_cause(e: &DeathEvidence) -> CloseCause {
-    if e.reset_received || matches!(e.sk_err, ECONNRESET | EPIPE | ECONNREFUSED) {
+    if e.reset_received || matches!(e.sk_err, ECONNRESET | EPIPE) {
         return CloseCause::ResetReceived;
     }
-    if e.sk_err == ETIMEDOUT {
+    if timed_out(e) {
         // Of the timeouts only the keepalive timer sends an RST
         // (tcp_send_active_reset): the evidence on kernels without reset
         // reasons (< 6.10) when the timer-callback window is missed.
@@ -55,6 +53,9 @@ pub fn close_cause(e: &DeathEvidence) -> CloseCause {
         } else {
             CloseCause::Other
         };
+    }
+    if e.sk_err == ECONNREFUSED {
+        return CloseCause::ResetReceived;
     }
     if e.reset_sent {
         return CloseCause::ResetSent;
@@ -73,6 +74,24 @@ pub fn close_cause(e: &DeathEvidence) -> CloseCause {
         CloseCause::Normal
     } else {
         CloseCause::Other
+    }
+}
+
+/// Whether the kernel gave up on a timer (`tcp_write_err`): it sets
+/// `sk_err` to the last soft error when there is one (an ICMP unreachable
+/// from a router in front of a vanished host, a route that went away),
+/// else `ETIMEDOUT`. A soft error is never fatal on its own once the
+/// handshake is done; before it (`SYN_SENT`, `SYN_RECV`) an ICMP error
+/// fails the connect at once (`tcp_v4_err`), so there only `ETIMEDOUT`
+/// is a timeout. `ECONNABORTED` is a socket destroyed from outside
+/// (`ss -K`, `tcp_abort`).
+fn timed_out(e: &DeathEvidence) -> bool {
+    match e.sk_err {
+        0 | ECONNABORTED => false,
+        ETIMEDOUT => true,
+        _ => e
+            .old_state
+            .is_some_and(|state| !matches!(state, TcpState::SynSent | TcpState::SynRecv)),
     }
 }
 
@@ -171,6 +190,60 @@ mod tests {
             ..evidence()
         };
         assert_eq!(close_cause(&sent), CloseCause::ResetSent);
+    }
+
+    /// A host that vanished behind a router answers the retransmissions
+    /// (or keepalive probes) with ICMP unreachables: the timeout then
+    /// carries that soft error instead of `ETIMEDOUT`.
+    #[test]
+    fn timeouts_with_a_soft_error() {
+        for soft in [libc::EHOSTUNREACH, libc::ENETUNREACH, libc::EPROTO] {
+            let rto = DeathEvidence {
+                sk_err: soft,
+                retransmits: 6,
+                ..evidence()
+            };
+            assert_eq!(close_cause(&rto), CloseCause::RetransmitTimeout, "{soft}");
+            let keepalive = DeathEvidence {
+                sk_err: soft,
+                probes_out: 3,
+                reset_sent: true,
+                ..evidence()
+            };
+            assert_eq!(close_cause(&keepalive), CloseCause::KeepaliveTimeout);
+            // The same error before the handshake completed: the connect
+            // failed at once.
+            let connect = DeathEvidence {
+                old_state: Some(TcpState::SynSent),
+                sk_err: soft,
+                retransmits: 1,
+                ..evidence()
+            };
+            assert_eq!(close_cause(&connect), CloseCause::Other, "{soft}");
+        }
+        // An ICMP port unreachable as the soft error, against a refused
+        // connect.
+        let port_unreachable = DeathEvidence {
+            sk_err: ECONNREFUSED,
+            retransmits: 6,
+            ..evidence()
+        };
+        assert_eq!(
+            close_cause(&port_unreachable),
+            CloseCause::RetransmitTimeout
+        );
+        let refused = DeathEvidence {
+            old_state: Some(TcpState::SynSent),
+            sk_err: ECONNREFUSED,
+            ..evidence()
+        };
+        assert_eq!(close_cause(&refused), CloseCause::ResetReceived);
+        let destroyed = DeathEvidence {
+            sk_err: ECONNABORTED,
+            retransmits: 2,
+            ..evidence()
+        };
+        assert_eq!(close_cause(&destroyed), CloseCause::Other);
     }
 
     #[test]

@@ -416,6 +416,7 @@ mod documentation {
             cause: crate::model::CloseCause::Normal,
             closer: Some(crate::model::Closer::Peer),
             idle_before_close_secs: Some(1.0),
+            error: Some("No route to host".into()),
             closed_at_ns: 1,
         };
         for value in [

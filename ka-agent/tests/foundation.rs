@@ -63,6 +63,7 @@ fn open_exchange_close(
     });
     assert_eq!(closed["cause"], "normal");
     assert_eq!(closed["closer"], "local");
+    assert!(closed.get("error").is_none(), "{closed}");
     assert_eq!(
         closed["history"],
         serde_json::json!(["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"])
@@ -258,4 +259,144 @@ fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
         ),
         1
     );
+}
+
+/// Retransmissions the kernel gave up before sending (here: no route
+/// left, `EHOSTUNREACH`) are not retransmissions: since 6.17 the tracepoint
+/// reports them too, with their error, and the agent leaves them out, as
+/// `RetransSegs` does. The connection still dies of its retransmission timeout, with the
+/// route's failure as its error (`ENETUNREACH`, the kernel's soft error,
+/// rather than `ETIMEDOUT`): a dead peer all the same.
+#[test]
+fn retransmissions_the_kernel_could_not_send_are_not_counted() {
+    if !require_root("retransmissions_the_kernel_could_not_send_are_not_counted") {
+        return;
+    }
+    let (client, server) = pair("rf");
+    let agent = Agent::start(&[]);
+    let cn = client.inode().to_string();
+    let addr: SocketAddr = "198.18.10.2:8083".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: None,
+        user_timeout_ms: Some(5000),
+    };
+    let mut stream = client.connect(addr, &options).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let before = client.counters();
+    server.drop_everything();
+    stream.write_all(b"are you there?").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while delta(&before, &client.counters(), "Tcp.RetransSegs") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retransmission within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Without a route the next attempts fail before anything is sent.
+    client.ip(&["route", "flush", "table", "main"]);
+    let m = agent.wait_metrics(
+        Duration::from_secs(15),
+        "a retransmission-timeout death",
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", "retransmit_timeout")],
+            ) == 1
+        },
+    );
+    let after = client.counters();
+    // Each firing of the retransmission timer but the last (which gave
+    // up) tries one retransmission; those the kernel sent are in
+    // RetransSegs (with the loss probe's).
+    let attempts = delta(&before, &after, "TcpExt.TCPTimeouts")
+        - delta(&before, &after, "TcpExt.TCPAbortOnTimeout");
+    let sent = delta(&before, &after, "Tcp.RetransSegs");
+    assert!(
+        attempts > sent,
+        "retransmissions failed without a route: {attempts} attempts, {sent} sent"
+    );
+    assert_eq!(
+        m.count("ka_retransmits_total", &[("netns", &cn)]),
+        sent,
+        "ka_retransmits_total equals the RetransSegs delta, failures left out"
+    );
+    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
+        ),
+        1
+    );
+    let death = wait_api(
+        &agent,
+        "/api/v1/closed?cause=retransmit_timeout",
+        "the dead connection",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(death["error"], "Network is unreachable", "{death}");
+}
+
+/// A peer that vanished behind a router that says so: every retransmission
+/// is answered with an ICMP host unreachable, which the kernel keeps as the
+/// socket's soft error and reports at the timeout instead of `ETIMEDOUT`.
+/// Still a retransmission timeout and a dead peer (it used to be `other`).
+#[test]
+fn a_peer_a_router_reports_unreachable_is_a_dead_peer() {
+    if !require_root("a_peer_a_router_reports_unreachable_is_a_dead_peer") {
+        return;
+    }
+    let (client, server) = pair("hu");
+    let agent = Agent::start(&[]);
+    let cn = client.inode().to_string();
+    let addr: SocketAddr = "198.18.10.2:8084".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: None,
+        user_timeout_ms: Some(3000),
+    };
+    let mut stream = client.connect(addr, &options).unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let before = client.counters();
+    // The server's namespace answers for the vanished host, as the last
+    // router before it would.
+    server.nft(
+        "table inet kalab_unreachable {\n\
+         chain in { type filter hook input priority 0; tcp dport 8084 reject with icmpx type host-unreachable; }\n\
+         }\n",
+    );
+    stream.write_all(b"are you there?").unwrap();
+    let m = agent.wait_metrics(
+        Duration::from_secs(15),
+        "a retransmission-timeout death",
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", "retransmit_timeout")],
+            ) == 1
+        },
+    );
+    let after = client.counters();
+    assert!(delta(&before, &after, "Icmp.InDestUnreachs") > 0);
+    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
+    assert_eq!(
+        m.count("ka_retransmits_total", &[("netns", &cn)]),
+        delta(&before, &after, "Tcp.RetransSegs")
+    );
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
+        ),
+        1
+    );
+    let death = wait_api(
+        &agent,
+        "/api/v1/closed?cause=retransmit_timeout",
+        "the dead connection",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(death["error"], "No route to host", "{death}");
 }

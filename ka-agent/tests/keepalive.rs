@@ -110,6 +110,7 @@ fn dead_peer_keepalive(tag: &str, addr: &str) {
     assert_eq!(closed["keepalive"]["probes"], 3);
     assert_eq!(closed["keepalive"]["idle_from_socket"], true);
     assert_eq!(closed["zombie"], "dead_peer_keepalive");
+    assert_eq!(closed["error"], "Connection timed out");
     let mut stream = stream;
     assert_eq!(
         stream.write(b"x").unwrap_err().raw_os_error(),

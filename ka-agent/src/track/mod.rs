@@ -59,6 +59,12 @@ pub struct ClosedConnection {
     pub closer: Option<Closer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_before_close_secs: Option<f64>,
+    /// The socket's error at the close (`sk_err`), as the C library words
+    /// it: what a timeout's cause alone does not tell (a silent peer times
+    /// out, a router in front of a vanished one answers "No route to
+    /// host").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// `CLOCK_MONOTONIC` ns of the close.
     pub closed_at_ns: u64,
 }

@@ -236,6 +236,7 @@ impl Tracker {
             cause,
             closer,
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
+            error: error_text(evidence.sk_err),
             closed_at_ns,
         });
         self.observations.push(Observation::Closed {
@@ -244,6 +245,18 @@ impl Tracker {
             idle_before_close,
         });
     }
+}
+
+/// `sk_err` in words, without the "(os error N)" the standard library
+/// appends; none for no error.
+fn error_text(sk_err: i32) -> Option<String> {
+    (sk_err != 0).then(|| {
+        let text = std::io::Error::from_raw_os_error(sk_err).to_string();
+        match text.rsplit_once(" (os error") {
+            Some((words, _)) => words.to_owned(),
+            None => text,
+        }
+    })
 }
 
 fn push_history(history: &mut super::History, state: TcpState) {
@@ -289,6 +302,19 @@ mod tests {
             newstate: tcp_state::CLOSE,
             reserved: [0; 6],
         }));
+    }
+
+    #[test]
+    fn a_close_error_is_worded_without_its_number() {
+        assert_eq!(super::error_text(0), None);
+        assert_eq!(
+            super::error_text(libc::ETIMEDOUT).as_deref(),
+            Some("Connection timed out")
+        );
+        assert_eq!(
+            super::error_text(libc::EHOSTUNREACH).as_deref(),
+            Some("No route to host")
+        );
     }
 
     #[test]

@@ -11,6 +11,10 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::{Agent, require_root};
+use ka_agent::{
+    loader::{Hook, LoadOptions, Probes},
+    offsets::{KernelLayout, LayoutSources},
+};
 
 /// The kernel registered the kprobe PMU: it has kprobes.
 fn kernel_has_kprobes() -> bool {
@@ -221,4 +225,47 @@ fn program_run_time_is_exported_when_asked_for() {
         "{}",
         agent.log()
     );
+}
+
+/// A verifier that refuses the programs' direct loads does not stop the
+/// agent: it loads every program again with `bpf_probe_read_kernel` and
+/// attaches the same hooks. Provoked by casting sockets to `struct
+/// timer_list` (40 bytes), so that every socket member past it is a load
+/// the verifier refuses, on this kernel, not a fixture.
+#[test]
+fn programs_refused_with_direct_loads_load_again_with_the_helper() {
+    if !require_root("programs_refused_with_direct_loads_load_again_with_the_helper") {
+        return;
+    }
+    let mut layout = KernelLayout::discover(&LayoutSources::default()).expect("layout");
+    let Some(mut casts) = layout.casts else {
+        assert!(
+            !btf_names("bpf_rdonly_cast"),
+            "BTF has bpf_rdonly_cast but the layout has no casts"
+        );
+        eprintln!("no bpf_rdonly_cast here (before 6.2): every program reads with the helper");
+        return;
+    };
+    let options = LoadOptions {
+        ring_buffer_bytes: 64 * 1024,
+    };
+    let attached = |probes: &Probes| -> Vec<Hook> {
+        probes
+            .hooks
+            .iter()
+            .filter(|(_, status)| status.is_attached())
+            .map(|(hook, _)| *hook)
+            .collect()
+    };
+    let direct = Probes::load(&layout, options).expect("load with direct loads");
+    assert!(direct.direct);
+    let expected = attached(&direct);
+    assert!(expected.contains(&Hook::InetSockSetState), "{expected:?}");
+    drop(direct);
+
+    casts.types.tcp_sock = casts.types.timer_list;
+    layout.casts = Some(casts);
+    let probes = Probes::load(&layout, options).expect("load again with the helper");
+    assert!(!probes.direct, "the refused direct loads were not replaced");
+    assert_eq!(attached(&probes), expected);
 }

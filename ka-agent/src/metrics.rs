@@ -1030,7 +1030,10 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          the test fails when this file and the code disagree.\n\n\
          Connection labels (on every metric that lists `…conn`): `netns` (network namespace inode), \
          `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
-         never an ephemeral port), `comm` (process name), `peer` (remote address or network, only with \
+         never an ephemeral port), `comm` (process name: the socket's owner as the last inventory found \
+         it, an accepted connection's listener until then, empty when neither is known: an outbound \
+         connection that opened and closed between two inventories), `peer` (remote address or \
+         network, only with \
          `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
          (absent elsewhere). Past `--max-series` label sets, new ones fold into `other` \
          (`ka_series_overflow_total`), as does a set whose values, run together, equal another's \

@@ -29,9 +29,12 @@ fn ordinary_http_traffic_is_all_normal() {
         return;
     };
     let (client, server) = pair("ht");
-    let agent = Agent::start(&[]);
     let (cn, sn) = (client.inode().to_string(), server.inode().to_string());
     let _nginx = Nginx::start(&server, &nginx, "198.18.10.2:8088", 1);
+    // Started after nginx listens: its first inventory (before it is
+    // ready) names nginx's listener, and with it every connection nginx
+    // accepts until the next inventory, 30 s away.
+    let agent = Agent::start(&[]);
     let url = "http://198.18.10.2:8088/";
     // 30 short connections.
     for _ in 0..30 {
@@ -102,5 +105,17 @@ fn ordinary_http_traffic_is_all_normal() {
             "ka_idle_before_close_seconds_count",
             &[("netns", &sn), ("closer", "local")]
         ) >= 5
+    );
+    // Every accepted connection carries nginx's name, also the 30 that
+    // lived a few milliseconds.
+    let inbound = [("netns", sn.as_str()), ("direction", "inbound")];
+    assert_eq!(
+        m.count(
+            "ka_connections_closed_total",
+            &[inbound[0], inbound[1], ("comm", "nginx")]
+        ),
+        m.count("ka_connections_closed_total", &inbound),
+        "{}",
+        m.text
     );
 }

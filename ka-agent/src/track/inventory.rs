@@ -8,13 +8,9 @@
 //! and moves to its `sk` key when the first eBPF event for it arrives
 //! ([`Tracker::claim_inventoried`]).
 
-use std::{
-    collections::{HashMap, HashSet},
-    hash::BuildHasher as _,
-    net::SocketAddr,
-};
+use std::{collections::HashMap, hash::BuildHasher as _, net::SocketAddr};
 
-use super::{Connection, Keepalive, Tracker};
+use super::{Connection, Keepalive, NameSource, Tracker};
 use crate::{
     attribution::Owner,
     inventory::{InventoryUpdate, KeepaliveEvidence, NamespaceInventory, SocketEntry},
@@ -53,6 +49,19 @@ pub struct InventoryState {
     first_done: bool,
     /// Records removed because their socket was gone from a dump.
     vanished_total: u64,
+    /// The listening ports of each namespace at its last dump, with the
+    /// process that listens when one alone does.
+    listeners: hashbrown::HashMap<(u32, u16), Option<Listener>>,
+}
+
+/// Who listens on a port: the name an accepted connection carries until
+/// an inventory finds its own owner (the process that accepted it, in
+/// practice the same program). Without it a connection that opens and
+/// closes between two inventories has no `comm`.
+#[derive(Debug)]
+struct Listener {
+    comm: String,
+    pod: Option<Box<crate::attribution::PodLabels>>,
 }
 
 /// What one reconciliation changed.
@@ -158,14 +167,7 @@ impl Tracker {
             }
             by_tuple.insert((conn.local, conn.remote), conn.sk);
         }
-        // A connection on the port of a listener of its namespace was
-        // accepted: a better witness of direction than port ranges.
-        let listening: HashSet<u16> = namespace
-            .sockets
-            .iter()
-            .filter(|s| s.is_listening())
-            .map(|s| s.local.port())
-            .collect();
+        self.note_listeners(namespace, owners);
         let mut seen: hashbrown::HashSet<u64> =
             hashbrown::HashSet::with_capacity(namespace.sockets.len());
         for entry in &namespace.sockets {
@@ -190,7 +192,14 @@ impl Tracker {
                 }
             } else {
                 seen.insert(entry.cookie);
-                let direction = if listening.contains(&entry.local.port()) {
+                // A connection on the port of a listener of its namespace
+                // was accepted: a better witness of direction than port
+                // ranges.
+                let direction = if self
+                    .inventory
+                    .listeners
+                    .contains_key(&(netns, entry.local.port()))
+                {
                     Direction::Inbound
                 } else {
                     self.direction_of(entry)
@@ -224,6 +233,48 @@ impl Tracker {
         }
     }
 
+    /// Replaces what the last dump of `namespace` said about its listeners.
+    /// Two processes listening on one port (different addresses, or
+    /// different programs sharing it) name nobody.
+    fn note_listeners(&mut self, namespace: &NamespaceInventory, owners: &HashMap<u64, Owner>) {
+        let netns = namespace.netns;
+        let listeners = &mut self.inventory.listeners;
+        listeners.retain(|&(of, _), _| of != netns);
+        for entry in namespace.sockets.iter().filter(|s| s.is_listening()) {
+            let owner = owners.get(&entry.inode);
+            let listener = owner.map(|o| Listener {
+                comm: o.comm.clone(),
+                pod: o.pod.clone().map(Box::new),
+            });
+            listeners
+                .entry((netns, entry.local.port()))
+                .and_modify(|known| {
+                    let same = match (&*known, &listener) {
+                        (Some(a), Some(b)) => a.comm == b.comm && a.pod == b.pod,
+                        _ => false,
+                    };
+                    if !same {
+                        *known = None;
+                    }
+                })
+                .or_insert(listener);
+        }
+    }
+
+    /// Names a connection just accepted after the process listening on
+    /// its port, if one alone does (see [`Listener`]).
+    pub(super) fn name_after_listener(&self, conn: &mut Connection) {
+        if let Some(Some(listener)) = self
+            .inventory
+            .listeners
+            .get(&(conn.netns, conn.local.port()))
+        {
+            conn.comm.clone_from(&listener.comm);
+            conn.pod.clone_from(&listener.pod);
+            conn.name_source = NameSource::Listener;
+        }
+    }
+
     /// Refreshes a tracked record from its dump entry; false when an event
     /// newer than the dump already said more.
     fn refresh_from(
@@ -238,8 +289,9 @@ impl Tracker {
             return false;
         };
         if let Some(owner) = owner {
-            if conn.comm.is_empty() {
+            if conn.comm.is_empty() || conn.name_source == NameSource::Listener {
                 conn.comm.clone_from(&owner.comm);
+                conn.name_source = NameSource::Owner;
             }
             conn.pod = owner.pod.clone().map(Box::new);
         }
@@ -489,6 +541,101 @@ mod tests {
             own_namespace_only: false,
             trigger: crate::inventory::Trigger::Interval,
         }
+    }
+
+    #[test]
+    fn an_accepted_connection_carries_its_listeners_name_until_its_own_is_known() {
+        use ka_common::tcp_state;
+
+        use crate::track::{
+            Observation,
+            fixtures::{socket, transition},
+        };
+
+        let named = |comm: &str, sockets: Vec<SocketEntry>, at_ns| {
+            let mut update = update(sockets, at_ns);
+            for owner in update.owners.values_mut() {
+                comm.clone_into(&mut owner.comm);
+            }
+            update
+        };
+        let listener = |port: u16| SocketEntry {
+            state: TcpState::Listen,
+            ..entry(
+                u64::from(port),
+                &format!("198.18.10.1:{port}"),
+                "0.0.0.0:0",
+                DiagTimer::None,
+                0,
+            )
+        };
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.reconcile(&named("server", vec![listener(40080)], 1_000_000_000));
+        // Accepted on the listener's port (the fixture's local port is
+        // 40000 + its remote port).
+        tracker.handle(&transition(
+            socket(80, tcp_state::SYN_RECV),
+            tcp_state::SYN_RECV,
+            tcp_state::ESTABLISHED,
+            2_000_000_000,
+        ));
+        assert_eq!(tracker.connections.get(&0xA).unwrap().comm, "server");
+        let opened: Vec<_> = tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                Observation::Opened(labels) => Some(labels.comm),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened, ["server"]);
+        // The next inventory finds the socket's own owner.
+        let accepted = entry(1, "198.18.10.1:40080", "198.18.10.2:80", DiagTimer::None, 0);
+        tracker.reconcile(&named("worker", vec![accepted], 3_000_000_000));
+        assert_eq!(tracker.connections.get(&0xA).unwrap().comm, "worker");
+
+        // Another connection while nobody listens there any more: no name.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.reconcile(&named("server", vec![listener(40080)], 1_000_000_000));
+        tracker.reconcile(&named("server", vec![], 2_000_000_000));
+        tracker.handle(&transition(
+            socket(80, tcp_state::SYN_RECV),
+            tcp_state::SYN_RECV,
+            tcp_state::ESTABLISHED,
+            3_000_000_000,
+        ));
+        assert_eq!(tracker.connections.get(&0xA).unwrap().comm, "");
+    }
+
+    #[test]
+    fn two_programs_listening_on_one_port_name_nobody() {
+        use ka_common::tcp_state;
+
+        use crate::track::fixtures::{socket, transition};
+
+        let mut update = update(
+            vec![
+                SocketEntry {
+                    state: TcpState::Listen,
+                    ..entry(1, "198.18.10.1:40080", "0.0.0.0:0", DiagTimer::None, 0)
+                },
+                SocketEntry {
+                    state: TcpState::Listen,
+                    ..entry(2, "198.18.10.9:40080", "0.0.0.0:0", DiagTimer::None, 0)
+                },
+            ],
+            1_000_000_000,
+        );
+        "other".clone_into(&mut update.owners.get_mut(&1002).unwrap().comm);
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.reconcile(&update);
+        tracker.handle(&transition(
+            socket(80, tcp_state::SYN_RECV),
+            tcp_state::SYN_RECV,
+            tcp_state::ESTABLISHED,
+            2_000_000_000,
+        ));
+        assert_eq!(tracker.connections.get(&0xA).unwrap().comm, "");
     }
 
     #[test]

@@ -345,7 +345,21 @@ pub struct Connection {
     #[serde(skip)]
     close_wait_counted: bool,
     #[serde(skip)]
+    name_source: NameSource,
+    #[serde(skip)]
     peer_label: PeerLabel,
+}
+
+/// Whose name a connection's `comm` and `pod` are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum NameSource {
+    /// The process holding the socket, as an inventory found it (empty
+    /// until one did).
+    #[default]
+    Owner,
+    /// The process listening on its port (an accepted connection no
+    /// inventory has seen yet): the socket's own owner replaces it.
+    Listener,
 }
 
 impl Connection {
@@ -417,6 +431,7 @@ impl Connection {
             pending_fire: None,
             last_fire: None,
             close_wait_counted: false,
+            name_source: NameSource::Owner,
             peer_label: PeerLabel::None,
         }
     }
@@ -644,8 +659,12 @@ impl Tracker {
             pending_fire: None,
             last_fire: None,
             close_wait_counted: false,
+            name_source: NameSource::Owner,
             peer_label: self.config.peer_label,
         };
+        if direction == Direction::Inbound {
+            self.name_after_listener(&mut conn);
+        }
         refresh(&mut conn, snap, ktime_ns, self.config.hz);
         conn
     }

@@ -97,16 +97,19 @@ fn timed_out(e: &DeathEvidence) -> bool {
 
 /// The zombie kind a death reveals, if any: a peer found dead on a
 /// connection that had been established (a connect that never completed is
-/// not a zombie).
+/// not a zombie). A zero-window probe timeout is the sender's death too
+/// (design.md): the peer had closed its window and then stopped answering
+/// the probes, which a peer that is only slow to read does.
 pub fn zombie_of_death(cause: CloseCause, was_established: bool) -> Option<ZombieKind> {
     if !was_established {
         return None;
     }
     match cause {
         CloseCause::KeepaliveTimeout => Some(ZombieKind::DeadPeerKeepalive),
-        CloseCause::RetransmitTimeout => Some(ZombieKind::DeadPeerRetransmit),
+        CloseCause::RetransmitTimeout | CloseCause::ZeroWindowTimeout => {
+            Some(ZombieKind::DeadPeerRetransmit)
+        }
         CloseCause::Normal
-        | CloseCause::ZeroWindowTimeout
         | CloseCause::ResetReceived
         | CloseCause::ResetSent
         | CloseCause::Other => None,
@@ -271,6 +274,10 @@ mod tests {
             Some(ZombieKind::DeadPeerKeepalive)
         );
         assert_eq!(zombie_of_death(CloseCause::RetransmitTimeout, false), None);
+        assert_eq!(
+            zombie_of_death(CloseCause::ZeroWindowTimeout, true),
+            Some(ZombieKind::DeadPeerRetransmit)
+        );
     }
 
     #[test]

@@ -400,3 +400,78 @@ fn a_peer_a_router_reports_unreachable_is_a_dead_peer() {
     );
     assert_eq!(death["error"], "No route to host", "{death}");
 }
+
+/// A peer that closed its receive window and then vanished: the sender's
+/// zero-window probes go unanswered until its user timeout, the kernel
+/// aborts it (`TCPAbortOnTimeout`) after probing (`TCPWinProbe`), and the
+/// agent says `zero_window_timeout`, a `dead_peer_retransmit` zombie
+/// (design.md: killed by retransmission or zero-window probe timeout).
+#[test]
+fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
+    if !require_root("a_peer_that_closed_its_window_and_vanished_is_a_dead_peer") {
+        return;
+    }
+    let (client, server) = pair("zw");
+    let agent = Agent::start(&[]);
+    let cn = client.inode().to_string();
+    let addr: SocketAddr = "198.18.10.2:8085".parse().unwrap();
+    let listener = server.listen(addr);
+    let options = SocketOptions {
+        keepalive: None,
+        user_timeout_ms: Some(3000),
+    };
+    let mut stream = client.connect(addr, &options).unwrap();
+    // Accepted, never read: its window closes.
+    let (_accepted, _) = listener.accept().unwrap();
+    let before = client.counters();
+    stream.set_nonblocking(true).unwrap();
+    let chunk = [0u8; 65536];
+    let mut written = 0usize;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Until the send buffer is full too (bounded: 256 MiB or 10 s).
+    loop {
+        match stream.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(
+            written < 256 << 20 && std::time::Instant::now() < deadline,
+            "the window never closed ({written} bytes written)"
+        );
+    }
+    // The sender probes the closed window (and the peer answers).
+    while delta(&before, &client.counters(), "TcpExt.TCPWinProbe") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no zero-window probe within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.drop_everything();
+    let m = agent.wait_metrics(
+        Duration::from_secs(20),
+        "a zero-window-timeout death",
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", "zero_window_timeout")],
+            ) == 1
+        },
+    );
+    let after = client.counters();
+    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
+    assert_eq!(
+        m.count(
+            "ka_zombies_total",
+            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
+        ),
+        1,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.count("ka_retransmits_total", &[("netns", &cn)]),
+        delta(&before, &after, "Tcp.RetransSegs")
+    );
+}

@@ -425,7 +425,7 @@ fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
     let (_accepted, _) = listener.accept().unwrap();
     let before = client.counters();
     stream.set_nonblocking(true).unwrap();
-    let chunk = [0u8; 65536];
+    let chunk = vec![0u8; 65536];
     let mut written = 0usize;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     // Until the send buffer is full too (bounded: 256 MiB or 10 s).

@@ -206,7 +206,7 @@ fn rank(class: &str) -> u8 {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct AuditGroupKey {
     pub netns: u32,
-    pub comm: String,
+    pub comm: crate::model::Comm,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     pub direction: Direction,

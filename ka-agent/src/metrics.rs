@@ -608,7 +608,7 @@ impl Metrics {
                     netns: *netns,
                     direction: crate::model::Direction::Inbound,
                     port: 0,
-                    comm: String::new(),
+                    comm: crate::model::Comm::default(),
                     peer: String::new(),
                     pod: PodLabels::default(),
                 };
@@ -635,7 +635,7 @@ impl Metrics {
             } else {
                 labels.port.to_string()
             },
-            labels.comm.clone(),
+            labels.comm.to_string(),
             labels.peer.clone(),
         ];
         if self.pod_labels {
@@ -982,7 +982,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
         netns: 1,
         direction: crate::model::Direction::Inbound,
         port: 80,
-        comm: String::new(),
+        comm: crate::model::Comm::default(),
         peer: String::new(),
         pod: PodLabels::default(),
     };
@@ -1190,7 +1190,7 @@ mod tests {
                 netns: 1,
                 direction: crate::model::Direction::Outbound,
                 port: 1000 + port,
-                comm: String::new(),
+                comm: crate::model::Comm::default(),
                 peer: format!("198.18.{}.{}", port / 256, port % 256),
                 pod: PodLabels::default(),
             }));
@@ -1265,7 +1265,7 @@ mod tests {
             netns: 1,
             direction: crate::model::Direction::Outbound,
             port: 443,
-            comm: "client".to_owned(),
+            comm: crate::model::Comm::new("client"),
             peer: String::new(),
             pod: PodLabels::default(),
         };
@@ -1319,7 +1319,7 @@ mod tests {
             netns: 1,
             direction: crate::model::Direction::Outbound,
             port: 443,
-            comm: comm.to_owned(),
+            comm: crate::model::Comm::new(comm),
             peer: peer.to_owned(),
             pod: PodLabels::default(),
         };

@@ -187,3 +187,42 @@ impl Closer {
         }
     }
 }
+
+/// A process name (`comm`), shared by every record and label set that
+/// carries it: a clone is a reference count, not an allocation (a label
+/// set is built for each observation, several per connection, and every
+/// socket of a process carries its name). Empty when unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Comm(Option<std::sync::Arc<str>>);
+
+impl Comm {
+    pub fn new(name: &str) -> Self {
+        Self((!name.is_empty()).then(|| name.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}

@@ -109,7 +109,7 @@ fn prepared() -> InventoryUpdate {
     ];
     let owner = |pid: u32, comm: &str| Owner {
         pid,
-        comm: comm.to_owned(),
+        comm: ka_agent::model::Comm::new(comm),
         workload: Workload::default(),
         pod: None,
     };

@@ -22,7 +22,7 @@ pub use cgroup::{Runtime, Workload, parse_cgroup_path, parse_proc_cgroup};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: crate::model::Comm,
     #[serde(flatten)]
     pub workload: Workload,
     /// Its pod and container, in Kubernetes (`--node-name`).
@@ -82,7 +82,7 @@ impl PodLabels {
 struct ProcessRecord {
     /// `starttime` of `/proc/<pid>/stat`: tells a reused pid apart.
     start_time: u64,
-    comm: String,
+    comm: crate::model::Comm,
     workload: Workload,
     sockets: Vec<u64>,
 }
@@ -240,7 +240,7 @@ fn read_process(proc: &Path, pid: u32, start_time: u64) -> ProcessRecord {
     }
     ProcessRecord {
         start_time,
-        comm,
+        comm: crate::model::Comm::new(&comm),
         workload,
         sockets,
     }

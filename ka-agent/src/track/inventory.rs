@@ -60,7 +60,7 @@ pub struct InventoryState {
 /// closes between two inventories has no `comm`.
 #[derive(Debug)]
 struct Listener {
-    comm: String,
+    comm: crate::model::Comm,
     pod: Option<Box<crate::attribution::PodLabels>>,
 }
 
@@ -512,7 +512,7 @@ mod tests {
                     s.inode,
                     Owner {
                         pid: 42,
-                        comm: "client".to_owned(),
+                        comm: crate::model::Comm::new("client"),
                         workload: crate::attribution::Workload::default(),
                         pod: None,
                     },
@@ -555,7 +555,7 @@ mod tests {
         let named = |comm: &str, sockets: Vec<SocketEntry>, at_ns| {
             let mut update = update(sockets, at_ns);
             for owner in update.owners.values_mut() {
-                comm.clone_into(&mut owner.comm);
+                owner.comm = crate::model::Comm::new(comm);
             }
             update
         };
@@ -584,7 +584,7 @@ mod tests {
             .drain_observations()
             .into_iter()
             .filter_map(|o| match o {
-                Observation::Opened(labels) => Some(labels.comm),
+                Observation::Opened(labels) => Some(labels.comm.to_string()),
                 _ => None,
             })
             .collect();
@@ -626,7 +626,7 @@ mod tests {
             ],
             1_000_000_000,
         );
-        "other".clone_into(&mut update.owners.get_mut(&1002).unwrap().comm);
+        update.owners.get_mut(&1002).unwrap().comm = crate::model::Comm::new("other");
         let mut tracker = Tracker::new(TrackerConfig::default());
         tracker.reconcile(&update);
         tracker.handle(&transition(

@@ -28,7 +28,7 @@ pub use self::inventory::{KeepaliveSource, ReconcileReport};
 use crate::{
     attribution::PodLabels,
     decode::Event,
-    model::{CloseCause, Closer, Direction, TcpState, ZombieKind},
+    model::{CloseCause, Closer, Comm, Direction, TcpState, ZombieKind},
 };
 
 /// How long a connection that reached CLOSE waits for its verdict.
@@ -114,7 +114,7 @@ pub struct Labels {
     pub direction: Direction,
     /// Service port: local for inbound, remote for outbound.
     pub port: u16,
-    pub comm: String,
+    pub comm: Comm,
     /// Remote address or network, only with `--peer-label ip|cidr`.
     pub peer: String,
     /// Kubernetes namespace, pod and container (empty outside Kubernetes).
@@ -134,7 +134,7 @@ impl PartialEq for Labels {
         *netns == other.netns
             && *direction == other.direction
             && *port == other.port
-            && same_text(comm, &other.comm)
+            && comm == &other.comm
             && same_text(peer, &other.peer)
             && *pod == other.pod
     }
@@ -308,7 +308,7 @@ pub struct Connection {
     pub state: TcpState,
     /// The states it went through, oldest first (at most [`HISTORY`]).
     pub history: History,
-    pub comm: String,
+    pub comm: Comm,
     /// Its pod and container, in Kubernetes (from the owner's cgroup and
     /// the API).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -373,7 +373,7 @@ impl Connection {
             netns: self.netns,
             direction: self.direction,
             port: self.service_port(),
-            comm: &self.comm,
+            comm: self.comm.as_str(),
             peer: (self.peer_label != PeerLabel::None).then_some(self.remote.ip()),
             pod: self.pod.as_deref(),
         }
@@ -415,7 +415,7 @@ impl Connection {
             direction,
             state,
             history: smallvec::smallvec![state],
-            comm: String::new(),
+            comm: Comm::default(),
             pod: None,
             was_established: true,
             state_since_ns: 0,
@@ -643,7 +643,7 @@ impl Tracker {
             direction,
             state: TcpState::from_raw(snap.state),
             history: History::new(),
-            comm: String::new(),
+            comm: Comm::default(),
             pod: None,
             was_established: false,
             state_since_ns: ktime_ns,

@@ -9,8 +9,9 @@
 mod common;
 
 use std::{
+    collections::HashMap,
     io::{Read, Write},
-    net::SocketAddr,
+    net::{SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -214,15 +215,30 @@ fn resets_are_counted_like_the_kernel_counts_them() {
     );
 }
 
-#[test]
-fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
-    if !require_root("retransmissions_match_retranssegs_and_the_dead_peer_is_found") {
-        return;
-    }
-    let (client, server) = pair("rt");
+/// What a dead-peer scenario leaves for its own checks.
+struct Death {
+    /// The client namespace's counters before the peer died, and after.
+    before: HashMap<String, i64>,
+    after: HashMap<String, i64>,
+    /// The death in `/api/v1/closed`.
+    closed: serde_json::Value,
+}
+
+/// A connection from a client with a 3-second user timeout to a peer that
+/// `kill` makes vanish (given both namespaces and the client's stream);
+/// checks that it dies of `cause`: exactly one kernel timeout
+/// (`TCPAbortOnTimeout`), one `dead_peer_retransmit` zombie, and
+/// `ka_retransmits_total` equal to the `RetransSegs` delta.
+fn dead_peer(
+    tag: &str,
+    port: u16,
+    cause: &str,
+    kill: impl FnOnce(&Netns, &Netns, &mut TcpStream),
+) -> Death {
+    let (client, server) = pair(tag);
     let agent = Agent::start(&[]);
     let cn = client.inode().to_string();
-    let addr: SocketAddr = "198.18.10.2:8082".parse().unwrap();
+    let addr = SocketAddr::from(([198, 18, 10, 2], port));
     let listener = server.listen(addr);
     let options = SocketOptions {
         keepalive: None,
@@ -231,234 +247,13 @@ fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
     let mut stream = client.connect(addr, &options).unwrap();
     let (_accepted, _) = listener.accept().unwrap();
     let before = client.counters();
-    server.drop_everything();
-    stream.write_all(b"are you there?").unwrap();
-    let m = agent.wait_metrics(
-        Duration::from_secs(15),
-        "a retransmission-timeout death",
-        |m| {
-            m.count(
-                "ka_connections_closed_total",
-                &[("netns", &cn), ("cause", "retransmit_timeout")],
-            ) == 1
-        },
-    );
-    let after = client.counters();
-    let retrans = delta(&before, &after, "Tcp.RetransSegs");
-    assert!(retrans > 0);
-    assert_eq!(
-        m.count("ka_retransmits_total", &[("netns", &cn)]),
-        retrans,
-        "ka_retransmits_total equals the RetransSegs delta"
-    );
-    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
-    assert_eq!(
+    kill(&client, &server, &mut stream);
+    let m = agent.wait_metrics(Duration::from_secs(20), cause, |m| {
         m.count(
-            "ka_zombies_total",
-            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
-        ),
-        1
-    );
-}
-
-/// Retransmissions the kernel gave up before sending (here: no route
-/// left, `EHOSTUNREACH`) are not retransmissions: since 6.17 the tracepoint
-/// reports them too, with their error, and the agent leaves them out, as
-/// `RetransSegs` does. The connection still dies of its retransmission timeout, with the
-/// route's failure as its error (`ENETUNREACH`, the kernel's soft error,
-/// rather than `ETIMEDOUT`): a dead peer all the same.
-#[test]
-fn retransmissions_the_kernel_could_not_send_are_not_counted() {
-    if !require_root("retransmissions_the_kernel_could_not_send_are_not_counted") {
-        return;
-    }
-    let (client, server) = pair("rf");
-    let agent = Agent::start(&[]);
-    let cn = client.inode().to_string();
-    let addr: SocketAddr = "198.18.10.2:8083".parse().unwrap();
-    let listener = server.listen(addr);
-    let options = SocketOptions {
-        keepalive: None,
-        user_timeout_ms: Some(5000),
-    };
-    let mut stream = client.connect(addr, &options).unwrap();
-    let (_accepted, _) = listener.accept().unwrap();
-    let before = client.counters();
-    server.drop_everything();
-    stream.write_all(b"are you there?").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while delta(&before, &client.counters(), "Tcp.RetransSegs") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no retransmission within 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Without a route the next attempts fail before anything is sent.
-    client.ip(&["route", "flush", "table", "main"]);
-    let m = agent.wait_metrics(
-        Duration::from_secs(15),
-        "a retransmission-timeout death",
-        |m| {
-            m.count(
-                "ka_connections_closed_total",
-                &[("netns", &cn), ("cause", "retransmit_timeout")],
-            ) == 1
-        },
-    );
-    let after = client.counters();
-    // Each firing of the retransmission timer but the last (which gave
-    // up) tries one retransmission; those the kernel sent are in
-    // RetransSegs (with the loss probe's).
-    let attempts = delta(&before, &after, "TcpExt.TCPTimeouts")
-        - delta(&before, &after, "TcpExt.TCPAbortOnTimeout");
-    let sent = delta(&before, &after, "Tcp.RetransSegs");
-    assert!(
-        attempts > sent,
-        "retransmissions failed without a route: {attempts} attempts, {sent} sent"
-    );
-    assert_eq!(
-        m.count("ka_retransmits_total", &[("netns", &cn)]),
-        sent,
-        "ka_retransmits_total equals the RetransSegs delta, failures left out"
-    );
-    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
-    assert_eq!(
-        m.count(
-            "ka_zombies_total",
-            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
-        ),
-        1
-    );
-    let death = wait_api(
-        &agent,
-        "/api/v1/closed?cause=retransmit_timeout",
-        "the dead connection",
-        |c| c["netns"].as_u64() == Some(client.inode()),
-    );
-    assert_eq!(death["error"], "Network is unreachable", "{death}");
-}
-
-/// A peer that vanished behind a router that says so: every retransmission
-/// is answered with an ICMP host unreachable, which the kernel keeps as the
-/// socket's soft error and reports at the timeout instead of `ETIMEDOUT`.
-/// Still a retransmission timeout and a dead peer (it used to be `other`).
-#[test]
-fn a_peer_a_router_reports_unreachable_is_a_dead_peer() {
-    if !require_root("a_peer_a_router_reports_unreachable_is_a_dead_peer") {
-        return;
-    }
-    let (client, server) = pair("hu");
-    let agent = Agent::start(&[]);
-    let cn = client.inode().to_string();
-    let addr: SocketAddr = "198.18.10.2:8084".parse().unwrap();
-    let listener = server.listen(addr);
-    let options = SocketOptions {
-        keepalive: None,
-        user_timeout_ms: Some(3000),
-    };
-    let mut stream = client.connect(addr, &options).unwrap();
-    let (_accepted, _) = listener.accept().unwrap();
-    let before = client.counters();
-    // The server's namespace answers for the vanished host, as the last
-    // router before it would.
-    server.nft(
-        "table inet kalab_unreachable {\n\
-         chain in { type filter hook input priority 0; tcp dport 8084 reject with icmpx type host-unreachable; }\n\
-         }\n",
-    );
-    stream.write_all(b"are you there?").unwrap();
-    let m = agent.wait_metrics(
-        Duration::from_secs(15),
-        "a retransmission-timeout death",
-        |m| {
-            m.count(
-                "ka_connections_closed_total",
-                &[("netns", &cn), ("cause", "retransmit_timeout")],
-            ) == 1
-        },
-    );
-    let after = client.counters();
-    assert!(delta(&before, &after, "Icmp.InDestUnreachs") > 0);
-    assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
-    assert_eq!(
-        m.count("ka_retransmits_total", &[("netns", &cn)]),
-        delta(&before, &after, "Tcp.RetransSegs")
-    );
-    assert_eq!(
-        m.count(
-            "ka_zombies_total",
-            &[("netns", &cn), ("kind", "dead_peer_retransmit")]
-        ),
-        1
-    );
-    let death = wait_api(
-        &agent,
-        "/api/v1/closed?cause=retransmit_timeout",
-        "the dead connection",
-        |c| c["netns"].as_u64() == Some(client.inode()),
-    );
-    assert_eq!(death["error"], "No route to host", "{death}");
-}
-
-/// A peer that closed its receive window and then vanished: the sender's
-/// zero-window probes go unanswered until its user timeout, the kernel
-/// aborts it (`TCPAbortOnTimeout`) after probing (`TCPWinProbe`), and the
-/// agent says `zero_window_timeout`, a `dead_peer_retransmit` zombie
-/// (design.md: killed by retransmission or zero-window probe timeout).
-#[test]
-fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
-    if !require_root("a_peer_that_closed_its_window_and_vanished_is_a_dead_peer") {
-        return;
-    }
-    let (client, server) = pair("zw");
-    let agent = Agent::start(&[]);
-    let cn = client.inode().to_string();
-    let addr: SocketAddr = "198.18.10.2:8085".parse().unwrap();
-    let listener = server.listen(addr);
-    let options = SocketOptions {
-        keepalive: None,
-        user_timeout_ms: Some(3000),
-    };
-    let mut stream = client.connect(addr, &options).unwrap();
-    // Accepted, never read: its window closes.
-    let (_accepted, _) = listener.accept().unwrap();
-    let before = client.counters();
-    stream.set_nonblocking(true).unwrap();
-    let chunk = vec![0u8; 65536];
-    let mut written = 0usize;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    // Until the send buffer is full too (bounded: 256 MiB or 10 s).
-    loop {
-        match stream.write(&chunk) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => panic!("write: {e}"),
-        }
-        assert!(
-            written < 256 << 20 && std::time::Instant::now() < deadline,
-            "the window never closed ({written} bytes written)"
-        );
-    }
-    // The sender probes the closed window (and the peer answers).
-    while delta(&before, &client.counters(), "TcpExt.TCPWinProbe") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no zero-window probe within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    server.drop_everything();
-    let m = agent.wait_metrics(
-        Duration::from_secs(20),
-        "a zero-window-timeout death",
-        |m| {
-            m.count(
-                "ka_connections_closed_total",
-                &[("netns", &cn), ("cause", "zero_window_timeout")],
-            ) == 1
-        },
-    );
+            "ka_connections_closed_total",
+            &[("netns", &cn), ("cause", cause)],
+        ) == 1
+    });
     let after = client.counters();
     assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
     assert_eq!(
@@ -472,6 +267,145 @@ fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
     );
     assert_eq!(
         m.count("ka_retransmits_total", &[("netns", &cn)]),
-        delta(&before, &after, "Tcp.RetransSegs")
+        delta(&before, &after, "Tcp.RetransSegs"),
+        "ka_retransmits_total equals the RetransSegs delta"
     );
+    let closed = wait_api(
+        &agent,
+        &format!("/api/v1/closed?cause={cause}"),
+        "the dead connection",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    Death {
+        before,
+        after,
+        closed,
+    }
+}
+
+/// Waits (bounded) until the client namespace's `counter` moved.
+fn wait_counter(netns: &Netns, before: &HashMap<String, i64>, counter: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while delta(before, &netns.counters(), counter) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{counter} did not move within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
+    if !require_root("retransmissions_match_retranssegs_and_the_dead_peer_is_found") {
+        return;
+    }
+    let death = dead_peer("rt", 8082, "retransmit_timeout", |_, server, stream| {
+        server.drop_everything();
+        stream.write_all(b"are you there?").unwrap();
+    });
+    assert!(delta(&death.before, &death.after, "Tcp.RetransSegs") > 0);
+    assert_eq!(death.closed["error"], "Connection timed out");
+}
+
+/// Retransmissions the kernel gave up before sending (here: no route
+/// left, `EHOSTUNREACH`) are not retransmissions: since 6.17 the tracepoint
+/// reports them too, with their error, and the agent leaves them out, as
+/// `RetransSegs` does. The connection still dies of its retransmission
+/// timeout, with the route's failure as its error (`ENETUNREACH`, the
+/// kernel's soft error, rather than `ETIMEDOUT`): a dead peer all the same.
+#[test]
+fn retransmissions_the_kernel_could_not_send_are_not_counted() {
+    if !require_root("retransmissions_the_kernel_could_not_send_are_not_counted") {
+        return;
+    }
+    let death = dead_peer(
+        "rf",
+        8083,
+        "retransmit_timeout",
+        |client, server, stream| {
+            let before = client.counters();
+            server.drop_everything();
+            stream.write_all(b"are you there?").unwrap();
+            wait_counter(client, &before, "Tcp.RetransSegs");
+            // Without a route the next attempts fail before anything is sent.
+            client.ip(&["route", "flush", "table", "main"]);
+        },
+    );
+    // Each firing of the retransmission timer but the last (which gave
+    // up) tries one retransmission; those the kernel sent are in
+    // RetransSegs (with the loss probe's).
+    let (before, after) = (&death.before, &death.after);
+    let attempts = delta(before, after, "TcpExt.TCPTimeouts")
+        - delta(before, after, "TcpExt.TCPAbortOnTimeout");
+    let sent = delta(before, after, "Tcp.RetransSegs");
+    assert!(
+        attempts > sent,
+        "retransmissions failed without a route: {attempts} attempts, {sent} sent"
+    );
+    assert_eq!(death.closed["error"], "Network is unreachable");
+}
+
+/// A peer that vanished behind a router that says so: every retransmission
+/// is answered with an ICMP host unreachable, which the kernel keeps as the
+/// socket's soft error and reports at the timeout instead of `ETIMEDOUT`.
+/// Still a retransmission timeout and a dead peer (it used to be `other`).
+#[test]
+fn a_peer_a_router_reports_unreachable_is_a_dead_peer() {
+    if !require_root("a_peer_a_router_reports_unreachable_is_a_dead_peer") {
+        return;
+    }
+    let death = dead_peer("hu", 8084, "retransmit_timeout", |_, server, stream| {
+        // The server's namespace answers for the vanished host, as the
+        // last router before it would.
+        server.nft(
+            "table inet kalab_unreachable {\n\
+             chain in { type filter hook input priority 0; tcp dport 8084 reject with icmpx type host-unreachable; }\n\
+             }\n",
+        );
+        stream.write_all(b"are you there?").unwrap();
+    });
+    assert!(delta(&death.before, &death.after, "Icmp.InDestUnreachs") > 0);
+    assert_eq!(death.closed["error"], "No route to host");
+}
+
+/// A peer that closed its receive window and then vanished: the sender's
+/// zero-window probes go unanswered until its user timeout, the kernel
+/// aborts it after probing (`TCPWinProbe`), and the agent says
+/// `zero_window_timeout`, a `dead_peer_retransmit` zombie (design.md:
+/// killed by retransmission or zero-window probe timeout).
+#[test]
+fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
+    if !require_root("a_peer_that_closed_its_window_and_vanished_is_a_dead_peer") {
+        return;
+    }
+    let death = dead_peer(
+        "zw",
+        8085,
+        "zero_window_timeout",
+        |client, server, stream| {
+            // The peer accepted and never reads: its window closes.
+            let before = client.counters();
+            stream.set_nonblocking(true).unwrap();
+            let chunk = vec![0u8; 65536];
+            let mut written = 0usize;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            // Until the send buffer is full too (bounded: 256 MiB or 10 s).
+            loop {
+                match stream.write(&chunk) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+                assert!(
+                    written < 256 << 20 && std::time::Instant::now() < deadline,
+                    "the window never closed ({written} bytes written)"
+                );
+            }
+            // The sender probes the closed window (and the peer answers).
+            wait_counter(client, &before, "TcpExt.TCPWinProbe");
+            server.drop_everything();
+        },
+    );
+    assert_eq!(death.closed["error"], "Connection timed out");
 }

@@ -21,7 +21,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{metrics::Metrics, model::ZombieKind, track::Connection};
+use crate::{metrics::Metrics, track::Connection};
 
 /// A connection as the API shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -244,11 +244,7 @@ async fn closed(
 /// The API class of a connection, worst first.
 pub fn class_of(connection: &Connection, at_risk: bool) -> &'static str {
     use crate::model::TcpState;
-    if connection
-        .zombie
-        .is_some_and(|k| k == ZombieKind::CloseWaitLeak)
-        || connection.zombie.is_some()
-    {
+    if connection.zombie.is_some() {
         "zombie"
     } else if connection.keepalive.unanswered > 0 && connection.state == TcpState::Established {
         "probing"
@@ -272,7 +268,7 @@ mod tests {
     use super::*;
     use crate::{
         metrics::SeriesLimits,
-        model::{Direction, TcpState},
+        model::{Direction, TcpState, ZombieKind},
         track::{Connection, Keepalive},
     };
 
@@ -400,7 +396,7 @@ mod documentation {
             crate::model::Direction::Inbound,
             crate::model::TcpState::Established,
         );
-        connection.zombie = Some(ZombieKind::CloseWaitLeak);
+        connection.zombie = Some(crate::model::ZombieKind::CloseWaitLeak);
         connection.keepalive.armed_in_secs = Some(1.0);
         let view = ConnectionView {
             connection: connection.clone(),

@@ -265,10 +265,30 @@ fn dead_peer(
         "{}",
         m.text
     );
+    // Rarely (about 1 run in 20 of this suite on the development machine)
+    // one retransmission the kernel counted has no event the agent saw,
+    // with no miss or loss counted; not explained yet. The message keeps
+    // what is needed to find out: the agent's account of each event, its
+    // miss and loss counters, and the namespace's counters.
     assert_eq!(
         m.count("ka_retransmits_total", &[("netns", &cn)]),
         delta(&before, &after, "Tcp.RetransSegs"),
-        "ka_retransmits_total equals the RetransSegs delta"
+        "ka_retransmits_total equals the RetransSegs delta\n\
+         TCPRetransFail {}, TCPTimeouts {}, TCPLossProbes {}, misses {}, lost {}\n{}",
+        delta(&before, &after, "TcpExt.TCPRetransFail"),
+        delta(&before, &after, "TcpExt.TCPTimeouts"),
+        delta(&before, &after, "TcpExt.TCPLossProbes"),
+        m.count("ka_program_misses_total", &[("hook", "tcp_retransmit_skb")]),
+        m.count(
+            "ka_kernel_events_total",
+            &[("outcome", "lost"), ("type", "retransmit")]
+        ),
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("retransmi") || l.contains(&format!(":{port}")))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let closed = wait_api(
         &agent,

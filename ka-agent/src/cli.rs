@@ -210,8 +210,9 @@ pub struct KernelArgs {
     #[arg(long, env = "KA_KALLSYMS", default_value = "/proc/kallsyms")]
     pub kallsyms: PathBuf,
     /// Attach every hook through its tracepoint, never a raw tracepoint
-    /// (by default the hot hooks run raw where this kernel's BTF declares
-    /// their arguments, which costs less).
+    /// (by default the hot hooks, and the hooks whose events are counts, run
+    /// raw where this kernel's BTF declares their arguments, which costs
+    /// less and is not skipped while another BPF tool's program runs).
     #[arg(long, env = "KA_NO_RAW_TRACEPOINTS", value_parser = BoolishValueParser::new())]
     pub no_raw_tracepoints: bool,
     /// Read kernel memory with `bpf_probe_read_kernel` only (by default,

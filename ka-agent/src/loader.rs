@@ -110,6 +110,8 @@ impl Hook {
             Self::TcpDestroySock if raw.tcp_destroy_sock => Some("tcp_destroy_sock_raw"),
             Self::TimerStart if raw.timer_start => Some("timer_start_raw"),
             Self::TimerExpireEntry if raw.timer_expire_entry => Some("timer_expire_entry_raw"),
+            Self::TcpRetransmitSkb if raw.tcp_retransmit_skb => Some("tcp_retransmit_skb_raw"),
+            Self::TcpReceiveReset if raw.tcp_receive_reset => Some("tcp_receive_reset_raw"),
             _ => None,
         }
     }
@@ -122,11 +124,9 @@ impl Hook {
             Self::TcpDestroySock => raw.tcp_destroy_sock = false,
             Self::TimerStart => raw.timer_start = false,
             Self::TimerExpireEntry => raw.timer_expire_entry = false,
-            Self::TcpRetransmitSkb
-            | Self::TcpSendReset
-            | Self::TcpReceiveReset
-            | Self::InetSkErrorReport
-            | Self::TcpRcvStateProcess => {}
+            Self::TcpRetransmitSkb => raw.tcp_retransmit_skb = false,
+            Self::TcpReceiveReset => raw.tcp_receive_reset = false,
+            Self::TcpSendReset | Self::InetSkErrorReport | Self::TcpRcvStateProcess => {}
         }
     }
 
@@ -242,6 +242,7 @@ impl Probes {
         let retransmit = layout
             .retransmit
             .unwrap_or(ka_common::RetransmitFields::ABSENT);
+        let retransmit_err_argument = u32::from(layout.raw.retransmit_err_argument);
         let send_reset = layout
             .send_reset
             .unwrap_or(ka_common::SendResetFields::ABSENT);
@@ -272,6 +273,7 @@ impl Probes {
             .override_global("KERNEL_TYPES", &types, true)
             .override_global("SET_STATE_FIELDS", &set_state, true)
             .override_global("RETRANSMIT_FIELDS", &retransmit, true)
+            .override_global("RETRANSMIT_ERR_ARGUMENT", &retransmit_err_argument, true)
             .override_global("SEND_RESET_FIELDS", &send_reset, true)
             .override_global("RECEIVE_RESET_FIELDS", &receive_reset, true)
             .override_global("DESTROY_SOCK_FIELDS", &destroy_sock, true)
@@ -428,17 +430,13 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
     match hook {
         Hook::InetSockSetState => (layout.set_state.is_none() && !raw)
             .then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
-        Hook::TcpRetransmitSkb => layout
-            .retransmit
-            .is_none()
+        Hook::TcpRetransmitSkb => (layout.retransmit.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_retransmit_skb missing".to_owned()),
         Hook::TcpSendReset => layout
             .send_reset
             .is_none()
             .then(|| "tracepoint tcp:tcp_send_reset missing".to_owned()),
-        Hook::TcpReceiveReset => layout
-            .receive_reset
-            .is_none()
+        Hook::TcpReceiveReset => (layout.receive_reset.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
         Hook::TcpDestroySock => (layout.destroy_sock.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),

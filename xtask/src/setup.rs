@@ -42,7 +42,8 @@ const BUILD_PACKAGES: &[Package] = &[
 
 /// Debian packages the tests use: the lab (iproute2, nftables), real peers
 /// and load (nginx, curl, wrk), Prometheus and promtool, reference tools
-/// (bpftool, libbpf-tools), tmux for the TUI test, ps, capsh for the
+/// (bpftool, libbpf-tools, whose `syscount` is also the other BPF tool
+/// beside the agent in `tests/other_tools.rs`), tmux for the TUI test, ps, capsh for the
 /// least-privilege tests, kmod's depmod for the kernel matrix, and openssl
 /// and python3 for the fake Kubernetes API server (TLS) of the pod-label
 /// test.
@@ -77,7 +78,7 @@ const TEST_PACKAGES: &[Package] = &[
     },
     Package {
         name: "libbpf-tools",
-        provides: &["tcpstates", "tcplife"],
+        provides: &["tcpstates", "tcplife", "syscount"],
     },
     Package {
         name: "tmux",

@@ -856,8 +856,9 @@ mod tests {
     }
 
     /// The prototypes ka's raw programs read, as the kernel declares them.
-    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 4] {
+    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 6] {
         let sock = RawArg::PointerTo("sock".to_owned());
+        let skb = RawArg::PointerTo("sk_buff".to_owned());
         let timer = RawArg::PointerTo("timer_list".to_owned());
         let int = RawArg::Int {
             size: 4,
@@ -869,7 +870,9 @@ mod tests {
         };
         [
             ("inet_sock_set_state", vec![sock.clone(), int.clone(), int]),
-            ("tcp_destroy_sock", vec![sock]),
+            ("tcp_destroy_sock", vec![sock.clone()]),
+            ("tcp_retransmit_skb", vec![sock.clone(), skb]),
+            ("tcp_receive_reset", vec![sock]),
             ("timer_start", vec![timer.clone(), unsigned_long]),
             ("timer_expire_entry", vec![timer]),
         ]

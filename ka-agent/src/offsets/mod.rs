@@ -347,6 +347,13 @@ pub struct RawTracepoints {
     pub timer_start: bool,
     /// `(struct timer_list *timer, ...)`, and `timer_list.function`.
     pub timer_expire_entry: bool,
+    /// `(struct sock *sk, struct sk_buff *skb, ...)`.
+    pub tcp_retransmit_skb: bool,
+    /// `tcp_retransmit_skb`'s third argument is `int err` (6.17+); before,
+    /// the hook fires only for retransmissions the kernel sent.
+    pub retransmit_err_argument: bool,
+    /// `(struct sock *sk)`.
+    pub tcp_receive_reset: bool,
 }
 
 impl RawTracepoints {
@@ -389,6 +396,9 @@ impl RawTracepoints {
             ));
             Ok(false)
         };
+        let retransmit_err_argument = kernel_btf
+            .raw_tracepoint_args("tcp_retransmit_skb")?
+            .is_some_and(|args| args.get(2) == Some(&int));
         Ok(Self {
             inet_sock_set_state: usable(
                 "inet_sock_set_state",
@@ -407,6 +417,13 @@ impl RawTracepoints {
                 &[pointer("timer_list")],
                 &[(sock.timer_function, "timer_list.function")],
             )?,
+            tcp_retransmit_skb: usable(
+                "tcp_retransmit_skb",
+                &[pointer("sock"), pointer("sk_buff")],
+                &[],
+            )?,
+            retransmit_err_argument,
+            tcp_receive_reset: usable("tcp_receive_reset", &[pointer("sock")], &[])?,
         })
     }
 }
@@ -487,7 +504,8 @@ mod tests {
         assert!(!layout.kernel_release.is_empty());
         assert_ne!(layout.sock.keepalive_timer, ka_common::ABSENT);
         assert_ne!(layout.sock.sock_keepopen_bit, ka_common::ABSENT);
-        // Every kernel ka is tested on (5.6+, BTF) runs the hot hooks raw.
+        // Every kernel ka is tested on (5.6+, BTF) runs the hot hooks and
+        // the counted ones raw; `err` is an argument where the record has it.
         assert_eq!(
             layout.raw,
             RawTracepoints {
@@ -495,6 +513,11 @@ mod tests {
                 tcp_destroy_sock: true,
                 timer_start: true,
                 timer_expire_entry: true,
+                tcp_retransmit_skb: true,
+                retransmit_err_argument: layout
+                    .retransmit
+                    .is_some_and(|f| f.err != ka_common::ABSENT),
+                tcp_receive_reset: true,
             }
         );
         if layout
@@ -564,6 +587,9 @@ mod tests {
                 && raw.tcp_destroy_sock
                 && raw.timer_start
                 && raw.timer_expire_entry
+                && raw.tcp_retransmit_skb
+                && raw.retransmit_err_argument
+                && raw.tcp_receive_reset
         );
         assert!(notes.is_empty(), "{notes:?}");
 
@@ -579,11 +605,19 @@ mod tests {
         assert_eq!(notes.len(), 1);
         assert!(notes[0].reason.contains("sock.sk_protocol"), "{notes:?}");
 
-        // Other prototypes, or none: each hook keeps its tracepoint.
+        // Other prototypes, or none: each hook keeps its tracepoint. A
+        // retransmission hook without `err` (before 6.17) runs raw all the
+        // same.
         let other = btf::KernelBtf::from_file(&fixtures().join("btf/raw-other.btf")).unwrap();
         let mut notes = Vec::new();
         let raw = RawTracepoints::check(&other, &sock, &copy, &mut notes).unwrap();
-        assert_eq!(raw, RawTracepoints::default());
+        assert_eq!(
+            raw,
+            RawTracepoints {
+                tcp_retransmit_skb: true,
+                ..RawTracepoints::default()
+            }
+        );
         let shown: Vec<String> = notes.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
@@ -595,6 +629,8 @@ mod tests {
                 "raw tracepoint timer_start: its arguments are (u64, struct timer_list *), not \
                  (struct timer_list *, u64); the hook uses its (slower) tracepoint",
                 "raw tracepoint timer_expire_entry: BTF has no btf_trace_timer_expire_entry; the \
+                 hook uses its (slower) tracepoint",
+                "raw tracepoint tcp_receive_reset: BTF has no btf_trace_tcp_receive_reset; the \
                  hook uses its (slower) tracepoint",
             ]
         );

@@ -326,6 +326,7 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 pub mod dashboards;
+pub mod dead_peer;
 pub mod lab;
 
 pub fn pair(tag: &str) -> (Netns, Netns) {

@@ -1,6 +1,13 @@
 //! `tcp:tcp_receive_reset`: an RST reset a connection.
+//!
+//! The raw tracepoint program where BTF declares its argument, else the
+//! tracepoint: raw for the count (see `tcp_retransmit_skb`).
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use ka_common::{EventKind, ReceiveResetEvent, SkRecordFields};
 
 use super::record;
@@ -15,8 +22,19 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `(struct sock *sk)`, checked against BTF by the agent.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset_raw(ctx: RawTracePointContext) -> u32 {
+    let _ = on_receive_reset(ctx.arg(0));
+    0
+}
+
 fn try_tcp_receive_reset(ctx: &TracePointContext) -> Option<()> {
-    let sk = record::<u64>(ctx, RECEIVE_RESET_FIELDS.load().skaddr)?;
+    on_receive_reset(record::<u64>(ctx, RECEIVE_RESET_FIELDS.load().skaddr)?)
+}
+
+#[inline(always)]
+fn on_receive_reset(sk: u64) -> Option<()> {
     let mut entry = emit::reserve::<ReceiveResetEvent>(EventKind::ReceiveReset)?;
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points to a reserved ring-buffer slot of the right size

@@ -1,0 +1,113 @@
+//! ka beside another BPF tool on the same host. The kernel skips a
+//! tracepoint program whenever a BPF program of any tool is running on that
+//! CPU (a retransmission timer's interrupt landing in one), so the hooks
+//! whose events are counts run as raw tracepoints, which the kernel skips
+//! only when that same program is running. A test binary of its own: the
+//! load it makes would disturb the other tests.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "tests fail by panicking, with the value in the message"
+)]
+
+mod common;
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    dead_peer::dead_peer,
+    lab::{ChildGuard, delta, require_program},
+    require_root,
+};
+
+/// libbpf-tools' `syscount`, whose tracepoint programs run on every system
+/// call, and two bounded system-call storms (one per CPU of our machines)
+/// that keep them running; all killed on drop.
+struct SyscallTracer {
+    _storms: Vec<ChildGuard>,
+    _tool: ChildGuard,
+}
+
+impl SyscallTracer {
+    fn start(syscount: &Path) -> Self {
+        // Its programs are named after the tracepoints (this bpftool does
+        // not show which process holds a program): wait for one more.
+        let loaded = || {
+            let shown = Command::new("bpftool")
+                .args(["prog", "show"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&shown.stdout)
+                .matches("name sys_enter ")
+                .count()
+        };
+        let before = loaded();
+        let tool = ChildGuard(
+            Command::new(syscount)
+                .args(["--duration", "60"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while loaded() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "syscount's programs not loaded within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A byte per read and write: millions of system calls a second,
+        // bounded (a few tens of seconds at most, killed on drop anyway).
+        let storms = (0..2)
+            .map(|_| {
+                ChildGuard(
+                    Command::new("dd")
+                        .args(["if=/dev/zero", "of=/dev/null", "bs=1", "count=50000000"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        Self {
+            _storms: storms,
+            _tool: tool,
+        }
+    }
+}
+
+/// Every retransmission counted, none skipped, while `syscount` traces
+/// every system call of a storm of them: with the tracepoint program
+/// (before the hook ran raw) about half of such runs lost one or more.
+#[test]
+fn retransmissions_are_all_counted_while_another_tool_traces_every_system_call() {
+    let test = "retransmissions_are_all_counted_while_another_tool_traces_every_system_call";
+    if !require_root(test) {
+        return;
+    }
+    let (Some(syscount), Some(_)) = (
+        require_program("syscount", test),
+        require_program("bpftool", test),
+    ) else {
+        return;
+    };
+    let _tracer = SyscallTracer::start(&syscount);
+    let death = dead_peer("ot", 8090, "retransmit_timeout", |_, server, stream| {
+        server.drop_everything();
+        stream.write_all(b"are you there?").unwrap();
+    });
+    let sent = delta(&death.before, &death.after, "Tcp.RetransSegs");
+    assert!(sent > 0);
+    assert_eq!(
+        death.retransmits, sent,
+        "ka_retransmits_total equals the RetransSegs delta"
+    );
+}

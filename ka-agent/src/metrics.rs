@@ -429,7 +429,11 @@ impl Metrics {
                 Opts::new("ka_connections_probing", "Established connections with at least one unanswered keepalive probe."),
                 connection_labels(limits.pod_labels),
             )?,
-            retransmits: counter("ka_retransmits_total", "Retransmitted segments.", &[])?,
+            retransmits: counter(
+                "ka_retransmits_total",
+                "Retransmitted segments, as the namespace's Tcp.RetransSegs counts them: each segment of a retransmission of several, by the socket's own counter (tcp_sock.total_retrans) read at every event of the connection, so a retransmission event the kernel skipped is counted at the connection's next.",
+                &[],
+            )?,
             resets_received: counter("ka_resets_received_total", "RSTs that reset a connection.", &[])?,
             resets_sent: counter(
                 "ka_resets_sent_total",
@@ -595,7 +599,12 @@ impl Metrics {
                 }
             }
             Observation::ProbeSent(labels) => count(Family::Probes, "", labels),
-            Observation::Retransmit(labels) => count(Family::Retransmits, "", labels),
+            Observation::Retransmit { labels, segments } => {
+                if let Child::Counter(c) = self.child(series, Family::Retransmits, "", labels, now)
+                {
+                    c.inc_by(u64::from(*segments));
+                }
+            }
             Observation::ResetReceived(labels) => count(Family::ResetsReceived, "", labels),
             Observation::ResetSent {
                 labels,
@@ -967,6 +976,33 @@ fn by_label_values(
     })
 }
 
+/// One observation of every kind, for `labels`.
+fn one_of_each(labels: &Labels) -> [Observation; 7] {
+    [
+        Observation::Opened(labels.clone()),
+        Observation::Closed {
+            labels: labels.clone(),
+            cause: crate::model::CloseCause::Normal,
+            idle_before_close: Some((crate::model::Closer::Peer, 1.0)),
+        },
+        Observation::ProbeSent(labels.clone()),
+        Observation::Retransmit {
+            labels: labels.clone(),
+            segments: 1,
+        },
+        Observation::ResetReceived(labels.clone()),
+        Observation::ResetSent {
+            labels: None,
+            netns: 1,
+            reason: "unknown".into(),
+        },
+        Observation::Zombie {
+            labels: labels.clone(),
+            kind: crate::model::ZombieKind::CloseWaitLeak,
+        },
+    ]
+}
+
 /// The metrics reference (docs/metrics.md), generated from the registry so
 /// it cannot drift from the code.
 pub fn reference_markdown() -> Result<String, MetricsError> {
@@ -986,26 +1022,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
         peer: String::new(),
         pod: PodLabels::default(),
     };
-    for observation in [
-        Observation::Opened(labels.clone()),
-        Observation::Closed {
-            labels: labels.clone(),
-            cause: crate::model::CloseCause::Normal,
-            idle_before_close: Some((crate::model::Closer::Peer, 1.0)),
-        },
-        Observation::ProbeSent(labels.clone()),
-        Observation::Retransmit(labels.clone()),
-        Observation::ResetReceived(labels.clone()),
-        Observation::ResetSent {
-            labels: None,
-            netns: 1,
-            reason: "unknown".into(),
-        },
-        Observation::Zombie {
-            labels: labels.clone(),
-            kind: crate::model::ZombieKind::CloseWaitLeak,
-        },
-    ] {
+    for observation in one_of_each(&labels) {
         metrics.apply(&observation);
     }
     let values = metrics.values(&["x", "y"], &labels);

@@ -84,6 +84,8 @@ pub const SNAP_INTVL_FROM_SOCKET: u8 = 1 << 2;
 pub const SNAP_CNT_FROM_SOCKET: u8 = 1 << 3;
 /// At least one read of the socket failed: the snapshot is partial.
 pub const SNAP_INCOMPLETE: u8 = 1 << 4;
+/// `total_retrans` was read (BTF has `tcp_sock.total_retrans`).
+pub const SNAP_TOTAL_RETRANS: u8 = 1 << 5;
 
 /// What a program reads from a `struct sock` at the moment of a hook.
 ///
@@ -120,6 +122,10 @@ pub struct SockSnapshot {
     pub packets_out: u32,
     /// `sk->sk_err` (positive errno).
     pub sk_err: i32,
+    /// Segments the socket retransmitted (`tp->total_retrans`), counted
+    /// where and as the namespace's `Tcp.RetransSegs` counts them (with
+    /// [`SNAP_TOTAL_RETRANS`]).
+    pub total_retrans: u32,
     pub family: u16,
     /// Local port, host order.
     pub sport: u16,
@@ -135,7 +141,7 @@ pub struct SockSnapshot {
     pub retransmits: u8,
     /// `SNAP_*` bits.
     pub flags: u8,
-    pub reserved: u8,
+    pub reserved: [u8; 5],
 }
 
 /// `sock:inet_sock_set_state` for a TCP socket.
@@ -235,14 +241,14 @@ pub struct RcvStateProcessEvent {
 }
 
 const _: () = assert!(size_of::<EventHeader>() == 16);
-const _: () = assert!(size_of::<SockSnapshot>() == 104);
+const _: () = assert!(size_of::<SockSnapshot>() == 112);
 const _: () = assert!(align_of::<SockSnapshot>() == 8);
-const _: () = assert!(size_of::<StateChangeEvent>() == 128);
-const _: () = assert!(size_of::<RetransmitEvent>() == 128);
-const _: () = assert!(size_of::<SendResetEvent>() == 128);
-const _: () = assert!(size_of::<ReceiveResetEvent>() == 120);
-const _: () = assert!(size_of::<DestroySockEvent>() == 120);
+const _: () = assert!(size_of::<StateChangeEvent>() == 136);
+const _: () = assert!(size_of::<RetransmitEvent>() == 136);
+const _: () = assert!(size_of::<SendResetEvent>() == 136);
+const _: () = assert!(size_of::<ReceiveResetEvent>() == 128);
+const _: () = assert!(size_of::<DestroySockEvent>() == 128);
 const _: () = assert!(size_of::<ErrorReportEvent>() == 64);
-const _: () = assert!(size_of::<KeepaliveArmedEvent>() == 128);
-const _: () = assert!(size_of::<KeepaliveFiredEvent>() == 120);
-const _: () = assert!(size_of::<RcvStateProcessEvent>() == 120);
+const _: () = assert!(size_of::<KeepaliveArmedEvent>() == 136);
+const _: () = assert!(size_of::<KeepaliveFiredEvent>() == 128);
+const _: () = assert!(size_of::<RcvStateProcessEvent>() == 128);

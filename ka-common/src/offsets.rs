@@ -208,6 +208,8 @@ pub struct SockOffsets {
     pub tp_rcv_tstamp: u16,
     pub tp_lsndtime: u16,
     pub tp_packets_out: u16,
+    /// `tcp_sock.total_retrans`: segments retransmitted, as `RetransSegs`.
+    pub tp_total_retrans: u16,
     // struct net (relative to the `struct net *`)
     pub net_ns_inum: u16,
     pub net_keepalive_time: u16,
@@ -251,6 +253,7 @@ impl SockOffsets {
         tp_rcv_tstamp: ABSENT,
         tp_lsndtime: ABSENT,
         tp_packets_out: ABSENT,
+        tp_total_retrans: ABSENT,
         net_ns_inum: ABSENT,
         net_keepalive_time: ABSENT,
         net_keepalive_intvl: ABSENT,
@@ -396,10 +399,10 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<KernelTypes>() == 16);
-const _: () = assert!(size_of::<SockOffsets>() == 64);
+const _: () = assert!(size_of::<SockOffsets>() == 66);
 const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
-    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 64);
+    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 66);
 const _: () = assert!(SOCK_COPY_AREA.is_power_of_two());
 // The widest field read at the last position stays inside the copy.
 const _: () = assert!(SPAN_BYTES >= 16);

@@ -5,8 +5,8 @@
 use aya_ebpf::helpers::{bpf_jiffies64, generated};
 use ka_common::{
     ABSENT, AF_INET, AF_INET6, EventKind, NO_TYPE, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET,
-    SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SOCK_COPY_MASK, SPAN_BYTES,
-    SockOffsets, SockSnapshot, Span, Stat, tcp_state,
+    SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET, SNAP_KEEPALIVE_ON, SNAP_TOTAL_RETRANS, SOCK_COPY_MASK,
+    SPAN_BYTES, SockOffsets, SockSnapshot, Span, Stat, tcp_state,
 };
 
 use crate::{
@@ -307,6 +307,10 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
         out.rcv_tstamp = get!(source, u32, tp_rcv_tstamp);
         out.lsndtime = get!(source, u32, tp_lsndtime);
         out.packets_out = get!(source, u32, tp_packets_out);
+        if global!(SOCK_OFFSETS.tp_total_retrans) != ABSENT {
+            out.total_retrans = get!(source, u32, tp_total_retrans);
+            flags |= SNAP_TOTAL_RETRANS;
+        }
 
         // Zero on the socket means "use the namespace's sysctl" (which is in
         // jiffies for time and interval, like the socket's own values).

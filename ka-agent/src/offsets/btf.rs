@@ -392,6 +392,12 @@ pub fn sock_offsets(
         tp_rcv_tstamp: optional("tcp_sock", &["rcv_tstamp"], "last ACK time not reported")?,
         tp_lsndtime: optional("tcp_sock", &["lsndtime"], "last send time not reported")?,
         tp_packets_out: optional("tcp_sock", &["packets_out"], "data in flight not reported")?,
+        tp_total_retrans: optional(
+            "tcp_sock",
+            &["total_retrans"],
+            "retransmissions counted per event (a multi-segment retransmission as one, a \
+             skipped event not made up at the connection's next)",
+        )?,
         net_ns_inum: required(btf, "net", &["ns", "inum"])?,
         net_keepalive_time: optional("net", &["ipv4", "sysctl_tcp_keepalive_time"], netns_default)?,
         net_keepalive_intvl: optional(
@@ -733,9 +739,9 @@ mod tests {
         let offsets = sock_offsets(&btf, &mut absent).expect("resolves");
         assert!(absent.is_empty(), "{absent:?}");
         // The values of `expected[]` in sock-6.19.c (clang's offsetof).
-        let expected: [u16; 31] = [
+        let expected: [u16; 32] = [
             16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 192, 241, 237, 272, 264, 296, 300, 304,
-            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24,
+            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308,
         ];
         let resolved = [
             offsets.skc_family,
@@ -769,6 +775,7 @@ mod tests {
             offsets.dev_nd_net,
             offsets.sk_protocol,
             offsets.timer_function,
+            offsets.tp_total_retrans,
         ];
         assert_eq!(resolved, expected);
         assert_eq!(offsets.sock_keepopen_bit, 3);

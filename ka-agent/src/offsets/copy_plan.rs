@@ -40,7 +40,7 @@ struct Field<'a> {
 
 /// Every field the programs read from the copy, with `at` as where its
 /// position goes.
-fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 27] {
+fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 28] {
     let SockOffsets {
         skc_family,
         skc_state,
@@ -66,6 +66,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 27]
         tp_rcv_tstamp,
         tp_lsndtime,
         tp_packets_out,
+        tp_total_retrans,
         net_ns_inum,
         net_keepalive_time,
         net_keepalive_intvl,
@@ -112,6 +113,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 27]
         Full 4 tp_rcv_tstamp,
         Full 4 tp_lsndtime,
         Full 4 tp_packets_out,
+        Full 4 tp_total_retrans,
         Full 2 sk_protocol,
         Net 4 net_ns_inum,
         Net 4 net_keepalive_time,

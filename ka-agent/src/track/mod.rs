@@ -19,8 +19,8 @@ use std::{
 };
 
 use ka_common::{
-    AF_INET6, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET, SNAP_INTVL_FROM_SOCKET,
-    SNAP_KEEPALIVE_ON, SockSnapshot,
+    AF_INET6, SNAP_CNT_FROM_SOCKET, SNAP_IDLE_FROM_SOCKET, SNAP_INCOMPLETE, SNAP_INTVL_FROM_SOCKET,
+    SNAP_KEEPALIVE_ON, SNAP_TOTAL_RETRANS, SockSnapshot,
 };
 use serde::Serialize;
 
@@ -232,7 +232,12 @@ pub enum Observation {
         idle_before_close: Option<(Closer, f64)>,
     },
     ProbeSent(Labels),
-    Retransmit(Labels),
+    /// Segments retransmitted (more than one for a retransmission of
+    /// several, or for events the kernel skipped, made up at the next).
+    Retransmit {
+        labels: Labels,
+        segments: u32,
+    },
     ResetReceived(Labels),
     ResetSent {
         /// `None` for a reset answering a packet that had no socket.
@@ -328,6 +333,10 @@ pub struct Connection {
     pub idle_at_event_secs: f64,
     pub keepalive: Keepalive,
     pub retransmits: u64,
+    /// The socket's `tcp_sock.total_retrans` as of its last event (none
+    /// until an event read it): what `retransmits` advances by.
+    #[serde(skip)]
+    total_retrans: Option<u32>,
     /// Last socket error reported to the application (errno, 0 = none).
     pub last_error: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -423,6 +432,7 @@ impl Connection {
             idle_at_event_secs: 0.0,
             keepalive: Keepalive::default(),
             retransmits: 0,
+            total_retrans: None,
             last_error: 0,
             zombie: None,
             closer: None,
@@ -605,7 +615,14 @@ impl Tracker {
         }
         let hz = self.config.hz;
         let conn = self.connections.get_mut(&snap.sk)?;
-        refresh(conn, snap, ktime_ns, hz);
+        let segments = refresh(conn, snap, ktime_ns, hz);
+        if segments > 0 {
+            conn.retransmits += u64::from(segments);
+            self.observations.push(Observation::Retransmit {
+                labels: conn.labels(),
+                segments,
+            });
+        }
         Some(conn)
     }
 
@@ -651,6 +668,7 @@ impl Tracker {
             idle_at_event_secs: 0.0,
             keepalive: Keepalive::default(),
             retransmits: 0,
+            total_retrans: None,
             last_error: 0,
             zombie: None,
             closer: None,
@@ -692,8 +710,9 @@ impl Tracker {
     }
 }
 
-/// Updates what the socket itself says: keepalive settings, probes, idle.
-fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) {
+/// Updates what the socket itself says: keepalive settings, probes, idle;
+/// returns the segments it retransmitted since its last event.
+fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) -> u32 {
     let hz = f64::from(hz.max(1));
     conn.last_event_ns = ktime_ns;
     // A connecting socket enters SYN_SENT before its local port is chosen.
@@ -720,6 +739,29 @@ fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) {
         .min(since(snap.rcv_tstamp))
         .min(since(snap.lsndtime));
     conn.idle_at_event_secs = f64::from(idle) / hz;
+    retransmitted_since_last_event(conn, snap)
+}
+
+/// Segments the socket retransmitted since the connection's last event, by
+/// its own counter (`tcp_sock.total_retrans`, which moves exactly where and
+/// as much as the namespace's `Tcp.RetransSegs`): a retransmission of
+/// several segments counts each, an attempt the kernel gave up before
+/// sending counts none, and a retransmission event the kernel skipped is
+/// made up at the connection's next event (its close at the latest). Zero
+/// on the first event that reads the counter (where it starts), and where
+/// the snapshot has none (`retransmit.rs` counts events then).
+fn retransmitted_since_last_event(conn: &mut Connection, snap: &SockSnapshot) -> u32 {
+    if snap.flags & SNAP_TOTAL_RETRANS == 0 || snap.flags & SNAP_INCOMPLETE != 0 {
+        return 0;
+    }
+    match conn.total_retrans.replace(snap.total_retrans) {
+        // Backwards: another socket at this address; it starts here.
+        Some(seen) => match snap.total_retrans.wrapping_sub(seen) {
+            segments if segments < 1 << 31 => segments,
+            _ => 0,
+        },
+        None => 0,
+    }
 }
 
 fn socket_addr(family: u16, addr: [u8; 16], port: u16) -> SocketAddr {

@@ -397,6 +397,7 @@ mod documentation {
             crate::model::TcpState::Established,
         );
         connection.zombie = Some(crate::model::ZombieKind::CloseWaitLeak);
+        connection.soft_error = 113;
         connection.keepalive.armed_in_secs = Some(1.0);
         let view = ConnectionView {
             connection: connection.clone(),

@@ -267,7 +267,7 @@ fn retransmissions_match_retranssegs_and_the_dead_peer_is_found() {
     if !require_root("retransmissions_match_retranssegs_and_the_dead_peer_is_found") {
         return;
     }
-    let death = dead_peer("rt", 8082, "retransmit_timeout", |_, server, stream| {
+    let death = dead_peer("rt", 8082, "retransmit_timeout", |_, _, server, stream| {
         server.drop_everything();
         stream.write_all(b"are you there?").unwrap();
     });
@@ -290,7 +290,7 @@ fn retransmissions_the_kernel_could_not_send_are_not_counted() {
         "rf",
         8083,
         "retransmit_timeout",
-        |client, server, stream| {
+        |_, client, server, stream| {
             let before = client.counters();
             server.drop_everything();
             stream.write_all(b"are you there?").unwrap();
@@ -316,22 +316,40 @@ fn retransmissions_the_kernel_could_not_send_are_not_counted() {
 /// A peer that vanished behind a router that says so: every retransmission
 /// is answered with an ICMP host unreachable, which the kernel keeps as the
 /// socket's soft error and reports at the timeout instead of `ETIMEDOUT`.
-/// Still a retransmission timeout and a dead peer (it used to be `other`).
+/// Still a retransmission timeout and a dead peer (it used to be `other`);
+/// while it lasts, the API shows the connection's `soft_error`.
 #[test]
 fn a_peer_a_router_reports_unreachable_is_a_dead_peer() {
     if !require_root("a_peer_a_router_reports_unreachable_is_a_dead_peer") {
         return;
     }
-    let death = dead_peer("hu", 8084, "retransmit_timeout", |_, server, stream| {
-        // The server's namespace answers for the vanished host, as the
-        // last router before it would.
-        server.nft(
-            "table inet kalab_unreachable {\n\
-             chain in { type filter hook input priority 0; tcp dport 8084 reject with icmpx type host-unreachable; }\n\
-             }\n",
-        );
-        stream.write_all(b"are you there?").unwrap();
-    });
+    let death = dead_peer(
+        "hu",
+        8084,
+        "retransmit_timeout",
+        |agent, client, server, stream| {
+            // The server's namespace answers for the vanished host, as the
+            // last router before it would.
+            server.nft(
+                "table inet kalab_unreachable {\n\
+                 chain in { type filter hook input priority 0; tcp dport 8084 reject with icmpx type host-unreachable; }\n\
+                 }\n",
+            );
+            stream.write_all(b"are you there?").unwrap();
+            // While it retransmits, before it dies, the connection shows the
+            // error it survives.
+            let dying = wait_api(
+                agent,
+                "/api/v1/connections",
+                "the connection's soft error",
+                |c| {
+                    c["netns"].as_u64() == Some(client.inode())
+                        && c["soft_error"] == "No route to host"
+                },
+            );
+            assert_eq!(dying["state"], "ESTABLISHED", "{dying}");
+        },
+    );
     assert!(delta(&death.before, &death.after, "Icmp.InDestUnreachs") > 0);
     assert_eq!(death.closed["error"], "No route to host");
 }
@@ -350,7 +368,7 @@ fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
         "zw",
         8085,
         "zero_window_timeout",
-        |client, server, stream| {
+        |_, client, server, stream| {
             // The peer accepted and never reads: its window closes.
             let before = client.counters();
             stream.set_nonblocking(true).unwrap();

@@ -104,7 +104,7 @@ fn retransmissions_are_all_counted_while_another_tool_traces_every_system_call()
         return;
     };
     let _tracer = SyscallTracer::start(&syscount);
-    let death = dead_peer("ot", 8090, "retransmit_timeout", |_, server, stream| {
+    let death = dead_peer("ot", 8090, "retransmit_timeout", |_, _, server, stream| {
         server.drop_everything();
         stream.write_all(b"are you there?").unwrap();
     });

@@ -141,7 +141,12 @@ pub struct SockSnapshot {
     pub retransmits: u8,
     /// `SNAP_*` bits.
     pub flags: u8,
-    pub reserved: [u8; 5],
+    /// `sk->sk_err_soft` (positive errno; errno values fit a byte): an
+    /// error the socket survived, the sign of a peer a router reports
+    /// unreachable while the retransmissions go on. Cleared by the kernel
+    /// when the peer acknowledges again.
+    pub sk_err_soft: u8,
+    pub reserved: [u8; 4],
 }
 
 /// `sock:inet_sock_set_state` for a TCP socket.

@@ -193,6 +193,9 @@ pub struct SockOffsets {
     // struct sock
     pub sk_flags: u16,
     pub sk_err: u16,
+    /// `sock.sk_err_soft`: the last error the socket survived (an ICMP
+    /// unreachable for its segments, a failed route).
+    pub sk_err_soft: u16,
     /// The keepalive `timer_list`: `sock.sk_timer` before 6.19,
     /// `inet_connection_sock.icsk_keepalive_timer` from 6.19.
     pub keepalive_timer: u16,
@@ -242,6 +245,7 @@ impl SockOffsets {
         skc_cookie: ABSENT,
         sk_flags: ABSENT,
         sk_err: ABSENT,
+        sk_err_soft: ABSENT,
         keepalive_timer: ABSENT,
         icsk_probes_out: ABSENT,
         icsk_retransmits: ABSENT,
@@ -399,10 +403,10 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<KernelTypes>() == 16);
-const _: () = assert!(size_of::<SockOffsets>() == 66);
+const _: () = assert!(size_of::<SockOffsets>() == 68);
 const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
-    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 66);
+    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 68);
 const _: () = assert!(SOCK_COPY_AREA.is_power_of_two());
 // The widest field read at the last position stays inside the copy.
 const _: () = assert!(SPAN_BYTES >= 16);

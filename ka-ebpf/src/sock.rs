@@ -300,6 +300,7 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
             flags |= SNAP_KEEPALIVE_ON;
         }
         out.sk_err = get!(source, i32, sk_err);
+        out.sk_err_soft = errno_byte(get!(source, i32, sk_err_soft));
         out.probes_out = get!(source, u8, icsk_probes_out);
         out.retransmits = get!(source, u8, icsk_retransmits);
         out.user_timeout_ms = get!(source, u32, icsk_user_timeout);
@@ -341,6 +342,13 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
     }
     out.flags = flags;
     protocol
+}
+
+/// A positive errno in a byte (every errno is below 256); anything else,
+/// which a sane kernel never stores, as 255.
+#[inline(always)]
+fn errno_byte(errno: i32) -> u8 {
+    u8::try_from(errno).unwrap_or(u8::MAX)
 }
 
 /// Zeroes a snapshot: ring-buffer slots are not zeroed by the kernel, and

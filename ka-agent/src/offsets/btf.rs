@@ -365,6 +365,11 @@ pub fn sock_offsets(
         skc_cookie: required(btf, "sock", &["__sk_common", "skc_cookie", "counter"])?,
         sk_flags,
         sk_err: optional("sock", &["sk_err"], "socket error not reported")?,
+        sk_err_soft: optional(
+            "sock",
+            &["sk_err_soft"],
+            "soft errors of live connections not reported",
+        )?,
         keepalive_timer,
         icsk_probes_out: optional(
             "inet_connection_sock",
@@ -739,9 +744,9 @@ mod tests {
         let offsets = sock_offsets(&btf, &mut absent).expect("resolves");
         assert!(absent.is_empty(), "{absent:?}");
         // The values of `expected[]` in sock-6.19.c (clang's offsetof).
-        let expected: [u16; 32] = [
+        let expected: [u16; 33] = [
             16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 192, 241, 237, 272, 264, 296, 300, 304,
-            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308,
+            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308, 100,
         ];
         let resolved = [
             offsets.skc_family,
@@ -776,6 +781,7 @@ mod tests {
             offsets.sk_protocol,
             offsets.timer_function,
             offsets.tp_total_retrans,
+            offsets.sk_err_soft,
         ];
         assert_eq!(resolved, expected);
         assert_eq!(offsets.sock_keepopen_bit, 3);

@@ -40,7 +40,7 @@ struct Field<'a> {
 
 /// Every field the programs read from the copy, with `at` as where its
 /// position goes.
-fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 28] {
+fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 29] {
     let SockOffsets {
         skc_family,
         skc_state,
@@ -54,6 +54,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 28]
         skc_cookie,
         sk_flags,
         sk_err,
+        sk_err_soft,
         // Read directly: the timer hooks turn it into the socket pointer.
         keepalive_timer: _,
         icsk_probes_out,
@@ -103,6 +104,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 28]
         Common 8 skc_cookie,
         Full 8 sk_flags,
         Full 4 sk_err,
+        Full 4 sk_err_soft,
         Full 1 icsk_probes_out,
         Full 1 icsk_retransmits,
         Full 4 icsk_user_timeout,

@@ -339,6 +339,13 @@ pub struct Connection {
     total_retrans: Option<u32>,
     /// Last socket error reported to the application (errno, 0 = none).
     pub last_error: i32,
+    /// The error the socket last survived (`sk_err_soft`) as of its last
+    /// event, in words: a router's unreachable answering its segments.
+    #[serde(
+        serialize_with = "serialize_soft_error",
+        skip_serializing_if = "is_zero"
+    )]
+    pub soft_error: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zombie: Option<ZombieKind>,
     #[serde(skip)]
@@ -434,6 +441,7 @@ impl Connection {
             retransmits: 0,
             total_retrans: None,
             last_error: 0,
+            soft_error: 0,
             zombie: None,
             closer: None,
             reset_received: false,
@@ -670,6 +678,7 @@ impl Tracker {
             retransmits: 0,
             total_retrans: None,
             last_error: 0,
+            soft_error: 0,
             zombie: None,
             closer: None,
             reset_received: false,
@@ -732,6 +741,7 @@ fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) -
     ka.interval_from_socket = snap.flags & SNAP_INTVL_FROM_SOCKET != 0;
     ka.probes_from_socket = snap.flags & SNAP_CNT_FROM_SOCKET != 0;
     ka.user_timeout_ms = snap.user_timeout_ms;
+    conn.soft_error = snap.sk_err_soft;
     #[expect(clippy::cast_possible_truncation, reason = "jiffies64 low bits")]
     let now = snap.jiffies as u32;
     let since = |t: u32| now.wrapping_sub(t);
@@ -762,6 +772,37 @@ fn retransmitted_since_last_event(conn: &mut Connection, snap: &SockSnapshot) ->
         },
         None => 0,
     }
+}
+
+/// An errno in words, without the "(os error N)" the standard library
+/// appends; none for no error.
+pub(crate) fn error_text(errno: i32) -> Option<String> {
+    (errno != 0).then(|| {
+        let text = std::io::Error::from_raw_os_error(errno).to_string();
+        match text.rsplit_once(" (os error") {
+            Some((words, _)) => words.to_owned(),
+            None => text,
+        }
+    })
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with hands a reference"
+)]
+fn serialize_soft_error<S: serde::Serializer>(
+    errno: &u8,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&error_text(i32::from(*errno)).unwrap_or_default())
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if hands a reference"
+)]
+fn is_zero(value: &u8) -> bool {
+    *value == 0
 }
 
 fn socket_addr(family: u16, addr: [u8; 16], port: u16) -> SocketAddr {

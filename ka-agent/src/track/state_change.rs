@@ -236,7 +236,7 @@ impl Tracker {
             cause,
             closer,
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
-            error: error_text(evidence.sk_err),
+            error: super::error_text(evidence.sk_err),
             closed_at_ns,
         });
         self.observations.push(Observation::Closed {
@@ -245,18 +245,6 @@ impl Tracker {
             idle_before_close,
         });
     }
-}
-
-/// `sk_err` in words, without the "(os error N)" the standard library
-/// appends; none for no error.
-fn error_text(sk_err: i32) -> Option<String> {
-    (sk_err != 0).then(|| {
-        let text = std::io::Error::from_raw_os_error(sk_err).to_string();
-        match text.rsplit_once(" (os error") {
-            Some((words, _)) => words.to_owned(),
-            None => text,
-        }
-    })
 }
 
 fn push_history(history: &mut super::History, state: TcpState) {
@@ -306,15 +294,51 @@ mod tests {
 
     #[test]
     fn a_close_error_is_worded_without_its_number() {
-        assert_eq!(super::error_text(0), None);
+        assert_eq!(crate::track::error_text(0), None);
         assert_eq!(
-            super::error_text(libc::ETIMEDOUT).as_deref(),
+            crate::track::error_text(libc::ETIMEDOUT).as_deref(),
             Some("Connection timed out")
         );
         assert_eq!(
-            super::error_text(libc::EHOSTUNREACH).as_deref(),
+            crate::track::error_text(libc::EHOSTUNREACH).as_deref(),
             Some("No route to host")
         );
+    }
+
+    /// The soft error is the socket's as of its latest event: shown while
+    /// the kernel keeps it, gone once it cleared it.
+    #[test]
+    fn a_soft_error_follows_the_socket() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let established = socket(80, tcp_state::ESTABLISHED);
+        tracker.handle(&transition(
+            established,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ));
+        let unreachable = ka_common::SockSnapshot {
+            sk_err_soft: 113,
+            ..established
+        };
+        tracker.handle(&transition(
+            unreachable,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            2_000,
+        ));
+        let conn = tracker.connection(0xA).unwrap();
+        assert_eq!(conn.soft_error, 113);
+        let json = serde_json::to_value(conn).unwrap();
+        assert_eq!(json["soft_error"], "No route to host");
+        tracker.handle(&transition(
+            established,
+            tcp_state::CLOSE_WAIT,
+            tcp_state::CLOSE_WAIT,
+            3_000,
+        ));
+        let json = serde_json::to_value(tracker.connection(0xA).unwrap()).unwrap();
+        assert!(json.get("soft_error").is_none(), "{json}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub struct Death {
 }
 
 /// A connection from a client with a 3-second user timeout to a peer that
-/// `kill` makes vanish (given both namespaces and the client's stream);
+/// `kill` makes vanish (given the agent, both namespaces and the client's
+/// stream);
 /// checks that it dies of `cause`: exactly one kernel timeout
 /// (`TCPAbortOnTimeout`), one `dead_peer_retransmit` zombie, and
 /// `ka_retransmits_total` equal to the `RetransSegs` delta (exact: the
@@ -32,7 +33,7 @@ pub fn dead_peer(
     tag: &str,
     port: u16,
     cause: &str,
-    kill: impl FnOnce(&Netns, &Netns, &mut TcpStream),
+    kill: impl FnOnce(&Agent, &Netns, &Netns, &mut TcpStream),
 ) -> Death {
     let (client, server) = pair(tag);
     let agent = Agent::start(&[]);
@@ -46,7 +47,7 @@ pub fn dead_peer(
     let mut stream = client.connect(addr, &options).expect("connect");
     let (_accepted, _) = listener.accept().expect("accept");
     let before = client.counters();
-    kill(&client, &server, &mut stream);
+    kill(&agent, &client, &server, &mut stream);
     let m = agent.wait_metrics(Duration::from_secs(20), cause, |m| {
         m.count(
             "ka_connections_closed_total",

@@ -112,6 +112,7 @@ impl Hook {
             Self::TimerExpireEntry if raw.timer_expire_entry => Some("timer_expire_entry_raw"),
             Self::TcpRetransmitSkb if raw.tcp_retransmit_skb => Some("tcp_retransmit_skb_raw"),
             Self::TcpReceiveReset if raw.tcp_receive_reset => Some("tcp_receive_reset_raw"),
+            Self::TcpSendReset if raw.tcp_send_reset => Some("tcp_send_reset_raw"),
             _ => None,
         }
     }
@@ -126,7 +127,8 @@ impl Hook {
             Self::TimerExpireEntry => raw.timer_expire_entry = false,
             Self::TcpRetransmitSkb => raw.tcp_retransmit_skb = false,
             Self::TcpReceiveReset => raw.tcp_receive_reset = false,
-            Self::TcpSendReset | Self::InetSkErrorReport | Self::TcpRcvStateProcess => {}
+            Self::TcpSendReset => raw.tcp_send_reset = false,
+            Self::InetSkErrorReport | Self::TcpRcvStateProcess => {}
         }
     }
 
@@ -243,6 +245,7 @@ impl Probes {
             .retransmit
             .unwrap_or(ka_common::RetransmitFields::ABSENT);
         let retransmit_err_argument = u32::from(layout.raw.retransmit_err_argument);
+        let send_reset_reason_argument = u32::from(layout.raw.send_reset_reason_argument);
         let send_reset = layout
             .send_reset
             .unwrap_or(ka_common::SendResetFields::ABSENT);
@@ -274,6 +277,11 @@ impl Probes {
             .override_global("SET_STATE_FIELDS", &set_state, true)
             .override_global("RETRANSMIT_FIELDS", &retransmit, true)
             .override_global("RETRANSMIT_ERR_ARGUMENT", &retransmit_err_argument, true)
+            .override_global(
+                "SEND_RESET_REASON_ARGUMENT",
+                &send_reset_reason_argument,
+                true,
+            )
             .override_global("SEND_RESET_FIELDS", &send_reset, true)
             .override_global("RECEIVE_RESET_FIELDS", &receive_reset, true)
             .override_global("DESTROY_SOCK_FIELDS", &destroy_sock, true)
@@ -432,9 +440,7 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
             .then(|| "tracepoint sock:inet_sock_set_state missing or unusable".to_owned()),
         Hook::TcpRetransmitSkb => (layout.retransmit.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_retransmit_skb missing".to_owned()),
-        Hook::TcpSendReset => layout
-            .send_reset
-            .is_none()
+        Hook::TcpSendReset => (layout.send_reset.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_send_reset missing".to_owned()),
         Hook::TcpReceiveReset => (layout.receive_reset.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),

@@ -484,7 +484,7 @@ impl Metrics {
             program_misses: IntCounterVec::new(
                 Opts::new(
                     "ka_program_misses_total",
-                    "Runs of each kernel program the kernel skipped, the events lost: a tracepoint program is skipped when any BPF program is already running on that CPU (an interrupt during one), a raw tracepoint program (the hot hooks and tcp_retransmit_skb and tcp_receive_reset, where the kernel allows) only when that same program is. A skipped inet_sock_set_state run makes the agent take an inventory as soon as the misses and losses stop (the next second without one), which closes the connections found gone; a connection whose socket address a new one takes first is closed then. Counted by kernels from 6.7 on.",
+                    "Runs of each kernel program the kernel skipped, the events lost: a tracepoint program is skipped when any BPF program is already running on that CPU (an interrupt during one), a raw tracepoint program (the hot hooks and those whose events are counts: tcp_retransmit_skb, tcp_receive_reset, tcp_send_reset; where the kernel allows) only when that same program is. A skipped inet_sock_set_state run makes the agent take an inventory as soon as the misses and losses stop (the next second without one), which closes the connections found gone; a connection whose socket address a new one takes first is closed then. Counted by kernels from 6.7 on.",
                 ),
                 &["hook"],
             )?,

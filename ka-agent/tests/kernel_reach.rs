@@ -91,7 +91,7 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
     // The hot hooks and the counted ones run as raw tracepoints on every
     // kernel of the matrix (5.6+ with BTF: the prototypes and
     // sock.sk_protocol are there; tcp_retransmit_skb without `err` before
-    // 6.17).
+    // 6.17, tcp_send_reset without `reason` before 6.10).
     for hook in [
         "sock:inet_sock_set_state",
         "tcp:tcp_destroy_sock",
@@ -99,6 +99,7 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
         "timer:timer_expire_entry",
         "tcp:tcp_retransmit_skb",
         "tcp:tcp_receive_reset",
+        "tcp:tcp_send_reset",
     ] {
         assert!(
             line_of(&report, hook).ends_with("(raw tracepoint)"),

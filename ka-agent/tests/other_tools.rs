@@ -20,9 +20,10 @@ use std::{
 };
 
 use common::{
+    Agent,
     dead_peer::dead_peer,
-    lab::{ChildGuard, delta, require_program},
-    require_root,
+    lab::{ChildGuard, SocketOptions, delta, require_program},
+    pair, require_root,
 };
 
 /// libbpf-tools' `syscount`, whose tracepoint programs run on every system
@@ -120,6 +121,67 @@ fn retransmissions_are_all_counted_while_another_tool_traces_every_system_call()
     let m = death.agent.metrics();
     assert_eq!(
         m.count("ka_program_misses_total", &[("hook", "tcp_retransmit_skb")]),
+        0,
+        "{}",
+        m.text
+    );
+}
+
+/// While `syscount` traces a storm of system calls, every reset the kernel
+/// sends is counted (`ka_resets_sent_total` = the namespace's `OutRsts`)
+/// and the program is never skipped: here resets without a socket, the
+/// kernel's answer to connections nobody listens for (traced from 6.10).
+/// These answers run in the connecting thread's own softirq, not inside an
+/// interrupt, so the tracepoint program (`KA_NO_RAW_TRACEPOINTS=1`) was not
+/// skipped here either (2 of 2 runs); a reset sent from a timer would be.
+#[test]
+fn resets_are_all_counted_while_another_tool_traces_every_system_call() {
+    const REFUSED: u16 = 50;
+    let test = "resets_are_all_counted_while_another_tool_traces_every_system_call";
+    if !require_root(test) {
+        return;
+    }
+    let (Some(syscount), Some(_)) = (
+        require_program("syscount", test),
+        require_program("bpftool", test),
+    ) else {
+        return;
+    };
+    let _tracer = SyscallTracer::start(&syscount);
+    let (client, server) = pair("or");
+    let agent = Agent::start(&[]);
+    let sn = server.inode().to_string();
+    let before = server.counters();
+    for port in 9000..9000 + REFUSED {
+        let refused = client.connect(
+            std::net::SocketAddr::from(([198, 18, 10, 2], port)),
+            &SocketOptions::default(),
+        );
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
+    }
+    let out_rsts = delta(&before, &server.counters(), "Tcp.OutRsts");
+    assert_eq!(out_rsts, i64::from(REFUSED));
+    // Before 6.10 (no enum sk_rst_reason) a reset without a socket is not
+    // traced at all.
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+    let traced = btf.windows(15).any(|w| w == b"\0sk_rst_reason\0");
+    let expected = if traced { out_rsts } else { 0 };
+    agent.wait_metrics(Duration::from_secs(10), "every reset", |m| {
+        m.count("ka_resets_sent_total", &[("netns", &sn)]) == expected
+    });
+    std::thread::sleep(Duration::from_millis(2100));
+    let m = agent.metrics();
+    assert_eq!(
+        m.count("ka_resets_sent_total", &[("netns", &sn)]),
+        expected,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.count("ka_program_misses_total", &[("hook", "tcp_send_reset")]),
         0,
         "{}",
         m.text

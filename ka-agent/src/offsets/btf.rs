@@ -474,6 +474,8 @@ fn sk_protocol_offset(btf: &KernelBtf, absent: &mut Vec<AbsentMember>) -> Result
 pub enum RawArg {
     /// A pointer to `struct <name>`.
     PointerTo(String),
+    /// `enum <name>`.
+    Enum(String),
     Int {
         size: usize,
         signed: bool,
@@ -485,6 +487,7 @@ impl fmt::Display for RawArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::PointerTo(name) => write!(f, "struct {name} *"),
+            Self::Enum(name) => write!(f, "enum {name}"),
             Self::Int { size, signed } => {
                 write!(f, "{}{}", if *signed { "s" } else { "u" }, size * 8)
             }
@@ -566,6 +569,7 @@ impl KernelBtf {
                     size: int.size(),
                     signed: int.is_signed(),
                 },
+                Type::Enum(e) => RawArg::Enum(self.btf.resolve_name(&e).unwrap_or_default()),
                 _ => RawArg::Other,
             });
         }
@@ -869,7 +873,7 @@ mod tests {
     }
 
     /// The prototypes ka's raw programs read, as the kernel declares them.
-    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 6] {
+    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 7] {
         let sock = RawArg::PointerTo("sock".to_owned());
         let skb = RawArg::PointerTo("sk_buff".to_owned());
         let timer = RawArg::PointerTo("timer_list".to_owned());
@@ -884,7 +888,8 @@ mod tests {
         [
             ("inet_sock_set_state", vec![sock.clone(), int.clone(), int]),
             ("tcp_destroy_sock", vec![sock.clone()]),
-            ("tcp_retransmit_skb", vec![sock.clone(), skb]),
+            ("tcp_retransmit_skb", vec![sock.clone(), skb.clone()]),
+            ("tcp_send_reset", vec![sock.clone(), skb]),
             ("tcp_receive_reset", vec![sock]),
             ("timer_start", vec![timer.clone(), unsigned_long]),
             ("timer_expire_entry", vec![timer]),

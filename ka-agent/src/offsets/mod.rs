@@ -354,6 +354,11 @@ pub struct RawTracepoints {
     pub retransmit_err_argument: bool,
     /// `(struct sock *sk)`.
     pub tcp_receive_reset: bool,
+    /// `(struct sock *sk, struct sk_buff *skb, ...)`.
+    pub tcp_send_reset: bool,
+    /// `tcp_send_reset`'s third argument is `enum sk_rst_reason reason`
+    /// (6.10+).
+    pub send_reset_reason_argument: bool,
 }
 
 impl RawTracepoints {
@@ -399,6 +404,11 @@ impl RawTracepoints {
         let retransmit_err_argument = kernel_btf
             .raw_tracepoint_args("tcp_retransmit_skb")?
             .is_some_and(|args| args.get(2) == Some(&int));
+        let send_reset_reason_argument = kernel_btf
+            .raw_tracepoint_args("tcp_send_reset")?
+            .is_some_and(|args| {
+                args.get(2) == Some(&btf::RawArg::Enum("sk_rst_reason".to_owned()))
+            });
         Ok(Self {
             inet_sock_set_state: usable(
                 "inet_sock_set_state",
@@ -424,6 +434,12 @@ impl RawTracepoints {
             )?,
             retransmit_err_argument,
             tcp_receive_reset: usable("tcp_receive_reset", &[pointer("sock")], &[])?,
+            tcp_send_reset: usable(
+                "tcp_send_reset",
+                &[pointer("sock"), pointer("sk_buff")],
+                &[],
+            )?,
+            send_reset_reason_argument,
         })
     }
 }
@@ -518,6 +534,10 @@ mod tests {
                     .retransmit
                     .is_some_and(|f| f.err != ka_common::ABSENT),
                 tcp_receive_reset: true,
+                tcp_send_reset: true,
+                send_reset_reason_argument: layout
+                    .send_reset
+                    .is_some_and(|f| f.reason != ka_common::ABSENT),
             }
         );
         if layout
@@ -590,6 +610,8 @@ mod tests {
                 && raw.tcp_retransmit_skb
                 && raw.retransmit_err_argument
                 && raw.tcp_receive_reset
+                && raw.tcp_send_reset
+                && raw.send_reset_reason_argument
         );
         assert!(notes.is_empty(), "{notes:?}");
 
@@ -632,6 +654,8 @@ mod tests {
                  hook uses its (slower) tracepoint",
                 "raw tracepoint tcp_receive_reset: BTF has no btf_trace_tcp_receive_reset; the \
                  hook uses its (slower) tracepoint",
+                "raw tracepoint tcp_send_reset: BTF has no btf_trace_tcp_send_reset; the hook \
+                 uses its (slower) tracepoint",
             ]
         );
     }

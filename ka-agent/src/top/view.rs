@@ -64,6 +64,13 @@ impl Row {
                 })
                 .unwrap_or_default(),
         };
+        // The error a dying connection survives (a router's unreachable
+        // answering its retransmissions) says why it is dying.
+        let why = match (c["soft_error"].as_str(), why.is_empty()) {
+            (Some(soft_error), true) => soft_error.to_owned(),
+            (Some(soft_error), false) => format!("{why} ({soft_error})"),
+            (None, _) => why,
+        };
         Some(Self {
             class: c["class"].as_str()?.to_owned(),
             why,
@@ -637,6 +644,15 @@ mod tests {
         c["keepalive"]["probes"] = 9.into();
         assert_eq!(Row::from_json(&c).unwrap().keepalive, "on 2h/75s\u{d7}9");
         assert!(Row::from_json(&serde_json::json!({"local": "x"})).is_none());
+        let mut dying = json("ok", "x", 1.0, false);
+        dying["soft_error"] = "No route to host".into();
+        assert_eq!(Row::from_json(&dying).unwrap().why, "No route to host");
+        let mut at_risk_and_dying = json("at_risk", "x", 1.0, false);
+        at_risk_and_dying["soft_error"] = "No route to host".into();
+        assert_eq!(
+            Row::from_json(&at_risk_and_dying).unwrap().why,
+            "keepalive_disabled>3s (No route to host)"
+        );
     }
 
     #[test]

@@ -67,7 +67,10 @@ fn open_exchange_close(
     assert!(closed.get("error").is_none(), "{closed}");
     assert_eq!(
         closed["history"],
-        serde_json::json!(["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"])
+        serde_json::json!(["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]),
+        "{closed}\n{}\n{}",
+        agent.metrics().text,
+        agent.log()
     );
     let closed = wait_api(agent, "/api/v1/closed", "server close", |c| {
         c["remote"] == local.to_string() && c["netns"].as_u64() == Some(server.inode())

@@ -174,7 +174,10 @@ fn unified_hierarchy() -> PathBuf {
 struct Container {
     process: ChildGuard,
     port: u16,
-    _accepted: (std::net::TcpStream, std::net::SocketAddr),
+    _accepted: std::net::TcpStream,
+    /// Kept listening: the inventory tells each end's direction by the
+    /// listener (both ports are ephemeral, which alone says nothing).
+    _server: TcpListener,
 }
 
 fn container_connected(cgroup: &Path) -> Container {
@@ -197,10 +200,12 @@ fn container_connected(cgroup: &Path) -> Container {
         .read_line(&mut ready)
         .unwrap();
     assert_eq!(ready.trim(), "ready");
+    let (accepted, _) = server.accept().unwrap();
     Container {
         process,
         port,
-        _accepted: server.accept().unwrap(),
+        _accepted: accepted,
+        _server: server,
     }
 }
 

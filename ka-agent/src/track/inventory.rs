@@ -193,14 +193,14 @@ impl Tracker {
             } else {
                 seen.insert(entry.cookie);
                 // A connection on the port of a listener of its namespace
-                // was accepted: a better witness of direction than port
-                // ranges.
-                let direction = if self
-                    .inventory
-                    .listeners
-                    .contains_key(&(netns, entry.local.port()))
-                {
+                // was accepted, one to such a port (the other end of a
+                // connection inside the namespace) made: better witnesses
+                // of direction than port ranges.
+                let listening = |port: u16| self.inventory.listeners.contains_key(&(netns, port));
+                let direction = if listening(entry.local.port()) {
                     Direction::Inbound
+                } else if listening(entry.remote.port()) {
+                    Direction::Outbound
                 } else {
                     self.direction_of(entry)
                 };
@@ -541,6 +541,24 @@ mod tests {
             own_namespace_only: false,
             trigger: crate::inventory::Trigger::Interval,
         }
+    }
+
+    /// Both ends of a connection inside a namespace, both ports ephemeral:
+    /// the listener tells which end accepted and which connected, whatever
+    /// the port numbers' order.
+    #[test]
+    fn a_listener_tells_both_ends_directions() {
+        let listener = SocketEntry {
+            state: TcpState::Listen,
+            ..entry(9, "127.0.0.1:50000", "0.0.0.0:0", DiagTimer::None, 0)
+        };
+        let accepted = entry(1, "127.0.0.1:50000", "127.0.0.1:40000", DiagTimer::None, 0);
+        let connected = entry(2, "127.0.0.1:40000", "127.0.0.1:50000", DiagTimer::None, 0);
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.reconcile(&update(vec![listener, accepted, connected], 1_000_000_000));
+        let direction = |cookie| tracker.connections.get(&cookie).unwrap().direction;
+        assert_eq!(direction(1), Direction::Inbound);
+        assert_eq!(direction(2), Direction::Outbound);
     }
 
     #[test]

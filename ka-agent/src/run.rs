@@ -743,7 +743,7 @@ fn answer(query: ApiQuery, tracker: &Tracker, timeouts: &[IdleTimeout]) {
         } => {
             let closed = tracker
                 .recently_closed()
-                .rev()
+                .into_iter()
                 .filter(|c| cause.is_none_or(|want| c.cause == want))
                 .take(limit)
                 .cloned()

@@ -474,7 +474,11 @@ pub struct Tracker {
     connections: hashbrown::HashMap<u64, Box<Connection>>,
     observations: Vec<Observation>,
     evictions: u64,
+    /// The last [`RECENTLY_CLOSED`] normal closes, and apart from them the
+    /// last as many of every other cause: on a busy host normal churn
+    /// would push a dead peer out within seconds.
     recently_closed: std::collections::VecDeque<ClosedConnection>,
+    recently_closed_abnormally: std::collections::VecDeque<ClosedConnection>,
     closing: hashbrown::HashMap<u64, Closing>,
     inventory: inventory::InventoryState,
 }
@@ -487,6 +491,7 @@ impl Tracker {
             observations: Vec::new(),
             evictions: 0,
             recently_closed: std::collections::VecDeque::new(),
+            recently_closed_abnormally: std::collections::VecDeque::new(),
             closing: hashbrown::HashMap::new(),
             inventory: inventory::InventoryState::default(),
         }
@@ -537,16 +542,28 @@ impl Tracker {
         self.connections.is_empty()
     }
 
-    /// The last [`RECENTLY_CLOSED`] connections that ended, newest last.
-    pub fn recently_closed(&self) -> impl DoubleEndedIterator<Item = &ClosedConnection> {
-        self.recently_closed.iter()
+    /// The last [`RECENTLY_CLOSED`] connections that closed normally and
+    /// the last as many that did not, newest first.
+    pub fn recently_closed(&self) -> Vec<&ClosedConnection> {
+        let mut closed: Vec<&ClosedConnection> = self
+            .recently_closed
+            .iter()
+            .chain(&self.recently_closed_abnormally)
+            .collect();
+        closed.sort_by_key(|c| std::cmp::Reverse(c.closed_at_ns));
+        closed
     }
 
     fn remember_closed(&mut self, closed: ClosedConnection) {
-        if self.recently_closed.len() >= RECENTLY_CLOSED {
-            self.recently_closed.pop_front();
+        let kept = if closed.cause == CloseCause::Normal {
+            &mut self.recently_closed
+        } else {
+            &mut self.recently_closed_abnormally
+        };
+        if kept.len() >= RECENTLY_CLOSED {
+            kept.pop_front();
         }
-        self.recently_closed.push_back(closed);
+        kept.push_back(closed);
     }
 
     /// Some connection reached CLOSE and waits for its verdict.
@@ -821,6 +838,47 @@ impl Tracker {
     pub(crate) fn insert_for_tests(&mut self, mut conn: Connection) {
         conn.peer_label = self.config.peer_label;
         self.insert(conn);
+    }
+}
+
+#[cfg(test)]
+mod recently_closed_tests {
+    use super::{ClosedConnection, Connection, RECENTLY_CLOSED, Tracker, TrackerConfig};
+    use crate::model::{CloseCause, Direction, TcpState};
+
+    fn closed(cause: CloseCause, closed_at_ns: u64) -> ClosedConnection {
+        let connection = Connection::for_tests(
+            "198.18.10.1:40000".parse().unwrap(),
+            "198.18.10.2:80".parse().unwrap(),
+            Direction::Outbound,
+            TcpState::Close,
+        );
+        ClosedConnection {
+            connection: Box::new(connection),
+            cause,
+            closer: None,
+            idle_before_close_secs: None,
+            error: None,
+            closed_at_ns,
+        }
+    }
+
+    /// Normal churn cannot push a dead peer out of the closed records.
+    #[test]
+    fn normal_closes_do_not_push_out_the_others() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.remember_closed(closed(CloseCause::RetransmitTimeout, 1));
+        for at in 2..2 + 2 * RECENTLY_CLOSED as u64 {
+            tracker.remember_closed(closed(CloseCause::Normal, at));
+        }
+        let kept = tracker.recently_closed();
+        assert_eq!(kept.len(), RECENTLY_CLOSED + 1);
+        assert_eq!(
+            kept[0].closed_at_ns,
+            1 + 2 * RECENTLY_CLOSED as u64,
+            "newest first"
+        );
+        assert_eq!(kept.last().unwrap().cause, CloseCause::RetransmitTimeout);
     }
 }
 

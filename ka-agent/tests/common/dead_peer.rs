@@ -48,12 +48,17 @@ pub fn dead_peer(
     let (_accepted, _) = listener.accept().expect("accept");
     let before = client.counters();
     kill(&agent, &client, &server, &mut stream);
-    let m = agent.wait_metrics(Duration::from_secs(20), cause, |m| {
-        m.count(
-            "ka_connections_closed_total",
-            &[("netns", &cn), ("cause", cause)],
-        ) == 1
-    });
+    let m = agent.wait_metrics_explained(
+        Duration::from_secs(20),
+        cause,
+        |m| {
+            m.count(
+                "ka_connections_closed_total",
+                &[("netns", &cn), ("cause", cause)],
+            ) == 1
+        },
+        || kernel_view(&client, &before),
+    );
     let after = client.counters();
     assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
     assert_eq!(
@@ -94,6 +99,27 @@ pub fn dead_peer(
         retransmits,
         agent,
     }
+}
+
+/// What the client's kernel says, for a failure message: its sockets and
+/// the counters a death moves.
+pub fn kernel_view(client: &Netns, before: &HashMap<String, i64>) -> String {
+    let after = client.counters();
+    let moved = [
+        "Tcp.RetransSegs",
+        "TcpExt.TCPTimeouts",
+        "TcpExt.TCPLossProbes",
+        "TcpExt.TCPAbortOnTimeout",
+        "TcpExt.TCPKeepAlive",
+        "TcpExt.TCPRetransFail",
+        "TcpExt.TCPWinProbe",
+    ]
+    .map(|key| format!("{key} +{}", delta(before, &after, key)))
+    .join(", ");
+    format!(
+        "client counters: {moved}\nclient sockets:\n{}",
+        client.sockets()
+    )
 }
 
 /// Waits (bounded) until the client namespace's `counter` moved.

@@ -142,6 +142,16 @@ impl Netns {
         })
     }
 
+    /// The kernel's own view of the namespace's TCP sockets (`ss -tanoie`),
+    /// for failure messages: whether a socket the agent still holds is
+    /// still there, its timers and retransmissions.
+    pub fn sockets(&self) -> String {
+        match self.command("ss").args(["-tanoie"]).output() {
+            Ok(output) => String::from_utf8_lossy(&output.stdout).into_owned(),
+            Err(e) => format!("ss: {e}"),
+        }
+    }
+
     /// TcpExt and Tcp counters of this namespace ("TcpExt.TCPKeepAlive").
     pub fn counters(&self) -> HashMap<String, i64> {
         let mut counters = HashMap::new();

@@ -139,6 +139,18 @@ impl Agent {
         what: &str,
         predicate: impl Fn(&Metrics) -> bool,
     ) -> Metrics {
+        self.wait_metrics_explained(timeout, what, predicate, String::new)
+    }
+
+    /// [`Agent::wait_metrics`], whose failure message also carries
+    /// `context()` (e.g. the kernel's sockets of a namespace at that moment).
+    pub fn wait_metrics_explained(
+        &self,
+        timeout: Duration,
+        what: &str,
+        predicate: impl Fn(&Metrics) -> bool,
+        context: impl Fn() -> String,
+    ) -> Metrics {
         let deadline = Instant::now() + timeout;
         loop {
             let metrics = self.metrics();
@@ -147,7 +159,17 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}\n--- metrics ---\n{}\n--- log ---\n{}",
+                "timed out waiting for {what}\n--- context ---\n{}\n--- losses and inventories ---\n{}\n--- metrics ---\n{}\n--- log ---\n{}",
+                context(),
+                metrics
+                    .text
+                    .lines()
+                    .filter(|l| !l.starts_with('#')
+                        && ["miss", "lost", "inventor", "evict"]
+                            .iter()
+                            .any(|k| l.contains(k)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
                 metrics.text,
                 self.log()
             );

@@ -167,7 +167,7 @@ fn sigkill_leaves_nothing_and_a_new_agent_takes_over() {
                 &[("netns", &cn), ("cause", "keepalive_timeout")],
             ) == 1
         },
-        || common::dead_peer::kernel_view(&client, &counters_before),
+        || common::dead_peer::death_views(&second, &client, &counters_before),
     );
     assert_eq!(
         m.count(

@@ -57,7 +57,7 @@ pub fn dead_peer(
                 &[("netns", &cn), ("cause", cause)],
             ) == 1
         },
-        || kernel_view(&client, &before),
+        || death_views(&agent, &client, &before),
     );
     let after = client.counters();
     assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
@@ -99,6 +99,26 @@ pub fn dead_peer(
         retransmits,
         agent,
     }
+}
+
+/// What the kernel and the agent say of the client's connections, for a
+/// death the agent did not report: the kernel's sockets and counters, the
+/// agent's records of that namespace (state, last event, retransmissions).
+pub fn death_views(agent: &Agent, client: &Netns, before: &HashMap<String, i64>) -> String {
+    let inode = client.inode();
+    let body = super::api_json(agent, "/api/v1/connections");
+    let records: Vec<String> = body["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["netns"].as_u64() == Some(inode))
+        .map(ToString::to_string)
+        .collect();
+    format!(
+        "{}\nthe agent's records of the client's namespace:\n{}",
+        kernel_view(client, before),
+        records.join("\n")
+    )
 }
 
 /// What the client's kernel says, for a failure message: its sockets and

@@ -47,6 +47,22 @@ pub fn dead_peer(
     let mut stream = client.connect(addr, &options).expect("connect");
     let (_accepted, _) = listener.accept().expect("accept");
     let before = client.counters();
+    // The views a failure prints run only when a test fails: here, while
+    // the connection lives, both must show it.
+    let record = wait_api(
+        &agent,
+        &format!("/api/v1/connections?port={port}"),
+        "the client's connection",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    let views = death_views(&agent, &client, &before);
+    assert!(
+        record["local"]
+            .as_str()
+            .is_some_and(|local| views.matches(local).count() >= 2)
+            && views.contains(&format!("198.18.10.2:{port}")),
+        "the failure views miss the live connection:\n{views}"
+    );
     kill(&agent, &client, &server, &mut stream);
     let m = agent.wait_metrics_explained(
         Duration::from_secs(20),

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub hook_attached: IntGaugeVec,
     pub events: IntCounterVec,
     pub events_lost: IntCounter,
+    pub events_unreceived: IntCounterVec,
     pub ring_fill: Gauge,
     pub decode_errors: IntCounter,
     pub pod_list_failures: IntCounter,
@@ -106,7 +107,7 @@ impl InventoryMetrics {
             taken: IntCounterVec::new(
                 Opts::new(
                     "ka_inventories_total",
-                    "Inventories reconciled with the table, by trigger: start, interval (--inventory-interval), events_lost (asked for early once lost events stop).",
+                    "Inventories reconciled with the table, by trigger: start, interval (--inventory-interval), events_lost (asked for early once events lost, skipped or never read stop).",
                 ),
                 &["trigger"],
             )?,
@@ -398,6 +399,13 @@ impl Metrics {
                 "ka_events_lost_total",
                 "Events the kernel programs could not deliver (ring buffer full). The agent then takes an inventory as soon as the losses stop, which makes its table right again (connections found gone are closed, unknown ones adopted).",
             )?,
+            events_unreceived: IntCounterVec::new(
+                Opts::new(
+                    "ka_events_unreceived_total",
+                    "Events the kernel programs submitted to the ring buffer that the agent never read, by type: gaps in the numbers each CPU gives the events of each type. Nothing between the ring buffer and the agent is meant to drop an event, so this stays 0; it is counted so that such a loss is never silent, and handled like lost events (an inventory follows).",
+                ),
+                &["type"],
+            )?,
             ring_fill: Gauge::new(
                 "ka_ring_buffer_fill_ratio",
                 "Highest fill of the event ring buffer during the last second, as a fraction of its size (--ring-buffer-bytes), sampled by the programs every 16th event of a kind on each CPU (0 while events are that rare); near 1 means events are about to be lost.",
@@ -512,6 +520,7 @@ impl Metrics {
             Box::new(metrics.hook_attached.clone()),
             Box::new(metrics.events.clone()),
             Box::new(metrics.events_lost.clone()),
+            Box::new(metrics.events_unreceived.clone()),
             Box::new(metrics.ring_fill.clone()),
             Box::new(metrics.decode_errors.clone()),
             Box::new(metrics.pod_list_failures.clone()),
@@ -539,6 +548,11 @@ impl Metrics {
         metrics.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        // Zero from the start, for every type: an alert on it, and a test
+        // that it stayed 0, need the series before the first gap.
+        for kind in ka_common::EventKind::ALL {
+            metrics.events_unreceived.with_label_values(&[kind.name()]);
+        }
         Ok(metrics)
     }
 

@@ -17,7 +17,7 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
 
 use crate::{
     cli::RunArgs,
-    decode,
+    decode::{self, Delivery},
     http::{self, ApiQuery, AtRisk, ConnectionView, Shared},
     idle_timeout::IdleTimeout,
     loader::{LoadOptions, Probes},
@@ -221,6 +221,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
     let mut lost_seen = 0u64;
+    let mut delivery = Delivery::default();
+    let mut unreceived_seen = 0u64;
     let mut unreconciled_loss = false;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(RunError::Events)?;
@@ -230,7 +232,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Events)?;
-                let records = drain(guard.get_inner_mut(), &mut tracker, &metrics);
+                let records = drain(guard.get_inner_mut(), &mut tracker, &metrics, &mut delivery);
                 guard.clear_ready();
                 // A burst after a quiet spell: drained often again from now,
                 // not only after the idle wait that was running.
@@ -238,7 +240,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_every);
             }
             () = &mut drain_timer => {
-                let records = drain(ring.get_mut(), &mut tracker, &metrics);
+                let records = drain(ring.get_mut(), &mut tracker, &metrics, &mut delivery);
                 drain_every = next_drain_interval(drain_every, records);
                 drain_timer.as_mut().reset(tokio::time::Instant::now() + drain_every);
             }
@@ -247,7 +249,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // (tens of milliseconds with 200,000 connections, more on
                 // a busy CPU) while the programs keep submitting: they
                 // start with an empty ring.
-                let _ = drain(ring.get_mut(), &mut tracker, &metrics);
+                let _ = drain(ring.get_mut(), &mut tracker, &metrics, &mut delivery);
                 let now = monotonic_ns();
                 tracker.sweep(now);
                 tracker.flush_observations(|batch| metrics.apply_all(batch));
@@ -260,7 +262,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 evictions_seen = tracker.evictions();
                 let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
                 let lost = stats.lost();
-                if missed > 0 || lost > lost_seen {
+                let unreceived = delivery.missing_total();
+                if missed > 0 || lost > lost_seen || unreceived > unreceived_seen {
                     unreconciled_loss = true;
                 } else if unreconciled_loss {
                     // A close may have gone unseen: the inventory finds the
@@ -272,6 +275,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     unreconciled_loss = false;
                 }
                 lost_seen = lost;
+                unreceived_seen = unreceived;
                 if tick_count.is_multiple_of(60) {
                     metrics.expire_series();
                 }
@@ -293,7 +297,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 // Every event submitted before the dump is read first: a
                 // close still waiting in the ring is not a connection gone
                 // without its close (which the reconciliation closes).
-                let _ = drain(ring.get_mut(), &mut tracker, &metrics);
+                let _ = drain(ring.get_mut(), &mut tracker, &metrics, &mut delivery);
                 metrics.pod_list_failures.inc_by(u64::from(update.pod_list_failed));
                 let first = !tracker.inventory_done();
                 let reconcile_started = Instant::now();
@@ -491,17 +495,26 @@ fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tracker: &mut Tracker,
     metrics: &Metrics,
+    delivery: &mut Delivery,
 ) -> usize {
     // Counted per kind here and added once per drain: a labelled counter
     // lookup per event was a tenth of the agent's time under churn.
     let mut received = [0u64; ka_common::EventKind::ALL.len() + 1];
+    let mut unreceived = [0u64; ka_common::EventKind::ALL.len() + 1];
     let mut records = 0;
     while let Some(record) = ring.next() {
         records += 1;
         match decode::decode(&record) {
             Ok(event) => {
-                if let Some(count) = received.get_mut(event.kind() as usize) {
+                let kind = event.kind() as usize;
+                if let Some(count) = received.get_mut(kind) {
                     *count += 1;
+                }
+                let skipped = delivery.note(event.header());
+                if skipped > 0
+                    && let Some(count) = unreceived.get_mut(kind)
+                {
+                    *count += u64::from(skipped);
                 }
                 tracker.handle(&event);
             }
@@ -518,6 +531,18 @@ fn drain(
                 .events
                 .with_label_values(&[kind.name()])
                 .inc_by(count);
+        }
+        let missing = unreceived.get(kind as usize).copied().unwrap_or(0);
+        if missing > 0 {
+            tracing::warn!(
+                r#type = kind.name(),
+                missing,
+                "events submitted by the kernel programs were never read (ka_events_unreceived_total): an inventory follows"
+            );
+            metrics
+                .events_unreceived
+                .with_label_values(&[kind.name()])
+                .inc_by(missing);
         }
     }
     tracker.settle_closes(monotonic_ns());

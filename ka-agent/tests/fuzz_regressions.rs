@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use ka_agent::{
-    decode::decode,
+    decode::{Delivery, decode},
     idle_timeout::{IdleTimeout, parse_duration},
     offsets::{
         btf::{KernelBtf, reset_reasons, sock_offsets},
@@ -65,10 +65,12 @@ fn btf_offsets() {
 fn decode_event() {
     for (_, data) in inputs("decode_event") {
         let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut delivery = Delivery::default();
         let mut rest = data.as_slice();
         while let Some((&len, tail)) = rest.split_first() {
             let (record, next) = tail.split_at(usize::from(len).min(tail.len()));
             if let Ok(event) = decode(record) {
+                delivery.note(event.header());
                 tracker.handle(&event);
             }
             rest = next;

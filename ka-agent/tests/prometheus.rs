@@ -281,6 +281,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         ("KaZombieConnections", "firing"),
         ("KaConnectionsAtRisk", "pending"),
         ("KaEventsLost", "inactive"),
+        ("KaEventsUnreceived", "inactive"),
         ("KaHookMissing", "inactive"),
         ("KaPodListFailing", "inactive"),
         ("KaSeriesOverflow", "inactive"),

@@ -247,6 +247,9 @@ fn overload_is_counted_never_silent() {
         lost,
         m.count("ka_kernel_events_total", &[("outcome", "lost")])
     );
+    // A full ring refuses a reservation before the event is numbered: a
+    // loss, not a gap in the numbers.
+    assert_eq!(m.count("ka_events_unreceived_total", &[]), 0, "{}", m.text);
     // Every event the programs produced was either received or counted lost.
     for kind in kinds {
         let submitted = m.count(
@@ -260,6 +263,81 @@ fn overload_is_counted_never_silent() {
         );
     }
     assert_eq!(http_get(agent.addr, "/healthz").map(|r| r.0), Some(200));
+}
+
+/// An event the programs submitted and the agent never read is counted
+/// (`ka_events_unreceived_total`) and followed by an inventory, like a
+/// lost one. Nothing real loses one (that is what the count watches for),
+/// so the test makes the gap itself: it raises the agent's in-kernel count
+/// of submitted error reports on every CPU, which numbers the next one, as
+/// if one had been submitted there and lost on the way; then it provokes a
+/// real one (a refused connection on loopback).
+#[test]
+fn an_event_submitted_and_never_read_is_counted() {
+    if !require_root("an_event_submitted_and_never_read_is_counted") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(&["--inventory-interval", "300s"]);
+    let early =
+        |m: &common::Metrics| m.count("ka_inventories_total", &[("trigger", "events_lost")]);
+    let before = agent.metrics();
+    assert_eq!(
+        before.count("ka_events_unreceived_total", &[]),
+        0,
+        "{}",
+        before.text
+    );
+    assert!(
+        before.has_series("ka_events_unreceived_total", &[("type", "error_report")]),
+        "the series exists at 0 before any gap\n{}",
+        before.text
+    );
+    let slot = ka_common::Stat::submitted(ka_common::EventKind::ErrorReport);
+    let stats = bpf_objects("map", agent.pid())
+        .into_iter()
+        .filter_map(|id| aya::maps::MapData::from_id(u32::try_from(id).ok()?).ok())
+        .find(|map| {
+            map.info()
+                .is_ok_and(|info| info.name_as_str() == Some("STATS"))
+        })
+        .expect("the agent's STATS map");
+    let mut stats: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(stats)).unwrap();
+    // Another test's error report between the read and the write would be
+    // uncounted, never a gap: the write only raises.
+    let raised: Vec<u64> = stats.get(&slot, 0).unwrap().iter().map(|n| n + 1).collect();
+    stats
+        .set(slot, aya::maps::PerCpuValues::try_from(raised).unwrap(), 0)
+        .unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let refused = std::net::TcpStream::connect(closed).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let m = agent.wait_metrics(
+        Duration::from_secs(20),
+        "the gap counted and an inventory asked for",
+        |m| {
+            m.count("ka_events_unreceived_total", &[("type", "error_report")]) >= 1
+                && early(m) > early(&before)
+        },
+    );
+    // The raised count made no gap in the numbers of any other kind.
+    assert_eq!(
+        m.count("ka_events_unreceived_total", &[]),
+        m.count("ka_events_unreceived_total", &[("type", "error_report")]),
+        "{}",
+        m.text
+    );
+    assert!(
+        agent
+            .log()
+            .contains("events submitted by the kernel programs were never read"),
+        "{}",
+        agent.log()
+    );
 }
 
 /// Connections `lost_events_are_made_good_by_an_early_inventory` holds.

@@ -67,12 +67,51 @@ impl EventKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
     /// An [`EventKind`] value.
-    pub kind: u32,
+    pub kind: u16,
     /// CPU the hook ran on: events of one timer callback share it.
-    pub cpu: u32,
+    pub cpu: u16,
+    /// The event's number among the events of its kind submitted on its
+    /// CPU, from 1 (the kernel's count of them, `Stat::submitted`); 0 when
+    /// unnumbered. The runs of one program on one CPU do not overlap and
+    /// the ring buffer keeps the order of reservations, so the agent reads
+    /// each CPU's numbers of a kind in order: a gap is an event that was
+    /// submitted and never read.
+    pub sequence: u32,
     /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`).
     pub ktime_ns: u64,
 }
+
+/// An event type: a `#[repr(C)]` struct that starts with an
+/// [`EventHeader`], which the programs number at submit time.
+///
+/// # Safety
+///
+/// Only for `#[repr(C)]` structs whose first field is `header:
+/// EventHeader` (asserted for each below).
+pub unsafe trait Event {}
+
+macro_rules! events {
+    ($($event:ident),* $(,)?) => {
+        $(
+            // SAFETY: `#[repr(C)]` with `header: EventHeader` first, as
+            // asserted next to it.
+            unsafe impl Event for $event {}
+            const _: () = assert!(core::mem::offset_of!($event, header) == 0);
+        )*
+    };
+}
+
+events!(
+    StateChangeEvent,
+    RetransmitEvent,
+    SendResetEvent,
+    ReceiveResetEvent,
+    DestroySockEvent,
+    ErrorReportEvent,
+    KeepaliveArmedEvent,
+    KeepaliveFiredEvent,
+    RcvStateProcessEvent,
+);
 
 /// [`SockSnapshot::flags`]: `SOCK_KEEPOPEN` is set (`SO_KEEPALIVE` on).
 pub const SNAP_KEEPALIVE_ON: u8 = 1 << 0;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     maps::ring_buf::RingBufEntry,
 };
-use ka_common::{EventHeader, EventKind, Stat};
+use ka_common::{Event, EventHeader, EventKind, Stat};
 
 use crate::{EVENTS, STATS, WAKEUP_BYTES};
 
@@ -64,8 +64,11 @@ const QUERY_EVERY: u64 = 16;
 /// The fill level (a helper call) is looked at every `QUERY_EVERY`th event
 /// of a kind on a CPU: a few KiB late at worst, against a threshold of a
 /// quarter of the ring; the high-water mark is sampled the same way.
+///
+/// The event is numbered with the count of its kind on this CPU (see
+/// `EventHeader::sequence`): the agent counts the numbers it never reads.
 #[inline(always)]
-pub fn submit<T>(entry: RingBufEntry<T>, kind: EventKind) {
+pub fn submit<T: Event>(mut entry: RingBufEntry<T>, kind: EventKind) {
     let Some(submitted) = STATS.get_ptr_mut(Stat::submitted(kind)) else {
         entry.submit(u64::from(BPF_RB_NO_WAKEUP));
         return;
@@ -77,6 +80,16 @@ pub fn submit<T>(entry: RingBufEntry<T>, kind: EventKind) {
         *submitted += 1;
         *submitted
     };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the agent compares numbers modulo 2^32"
+    )]
+    let sequence = seen as u32;
+    let header = entry.as_mut_ptr().cast::<EventHeader>();
+    // SAFETY: every `Event` starts with its header (asserted in
+    // ka-common); the slot is reserved and only this program writes it
+    // until it is submitted below.
+    unsafe { (*header).sequence = sequence };
     if !seen.is_multiple_of(QUERY_EVERY) {
         entry.submit(u64::from(BPF_RB_NO_WAKEUP));
         return;
@@ -105,10 +118,16 @@ pub fn submit<T>(entry: RingBufEntry<T>, kind: EventKind) {
 /// The header every event starts with.
 #[inline(always)]
 pub fn header(kind: EventKind) -> EventHeader {
+    // SAFETY: helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
     EventHeader {
-        kind: kind as u32,
-        // SAFETY: helper without preconditions.
-        cpu: unsafe { bpf_get_smp_processor_id() },
+        kind: kind as u16,
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "CPU numbers are below 2^16 (NR_CPUS is at most 8192)"
+        )]
+        cpu: cpu as u16,
+        sequence: 0,
         // SAFETY: helper without preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
     }

@@ -56,6 +56,18 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     .args(["--", "-D", "warnings"]);
     steps.push(("lint", lint));
     steps.push(("lint kernel programs", kernel_lint()));
+    // The fuzz targets are a workspace of their own (cargo-fuzz needs
+    // nightly to run them): compiled here so they keep up with the agent.
+    let mut fuzz_targets = cmd::cargo();
+    fuzz_targets.args([
+        "check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--locked",
+        "--target-dir",
+        "target/fuzz-check",
+    ]);
+    steps.push(("fuzz targets compile", fuzz_targets));
     steps.push(("tests", test_command));
 
     let mut results = Vec::new();

@@ -295,7 +295,7 @@ impl Keepalive {
 /// A keepalive timer expiry whose outcome is not known yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PendingFire {
-    cpu: u32,
+    cpu: u16,
     ktime_ns: u64,
     probes_out: u8,
 }
@@ -357,7 +357,7 @@ pub struct Connection {
     #[serde(skip)]
     pending_fire: Option<PendingFire>,
     #[serde(skip)]
-    last_fire: Option<(u32, u64)>,
+    last_fire: Option<(u16, u64)>,
     #[serde(skip)]
     close_wait_counted: bool,
     #[serde(skip)]
@@ -903,8 +903,9 @@ mod fixtures {
 
     pub fn header(kind: EventKind, ktime_ns: u64) -> EventHeader {
         EventHeader {
-            kind: kind as u32,
+            kind: kind as u16,
             cpu: 0,
+            sequence: 0,
             ktime_ns,
         }
     }

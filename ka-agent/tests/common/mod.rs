@@ -165,7 +165,7 @@ impl Agent {
                     .text
                     .lines()
                     .filter(|l| !l.starts_with('#')
-                        && ["miss", "lost", "inventor", "evict"]
+                        && ["miss", "lost", "unreceived", "inventor", "evict"]
                             .iter()
                             .any(|k| l.contains(k)))
                     .collect::<Vec<_>>()

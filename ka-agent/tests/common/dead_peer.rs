@@ -77,6 +77,9 @@ pub fn dead_peer(
     );
     let after = client.counters();
     assert_eq!(delta(&before, &after, "TcpExt.TCPAbortOnTimeout"), 1);
+    // Every event the programs submitted so far (the agent sees the whole
+    // host's) was read: no gap in their numbers.
+    assert_eq!(m.count("ka_events_unreceived_total", &[]), 0, "{}", m.text);
     assert_eq!(
         m.count(
             "ka_zombies_total",

@@ -263,6 +263,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
                 let lost = stats.lost();
                 let unreceived = delivery.missing_total();
+                if unreceived > unreceived_seen {
+                    // Once a second at most: a defect that loses events
+                    // would otherwise log at every drain.
+                    tracing::warn!(
+                        missing = unreceived - unreceived_seen,
+                        state_changes_since_start = delivery.missing(ka_common::EventKind::StateChange),
+                        since_start = unreceived,
+                        "events submitted by the kernel programs were never read (ka_events_unreceived_total, by type): an inventory follows"
+                    );
+                }
                 if missed > 0 || lost > lost_seen || unreceived > unreceived_seen {
                     unreconciled_loss = true;
                 } else if unreconciled_loss {
@@ -534,11 +544,6 @@ fn drain(
         }
         let missing = unreceived.get(kind as usize).copied().unwrap_or(0);
         if missing > 0 {
-            tracing::warn!(
-                r#type = kind.name(),
-                missing,
-                "events submitted by the kernel programs were never read (ka_events_unreceived_total): an inventory follows"
-            );
             metrics
                 .events_unreceived
                 .with_label_values(&[kind.name()])

@@ -252,6 +252,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(1100));
     }
     let lost = metric(&text, "ka_events_lost_total", &[]);
+    let unreceived = metric(&text, "ka_events_unreceived_total", &[]);
     let submitted = metric(&text, "ka_kernel_events_total", &["outcome=\"submitted\""]);
     let received = metric(&text, "ka_events_total", &[]);
     let keepalive_deaths = metric(
@@ -284,7 +285,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     );
     println!("  tracked connections: at most {max_tracked}");
     println!(
-        "  events: {received} received, {submitted} submitted by the kernel programs, {lost} lost"
+        "  events: {received} received, {submitted} submitted by the kernel programs, {lost} lost, {unreceived} never read"
     );
     println!(
         "  keepalive deaths: {} provoked, {keepalive_deaths} classified keepalive_timeout, {zombies} dead_peer_keepalive zombies",
@@ -292,14 +293,16 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     );
     let json = format!(
         "{{\"minutes\":{minutes},\"rss_kib_early\":{early},\"rss_kib_late\":{late},\"max_tracked\":{max_tracked},\
-         \"received\":{received},\"submitted\":{submitted},\"lost\":{lost},\"keepalive_deaths\":{keepalive_deaths}}}\n"
+         \"received\":{received},\"submitted\":{submitted},\"lost\":{lost},\"unreceived\":{unreceived},\"keepalive_deaths\":{keepalive_deaths}}}\n"
     );
     let out = cmd::root().join("target/soak");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("results.json"), json)?;
     // Received may run ahead of the once-a-second kernel reading, never behind.
-    if received < submitted || lost != 0 {
-        bail!("unaccounted events: received {received}, submitted {submitted}, lost {lost}");
+    if received < submitted || lost != 0 || unreceived != 0 {
+        bail!(
+            "unaccounted events: received {received}, submitted {submitted}, lost {lost}, never read {unreceived}"
+        );
     }
     if late > early + early / 10 + 4096 {
         bail!("agent RSS grew from {early} KiB to {late} KiB");

@@ -17,7 +17,7 @@ use std::{
 
 use common::{
     Agent, Metrics, api_json,
-    lab::{Netns, SocketOptions, delta},
+    lab::{Netns, SocketOptions, close_with_reset, delta},
     pair, require_root, wait_api,
 };
 
@@ -193,22 +193,7 @@ fn peer_reboot_is_a_reset_not_a_timeout() {
     // The server "reboots": its socket vanishes without a word reaching the
     // client (the abortive close's RST is dropped), then the host is back.
     server.drop_everything();
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid fd and a pointer to a linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&accepted),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            u32::try_from(size_of::<libc::linger>()).unwrap(),
-        )
-    };
-    assert_eq!(rc, 0);
-    drop(accepted);
+    close_with_reset(accepted);
     drop(listener);
     server.nft("delete table inet kalab_drop\n");
     let m = agent.wait_metrics(Duration::from_secs(15), "a reset death", |m| {

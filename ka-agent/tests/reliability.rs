@@ -13,7 +13,7 @@ use std::{net::SocketAddr, process::Command, time::Duration};
 
 use common::{
     Agent, http_get,
-    lab::{Netns, SocketOptions},
+    lab::{Netns, SocketOptions, close_with_reset},
     pair, require_root,
 };
 
@@ -457,6 +457,28 @@ fn a_full_connection_table_evicts_and_counts() {
         m.text
     );
     assert!(m.count("process_open_fds", &[]) > 0, "{}", m.text);
+    // Closing them all abortively: a socket evicted before its close is
+    // one the agent first sees at its CLOSE transition (no FIN before it),
+    // whose snapshot the kernel takes after releasing the local port. Its
+    // close still carries the port (every connection here is to or from
+    // 7203).
+    let netns = ns.inode().to_string();
+    for (stream, (accepted, _)) in open {
+        close_with_reset(accepted);
+        drop(stream);
+    }
+    let m = agent.wait_metrics(Duration::from_secs(20), "every connection closed", |m| {
+        m.count("ka_connections_closed_total", &[("netns", &netns)]) == 200
+    });
+    assert_eq!(
+        m.count(
+            "ka_connections_closed_total",
+            &[("netns", &netns), ("port", "7203")]
+        ),
+        200,
+        "{}",
+        m.text
+    );
 }
 
 /// A running process's soft `RLIMIT_NOFILE`, lowered from outside with

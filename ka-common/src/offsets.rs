@@ -229,6 +229,10 @@ pub struct SockOffsets {
     pub sk_protocol: u16,
     /// `timer_list.function`: the raw timer programs' filter.
     pub timer_function: u16,
+    /// `inet_sock.inet_sport` (network order): the local port where
+    /// `skc_num` reads 0, which it does at every CLOSE transition (the
+    /// kernel releases the port before the tracepoint).
+    pub inet_sport: u16,
 }
 
 impl SockOffsets {
@@ -267,6 +271,7 @@ impl SockOffsets {
         sock_keepopen_bit: ABSENT,
         sk_protocol: ABSENT,
         timer_function: ABSENT,
+        inet_sport: ABSENT,
     };
 }
 
@@ -403,10 +408,10 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<KernelTypes>() == 16);
-const _: () = assert!(size_of::<SockOffsets>() == 68);
+const _: () = assert!(size_of::<SockOffsets>() == 70);
 const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
-    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 68);
+    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 70);
 const _: () = assert!(SOCK_COPY_AREA.is_power_of_two());
 // The widest field read at the last position stays inside the copy.
 const _: () = assert!(SPAN_BYTES >= 16);

@@ -295,6 +295,11 @@ pub fn snapshot(sk: *const u8, out: &mut SockSnapshot, kind: EventKind) -> u16 {
             copy_spans(copy, sk, &SOCK_COPY_FULL.load());
         }
         protocol = get!(source, u16, sk_protocol);
+        // The kernel releases the port (`skc_num` 0) before the CLOSE
+        // transition's tracepoint; `inet_sport` keeps it.
+        if out.sport == 0 {
+            out.sport = u16::from_be(get!(source, u16, inet_sport));
+        }
         let bit = global!(SOCK_OFFSETS.sock_keepopen_bit);
         if bit < 64 && get!(source, u64, sk_flags) & (1u64 << bit) != 0 {
             flags |= SNAP_KEEPALIVE_ON;

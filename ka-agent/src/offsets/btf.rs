@@ -432,6 +432,11 @@ pub fn sock_offsets(
             &["function"],
             "the timer hooks use their (slower) tracepoints",
         )?,
+        inet_sport: optional(
+            "inet_sock",
+            &["inet_sport"],
+            "a connection first seen at its close is reported without its local port",
+        )?,
     };
     Ok(offsets)
 }
@@ -748,9 +753,9 @@ mod tests {
         let offsets = sock_offsets(&btf, &mut absent).expect("resolves");
         assert!(absent.is_empty(), "{absent:?}");
         // The values of `expected[]` in sock-6.19.c (clang's offsetof).
-        let expected: [u16; 33] = [
+        let expected: [u16; 34] = [
             16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 192, 241, 237, 272, 264, 296, 300, 304,
-            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308, 100,
+            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308, 100, 104,
         ];
         let resolved = [
             offsets.skc_family,
@@ -786,6 +791,7 @@ mod tests {
             offsets.timer_function,
             offsets.tp_total_retrans,
             offsets.sk_err_soft,
+            offsets.inet_sport,
         ];
         assert_eq!(resolved, expected);
         assert_eq!(offsets.sock_keepopen_bit, 3);

@@ -40,7 +40,7 @@ struct Field<'a> {
 
 /// Every field the programs read from the copy, with `at` as where its
 /// position goes.
-fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 29] {
+fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 30] {
     let SockOffsets {
         skc_family,
         skc_state,
@@ -79,6 +79,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 29]
         sk_protocol,
         // Read directly, by the raw timer programs' filter.
         timer_function: _,
+        inet_sport,
     } = *offsets;
     macro_rules! fields {
         ($($group:ident $size:literal $name:ident),* $(,)?) => {
@@ -117,6 +118,7 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 29]
         Full 4 tp_packets_out,
         Full 4 tp_total_retrans,
         Full 2 sk_protocol,
+        Full 2 inet_sport,
         Net 4 net_ns_inum,
         Net 4 net_keepalive_time,
         Net 4 net_keepalive_intvl,

@@ -225,6 +225,27 @@ pub struct SocketOptions {
     pub user_timeout_ms: Option<u32>,
 }
 
+/// Closes `stream` abortively (`SO_LINGER` 0): the kernel sends an RST and
+/// moves the socket straight to CLOSE, with no FIN transition before.
+pub fn close_with_reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid fd and a pointer to a linger struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            u32::try_from(size_of::<libc::linger>()).unwrap_or(8),
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(stream);
+}
+
 fn setsockopt(stream: &TcpStream, level: i32, name: i32, value: i32) {
     // SAFETY: a valid fd and a pointer to an int of the size passed.
     let rc = unsafe {

@@ -12,7 +12,6 @@ mod common;
 
 use std::{
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     process::Command,
     time::{Duration, Instant},
 };
@@ -38,18 +37,9 @@ fn run_agent(args: &[&str]) -> Value {
 }
 
 fn keepalive_on(stream: &TcpStream) {
-    let on: i32 = 1;
-    // SAFETY: a valid fd and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_KEEPALIVE,
-            std::ptr::from_ref(&on).cast(),
-            4,
-        )
-    };
-    assert_eq!(rc, 0, "SO_KEEPALIVE");
+    socket2::SockRef::from(stream)
+        .set_keepalive(true)
+        .expect("SO_KEEPALIVE");
 }
 
 fn own_comm() -> String {

@@ -228,73 +228,29 @@ pub struct SocketOptions {
 /// Closes `stream` abortively (`SO_LINGER` 0): the kernel sends an RST and
 /// moves the socket straight to CLOSE, with no FIN transition before.
 pub fn close_with_reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid fd and a pointer to a linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            u32::try_from(size_of::<libc::linger>()).unwrap_or(8),
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
     drop(stream);
-}
-
-fn setsockopt(stream: &TcpStream, level: i32, name: i32, value: i32) {
-    // SAFETY: a valid fd and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            u32::try_from(size_of::<i32>()).unwrap_or(4),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt {name}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 impl SocketOptions {
     pub fn apply(&self, stream: &TcpStream) {
+        let socket = socket2::SockRef::from(stream);
         if let Some((idle, interval, count)) = self.keepalive {
-            setsockopt(stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-            setsockopt(
-                stream,
-                libc::IPPROTO_TCP,
-                libc::TCP_KEEPIDLE,
-                i32::try_from(idle).unwrap_or(1),
-            );
-            setsockopt(
-                stream,
-                libc::IPPROTO_TCP,
-                libc::TCP_KEEPINTVL,
-                i32::try_from(interval).unwrap_or(1),
-            );
-            setsockopt(
-                stream,
-                libc::IPPROTO_TCP,
-                libc::TCP_KEEPCNT,
-                i32::try_from(count).unwrap_or(1),
-            );
+            socket.set_keepalive(true).expect("SO_KEEPALIVE");
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(idle.into()))
+                .with_interval(Duration::from_secs(interval.into()))
+                .with_retries(count);
+            socket
+                .set_tcp_keepalive(&keepalive)
+                .expect("TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT");
         }
         if let Some(ms) = self.user_timeout_ms {
-            setsockopt(
-                stream,
-                libc::IPPROTO_TCP,
-                libc::TCP_USER_TIMEOUT,
-                i32::try_from(ms).unwrap_or(1000),
-            );
+            socket
+                .set_tcp_user_timeout(Some(Duration::from_millis(ms.into())))
+                .expect("TCP_USER_TIMEOUT");
         }
     }
 }

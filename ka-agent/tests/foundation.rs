@@ -60,7 +60,7 @@ fn open_exchange_close(
     drop(accepted);
     drop(listener);
     let closed = wait_api(agent, "/api/v1/closed", "client close", |c| {
-        c["local"] == local.to_string()
+        c["local"] == local.to_string() && c["netns"].as_u64() == Some(client.inode())
     });
     assert_eq!(closed["cause"], "normal");
     assert_eq!(closed["closer"], "local");

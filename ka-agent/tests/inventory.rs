@@ -49,15 +49,19 @@ fn own_comm() -> String {
         .to_owned()
 }
 
-/// The connection whose local address is `local`.
-fn by_local(connections: &Value, local: SocketAddr) -> &Value {
+/// The connection whose local address is `local` in namespace `netns`.
+/// Every test pair has the same addresses and each namespace its own
+/// ephemeral ports, so the address alone can name another test's connection.
+fn by_local(connections: &Value, netns: u64, local: SocketAddr) -> &Value {
     connections
         .as_array()
         .and_then(|list| {
-            list.iter()
-                .find(|c| c["local"].as_str() == Some(local.to_string().as_str()))
+            list.iter().find(|c| {
+                c["netns"].as_u64() == Some(netns)
+                    && c["local"].as_str() == Some(local.to_string().as_str())
+            })
         })
-        .unwrap_or_else(|| panic!("{local} not in {connections}"))
+        .unwrap_or_else(|| panic!("{local} in {netns} not in {connections}"))
 }
 
 const SERVER: &str = "198.18.10.2:8080";
@@ -97,7 +101,7 @@ fn connections_made_before_the_agent_are_inventoried_with_keepalive_idle_and_own
     let connections = &snapshot["connections"];
     let netns = client.inode();
     for (stream, enabled) in [(&per_socket, true), (&off, false), (&sysctl, true)] {
-        let c = by_local(connections, stream.local_addr().expect("local"));
+        let c = by_local(connections, netns, stream.local_addr().expect("local"));
         assert_eq!(c["netns"].as_u64(), Some(netns), "{c}");
         assert_eq!(c["keepalive"]["enabled"].as_bool(), Some(enabled), "{c}");
         let idle = c["idle_secs"].as_f64().expect("idle");
@@ -118,10 +122,10 @@ fn connections_made_before_the_agent_are_inventoried_with_keepalive_idle_and_own
         assert_eq!(c["direction"], "outbound", "{c}");
     }
     // Keepalive on through the sysctl: the namespace's value, not 7200.
-    let c = by_local(connections, sysctl.local_addr().expect("local"));
+    let c = by_local(connections, netns, sysctl.local_addr().expect("local"));
     assert_eq!(c["keepalive"]["idle_secs"].as_f64(), Some(100.0), "{c}");
     assert_eq!(c["keepalive_source"]["inventory"], "on", "{c}");
-    let c = by_local(connections, off.local_addr().expect("local"));
+    let c = by_local(connections, netns, off.local_addr().expect("local"));
     assert_eq!(c["at_risk"][0]["reason"], "keepalive_disabled", "{c}");
     let ns = snapshot["namespaces"]
         .as_array()
@@ -134,32 +138,23 @@ fn connections_made_before_the_agent_are_inventoried_with_keepalive_idle_and_own
     let agent = Agent::start(&["--inventory-interval", "1s"]);
     let port = addr.port();
     let body = api_json(&agent, &format!("/api/v1/connections?port={port}"));
-    let off_record = by_local(&body["connections"], off.local_addr().expect("local"));
+    let off_record = by_local(
+        &body["connections"],
+        netns,
+        off.local_addr().expect("local"),
+    );
     assert_eq!(off_record["comm"].as_str(), Some(own_comm().as_str()));
     assert_eq!(off_record["keepalive"]["enabled"].as_bool(), Some(false));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let body = api_json(&agent, &format!("/api/v1/connections?port={port}"));
-        let c = by_local(
-            &body["connections"],
-            per_socket.local_addr().expect("local"),
-        )
-        .clone();
-        if c["keepalive"]["idle_from_socket"].as_bool() == Some(true)
-            && c["keepalive"]["idle_secs"].as_f64() == Some(3.0)
-        {
-            assert_eq!(c["keepalive"]["interval_secs"].as_f64(), Some(5.0), "{c}");
-            assert_eq!(c["keepalive"]["probes"].as_u64(), Some(4), "{c}");
-            assert_eq!(c["comm"].as_str(), Some(own_comm().as_str()), "{c}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no per-socket values: {c}\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let c = wait_keepalive_idle_from_socket(
+        &agent,
+        port,
+        netns,
+        per_socket.local_addr().expect("local"),
+    );
+    assert_eq!(c["keepalive"]["idle_secs"].as_f64(), Some(3.0), "{c}");
+    assert_eq!(c["keepalive"]["interval_secs"].as_f64(), Some(5.0), "{c}");
+    assert_eq!(c["keepalive"]["probes"].as_u64(), Some(4), "{c}");
+    assert_eq!(c["comm"].as_str(), Some(own_comm().as_str()), "{c}");
     // One record per socket: the adopted one was claimed, not duplicated.
     let body = api_json(&agent, &format!("/api/v1/connections?port={port}"));
     let mine = body["connections"]
@@ -169,6 +164,30 @@ fn connections_made_before_the_agent_are_inventoried_with_keepalive_idle_and_own
         .filter(|c| c["netns"].as_u64() == Some(netns))
         .count();
     assert_eq!(mine, 3, "{body}");
+}
+
+/// Waits until the keepalive timer's events have given the agent the
+/// per-socket keepalive values of the connection at `local`; returns it.
+fn wait_keepalive_idle_from_socket(
+    agent: &Agent,
+    port: u16,
+    netns: u64,
+    local: SocketAddr,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = api_json(agent, &format!("/api/v1/connections?port={port}"));
+        let c = by_local(&body["connections"], netns, local).clone();
+        if c["keepalive"]["idle_from_socket"].as_bool() == Some(true) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no per-socket values: {c}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Opens `keepalive` connections with `SO_KEEPALIVE` (sysctl values) and

@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::{LabError, Netns};
 
@@ -78,6 +78,13 @@ impl ConnectOpts {
     pub fn bind(mut self, addr: SocketAddr) -> Self {
         self.bind = Some(addr);
         self
+    }
+
+    /// Sets the socket options (not `bind` or the connect timeout) on a
+    /// connection that exists already: an accepted one, or one whose
+    /// options change while it lives.
+    pub fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        set_opts(&SockRef::from(stream), self)
     }
 }
 

@@ -27,6 +27,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
+use ka_lab::ConnectOpts;
+
 use crate::cmd;
 
 /// `cargo xtask bench` options.
@@ -1157,24 +1159,10 @@ fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<
     })
 }
 
-fn keepalive_on(stream: &TcpStream) {
-    for (level, name, value) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2),
-    ] {
-        // SAFETY: a valid fd and a pointer to an int of the size passed.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                level,
-                name,
-                std::ptr::from_ref(&value).cast(),
-                4,
-            );
-        }
-    }
+/// Keepalive after 1 s idle, every 1 s, 2 probes: a dead peer is found in
+/// about 3 s.
+fn fast_keepalive() -> ConnectOpts {
+    ConnectOpts::new().keepalive(Duration::from_secs(1), Duration::from_secs(1), 2)
 }
 
 /// Runs `f` on a thread inside network namespace `netns`.
@@ -1228,7 +1216,7 @@ fn keepalive_latency(binary: &Path, dir: &Path, trials: u32) -> anyhow::Result<O
                     let listener = TcpListener::bind(("127.0.0.1", port))?;
                     let mut client = TcpStream::connect(("127.0.0.1", port))?;
                     let _accepted = listener.accept()?;
-                    keepalive_on(&client);
+                    fast_keepalive().apply(&client)?;
                     client.set_read_timeout(Some(Duration::from_secs(15)))?;
                     cmd::run(Command::new("ip").args([
                         "netns",

@@ -32,6 +32,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
+use ka_lab::ConnectOpts;
+
 use crate::cmd;
 
 const VIP: &str = "198.18.43.100:80";
@@ -433,16 +435,7 @@ fn open(
         let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         if keepalive {
-            // The fix: probe after 1 s idle, every 1 s, 3 probes: shorter
-            // than the load balancer's idle timeout.
-            for (level, name, value) in [
-                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
-                (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
-            ] {
-                setsockopt(&stream, level, name, value)?;
-            }
+            the_fix().apply(&stream)?;
         }
         Ok(stream)
     })?;
@@ -466,22 +459,10 @@ fn open(
     }
 }
 
-fn setsockopt(stream: &TcpStream, level: i32, name: i32, value: i32) -> std::io::Result<()> {
-    // SAFETY: a valid fd and a pointer to an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            level,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            libc::socklen_t::try_from(size_of::<i32>()).unwrap_or(4),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+/// The keepalive the demo's fix turns on: probes after 1 s idle, every
+/// 1 s, 3 of them, well inside the load balancer's idle timeout.
+fn the_fix() -> ConnectOpts {
+    ConnectOpts::new().keepalive(Duration::from_secs(1), Duration::from_secs(1), 3)
 }
 
 /// One request and its response on the kept-alive connection.
@@ -738,14 +719,7 @@ fn story(demo: &mut Demo, binary: &std::path::Path) -> anyhow::Result<()> {
         5,
         "Fix, server side: backend A turns TCP keepalive on (1 s/1 s×3); its probe finds out",
     )?;
-    for (level, name, value) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
-    ] {
-        setsockopt(&http.backend, level, name, value)?;
-    }
+    the_fix().apply(&http.backend)?;
     say(
         "   A's probe reaches the client, which has no such connection any more: RST; A's zombie is gone",
     );

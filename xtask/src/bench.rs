@@ -19,7 +19,6 @@ use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,7 +26,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use ka_lab::ConnectOpts;
+use ka_lab::{ConnectOpts, Lab};
 
 use crate::cmd;
 
@@ -173,15 +172,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A network namespace removed (with its nftables) when dropped.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -1165,22 +1155,6 @@ fn fast_keepalive() -> ConnectOpts {
     ConnectOpts::new().keepalive(Duration::from_secs(1), Duration::from_secs(1), 2)
 }
 
-/// Runs `f` on a thread inside network namespace `netns`.
-fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let file = std::fs::File::open(format!("/run/netns/{netns}")).context("open netns")?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns affects only this thread, which exists only to run `f`.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                (rc == 0).then(f)
-            })
-            .join()
-    })
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-    .context("setns")
-}
-
 /// Milliseconds from a keepalive death (the application's read failing
 /// with ETIMEDOUT) to `ka_connections_closed_total{cause="keepalive_timeout"}`
 /// counting it, per trial. `None` without `ip`/`nft`.
@@ -1189,21 +1163,12 @@ fn keepalive_latency(binary: &Path, dir: &Path, trials: u32) -> anyhow::Result<O
         eprintln!("bench: no ip/nft: the keepalive death latency is skipped");
         return Ok(None);
     }
-    let name = format!("kabench{}", std::process::id());
-    cmd::run(Command::new("ip").args(["netns", "add", &name]))?;
-    let _netns = Netns(name.clone());
-    cmd::run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
-    let mut nft = Command::new("ip")
-        .args(["netns", "exec", &name, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    nft.stdin.take().context("nft stdin")?.write_all(
-        b"table inet kabench {\n set dead { type inet_service; }\n\
+    let lab = Lab::new("kabench")?;
+    let netns = lab.netns("keepalive")?;
+    netns.nft(
+        "table inet kabench {\n set dead { type inet_service; }\n\
           chain out { type filter hook output priority 0; tcp dport @dead drop; tcp sport @dead drop; }\n}\n",
     )?;
-    if !nft.wait()?.success() {
-        bail!("nft failed");
-    }
     let agent = Agent::start(binary, dir, &[])?;
     let filter = "cause=\"keepalive_timeout\"";
     let mut latencies = Vec::new();
@@ -1212,17 +1177,13 @@ fn keepalive_latency(binary: &Path, dir: &Path, trials: u32) -> anyhow::Result<O
         let before = sum(&metrics(agent.addr)?, "ka_connections_closed_total", filter);
         let (died, seen) = std::thread::scope(|scope| -> anyhow::Result<_> {
             let worker = scope.spawn(|| {
-                in_netns(&name, || -> anyhow::Result<Instant> {
+                netns.run_in(|| -> anyhow::Result<Instant> {
                     let listener = TcpListener::bind(("127.0.0.1", port))?;
                     let mut client = TcpStream::connect(("127.0.0.1", port))?;
                     let _accepted = listener.accept()?;
                     fast_keepalive().apply(&client)?;
                     client.set_read_timeout(Some(Duration::from_secs(15)))?;
-                    cmd::run(Command::new("ip").args([
-                        "netns",
-                        "exec",
-                        &name,
-                        "nft",
+                    netns.output(netns.command("nft").args([
                         "add",
                         "element",
                         "inet",

@@ -20,7 +20,6 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -32,7 +31,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use ka_lab::ConnectOpts;
+use ka_lab::{ConnectOpts, Lab};
 
 use crate::cmd;
 
@@ -49,7 +48,10 @@ struct Timing {
 
 /// Everything the demo created; removed on drop.
 struct World {
-    namespaces: Vec<String>,
+    /// Taken and dropped (namespaces, links, nftables removed) after the
+    /// agent has stopped.
+    lab: Option<Lab>,
+    namespaces: Vec<ka_lab::Netns>,
     agent: Option<Child>,
     agent_log: PathBuf,
     interrupted: Arc<AtomicBool>,
@@ -70,71 +72,36 @@ impl Drop for World {
             let _ = agent.kill();
             let _ = agent.wait();
         }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        drop(self.lab.take());
         let _ = std::fs::remove_file(&self.agent_log);
         eprintln!("demo: cleaned up (namespaces deleted, agent stopped)");
     }
 }
 
-fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 impl World {
-    fn ns(&self, role: usize) -> &str {
+    fn ns(&self, role: usize) -> &ka_lab::Netns {
         &self.namespaces[role]
     }
 
     fn ip(&self, role: usize, args: &[&str]) -> anyhow::Result<()> {
-        let mut full = vec!["-n", self.ns(role)];
-        full.extend_from_slice(args);
-        run("ip", &full)
+        self.ns(role).ip(args)?;
+        Ok(())
     }
 
     fn exec(&self, role: usize, args: &[&str]) -> anyhow::Result<()> {
-        let mut full = vec!["netns", "exec", self.ns(role)];
-        full.extend_from_slice(args);
-        run("ip", &full)
+        let (program, args) = args.split_first().context("no program")?;
+        let ns = self.ns(role);
+        ns.output(ns.command(program).args(args))?;
+        Ok(())
     }
 
     fn nft(&self, role: usize, ruleset: &str) -> anyhow::Result<()> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.ns(role), "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run nft")?;
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(ruleset.as_bytes())?;
-        let output = child.wait_with_output()?;
-        if !output.status.success() {
-            bail!("nft: {}", String::from_utf8_lossy(&output.stderr).trim());
-        }
-        Ok(())
+        Ok(self.ns(role).nft(ruleset)?)
     }
 
     /// The namespace's inode: the agent's `netns` label.
     fn inode(&self, role: usize) -> anyhow::Result<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        Ok(std::fs::metadata(format!("/run/netns/{}", self.ns(role)))?
-            .ino()
-            .to_string())
+        Ok(self.ns(role).inode()?.to_string())
     }
 
     /// Runs `f` on a thread inside namespace `role`: sockets it creates
@@ -144,21 +111,7 @@ impl World {
         role: usize,
         f: impl FnOnce() -> std::io::Result<T> + Send,
     ) -> anyhow::Result<T> {
-        let file = std::fs::File::open(format!("/run/netns/{}", self.ns(role)))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns on a valid namespace fd affects only
-                    // this thread, which exists only to run `f`.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    f()
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
-                .map_err(anyhow::Error::from)
-        })
+        Ok(self.ns(role).run_in(f)??)
     }
 
     /// Sleeps, unless Ctrl-C was pressed.
@@ -181,14 +134,10 @@ const BACKEND_B: usize = 3;
 
 /// Builds the four namespaces and their links.
 fn build(world: &mut World, timing: Timing) -> anyhow::Result<()> {
-    let tag = std::process::id() % 100_000;
-    for role in ["c", "l", "a", "b"] {
-        let name = format!("kademo{tag}{role}");
-        run("ip", &["netns", "add", &name])?;
-        world.namespaces.push(name);
-    }
-    for role in [CLIENT, LB, BACKEND_A, BACKEND_B] {
-        world.ip(role, &["link", "set", "lo", "up"])?;
+    let lab = world.lab.as_ref().context("the demo's lab is gone")?;
+    for role in ["client", "lb", "backend_a", "backend_b"] {
+        let ns = lab.netns(role)?;
+        world.namespaces.push(ns);
     }
     // (namespace, its address; the LB's address on that link)
     let links = [
@@ -212,22 +161,20 @@ fn build(world: &mut World, timing: Timing) -> anyhow::Result<()> {
         ),
     ];
     for (i, (role, addr, lb_addr, gateway)) in links.into_iter().enumerate() {
-        let (outer, inner) = (format!("kd{tag}x{i}"), format!("kd{tag}y{i}"));
-        run(
-            "ip",
+        let (outer, inner) = (format!("kd{i}x"), format!("kd{i}y"));
+        world.ip(
+            role,
             &[
                 "link",
                 "add",
                 &outer,
-                "netns",
-                world.ns(role),
                 "type",
                 "veth",
                 "peer",
                 "name",
                 &inner,
                 "netns",
-                world.ns(LB),
+                world.ns(LB).name(),
             ],
         )?;
         world.ip(role, &["addr", "add", addr, "dev", &outer])?;
@@ -520,6 +467,7 @@ pub fn demo(ci: bool) -> anyhow::Result<()> {
     eprintln!("demo: building the agent");
     let binary = cmd::build_agent(false)?;
     let world = World {
+        lab: Some(Lab::new("kademo")?),
         namespaces: Vec::new(),
         agent: None,
         agent_log: std::env::temp_dir().join(format!("ka-demo-agent-{}.log", std::process::id())),

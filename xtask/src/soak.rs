@@ -8,7 +8,6 @@
 use std::{
     io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -17,15 +16,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
-use ka_lab::ConnectOpts;
+use ka_lab::{ConnectOpts, Lab};
 
 use crate::cmd;
 
+/// The agent, stopped (SIGTERM) on drop.
 struct Guard {
     child: Option<Child>,
-    netns: String,
 }
 
 impl Drop for Guard {
@@ -35,9 +34,6 @@ impl Drop for Guard {
             unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
             let _ = child.wait();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }
 
@@ -70,21 +66,6 @@ fn metric(text: &str, name: &str, filter: &[&str]) -> u64 {
         .max(0.0) as u64
 }
 
-fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let file = std::fs::File::open(format!("/run/netns/{netns}")).context("open netns")?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns affects only this thread, which exists only to run `f`.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                (rc == 0).then(f)
-            })
-            .join()
-    })
-    .map_err(|_| anyhow::anyhow!("load thread panicked"))?
-    .context("setns")
-}
-
 /// Keepalive after 1 s idle, every 1 s, 2 probes: a dead peer is found in
 /// about 3 s.
 fn fast_keepalive() -> ConnectOpts {
@@ -100,24 +81,14 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
         bail!("the soak needs root (kernel programs, network namespaces)");
     }
     let binary = cmd::build_agent(true)?;
-    let netns = format!("kasoak{}", std::process::id());
-    cmd::run(Command::new("ip").args(["netns", "add", &netns]))?;
-    let mut guard = Guard {
-        child: None,
-        netns: netns.clone(),
-    };
-    cmd::run(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]))?;
-    let mut nft = Command::new("ip")
-        .args(["netns", "exec", &netns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    nft.stdin.take().context("nft stdin")?.write_all(
-        b"table inet kasoak {\n set dead { type inet_service; }\n\
+    // Declared before the agent's guard: the agent stops first.
+    let lab = Lab::new("kasoak")?;
+    let netns = lab.netns("load")?;
+    netns.nft(
+        "table inet kasoak {\n set dead { type inet_service; }\n\
           chain out { type filter hook output priority 0; tcp dport @dead drop; tcp sport @dead drop; }\n}\n",
     )?;
-    if !nft.wait()?.success() {
-        bail!("nft failed");
-    }
+    let mut guard = Guard { child: None };
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     guard.child = Some(
@@ -142,7 +113,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         // Churn: short connections, a few hundred a second.
         scope.spawn(|| {
-            in_netns(&netns, || {
+            netns.run_in(|| {
                 let Ok(listener) = TcpListener::bind("127.0.0.1:7300") else {
                     return;
                 };
@@ -159,7 +130,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
         });
         // Resets: connects to a closed port.
         scope.spawn(|| {
-            in_netns(&netns, || {
+            netns.run_in(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let _ = TcpStream::connect("127.0.0.1:7399");
                     std::thread::sleep(Duration::from_millis(100));
@@ -168,7 +139,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
         });
         // Keepalive deaths: a connection whose peer goes silent, every 5 s.
         scope.spawn(|| {
-            in_netns(&netns, || {
+            netns.run_in(|| {
                 let mut round = 0u16;
                 while !stop.load(Ordering::Relaxed) {
                     let dead_port = 7400 + round % 500;

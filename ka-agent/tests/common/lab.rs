@@ -1,6 +1,7 @@
-//! A small network lab for the agent's scenario tests: network namespaces,
-//! veth links, nftables rules, sockets created inside a namespace, and the
-//! namespace's own TCP counters. Everything is removed on drop, also when a
+//! The agent's scenario tests on top of `ka-lab` (namespaces, veth links,
+//! nftables rules, sockets created inside a namespace, the namespace's own
+//! TCP counters): the fixed addresses the scenarios name, and failures as
+//! panics that say what failed. Everything is removed on drop, also when a
 //! test panics.
 
 #![expect(
@@ -10,82 +11,53 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
-/// A network namespace named `ka<pid>-<n>-<tag>`, deleted on drop.
+use ka_lab::{ConnectOpts, Lab};
+
+/// A network namespace of its own lab (`kalab-<pid>-<n>-<tag>-ns`),
+/// deleted with the lab on drop.
 pub struct Netns {
-    pub name: String,
+    ns: ka_lab::Netns,
+    _lab: Lab,
 }
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().expect("spawn");
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ka{}-{n}-{tag}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        let lab = Lab::new(tag).expect("lab");
+        let ns = lab.netns("ns").expect("network namespace");
+        Self { ns, _lab: lab }
+    }
+
+    /// The `ip netns` name.
+    pub fn name(&self) -> &str {
+        self.ns.name()
     }
 
     /// `ip -n <ns> ...`
     pub fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        run("ip", &full);
+        self.ns.ip(args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The namespace's inode: what the kernel reports as `net->ns.inum`.
     pub fn inode(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(format!("/run/netns/{}", self.name))
-            .expect("netns file")
-            .ino()
+        self.ns.inode().expect("netns inode")
     }
 
+    /// `ip netns exec <ns> <program>`.
     pub fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
-        command
+        self.ns.command(program)
     }
 
     /// Loads an nftables ruleset inside the namespace.
     pub fn nft(&self, ruleset: &str) {
-        let mut child = self
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(ruleset.as_bytes())
-            .expect("write ruleset");
-        let output = child.wait_with_output().expect("nft");
-        assert!(
-            output.status.success(),
-            "nft: {}\n{ruleset}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.ns
+            .nft(ruleset)
+            .unwrap_or_else(|e| panic!("{e}\n{ruleset}"));
     }
 
     /// Drops every packet in and out: the host looks dead.
@@ -99,35 +71,13 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
-        let output = self
-            .command("sysctl")
-            .args(["-qw", &format!("{key}={value}")])
-            .output()
-            .expect("sysctl");
-        assert!(
-            output.status.success(),
-            "sysctl {key}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.ns.sysctl(key, value).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs `f` on a thread inside the namespace: sockets it creates stay
     /// in the namespace.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path).expect("open netns");
-                    // SAFETY: setns on a valid namespace fd affects only this
-                    // thread, which exists only to run `f`.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .expect("netns thread")
-        })
+        self.ns.run_in(f).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn listen(&self, addr: SocketAddr) -> TcpListener {
@@ -154,35 +104,12 @@ impl Netns {
 
     /// TcpExt and Tcp counters of this namespace ("TcpExt.TCPKeepAlive").
     pub fn counters(&self) -> HashMap<String, i64> {
-        let mut counters = HashMap::new();
-        for file in ["/proc/net/netstat", "/proc/net/snmp"] {
-            let output = self.command("cat").arg(file).output().expect("cat");
-            let text = String::from_utf8_lossy(&output.stdout).into_owned();
-            let lines: Vec<&str> = text.lines().collect();
-            for pair in lines.chunks(2) {
-                let [header, values] = pair else { continue };
-                let mut names = header.split_whitespace();
-                let mut nums = values.split_whitespace();
-                let prefix = names
-                    .next()
-                    .unwrap_or_default()
-                    .trim_end_matches(':')
-                    .to_owned();
-                nums.next();
-                for (name, value) in names.zip(nums) {
-                    counters.insert(format!("{prefix}.{name}"), value.parse().unwrap_or(0));
-                }
-            }
-        }
-        counters
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        self.ns
+            .netstat()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect()
     }
 }
 
@@ -191,21 +118,28 @@ pub fn delta(before: &HashMap<String, i64>, after: &HashMap<String, i64>, key: &
     after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
 }
 
+static LINKS: AtomicU32 = AtomicU32::new(0);
+
 /// Links two namespaces with a veth pair: `a_addrs`/`b_addrs` are CIDRs
-/// (IPv4 from `198.18.0.0/15`, IPv6 from `2001:db8::/32`).
+/// (IPv4 from `198.18.0.0/15`, IPv6 from `2001:db8::/32`). The pair goes
+/// with the namespaces.
 pub fn link(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let (va, vb) = (
-        format!("kva{}x{n}", std::process::id() % 10000),
-        format!("kvb{}x{n}", std::process::id() % 10000),
-    );
-    run(
-        "ip",
-        &[
-            "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
-            &b.name,
-        ],
-    );
+    // Names only need to be unique inside a namespace, which can have
+    // several links.
+    let n = LINKS.fetch_add(1, Ordering::Relaxed);
+    let (va, vb) = (format!("kva{n}"), format!("kvb{n}"));
+    a.ip(&[
+        "link",
+        "add",
+        &va,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        b.name(),
+    ]);
     for (ns, dev, addrs) in [(a, &va, a_addrs), (b, &vb, b_addrs)] {
         for addr in addrs {
             if addr.contains(':') {
@@ -236,22 +170,18 @@ pub fn close_with_reset(stream: TcpStream) {
 
 impl SocketOptions {
     pub fn apply(&self, stream: &TcpStream) {
-        let socket = socket2::SockRef::from(stream);
+        let mut options = ConnectOpts::new();
         if let Some((idle, interval, count)) = self.keepalive {
-            socket.set_keepalive(true).expect("SO_KEEPALIVE");
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(idle.into()))
-                .with_interval(Duration::from_secs(interval.into()))
-                .with_retries(count);
-            socket
-                .set_tcp_keepalive(&keepalive)
-                .expect("TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT");
+            options = options.keepalive(
+                Duration::from_secs(idle.into()),
+                Duration::from_secs(interval.into()),
+                count,
+            );
         }
         if let Some(ms) = self.user_timeout_ms {
-            socket
-                .set_tcp_user_timeout(Some(Duration::from_millis(ms.into())))
-                .expect("TCP_USER_TIMEOUT");
+            options = options.user_timeout(Duration::from_millis(ms.into()));
         }
+        options.apply(stream).expect("socket options");
     }
 }
 
@@ -304,7 +234,8 @@ impl Nginx {
         listen: &str,
         keepalive_timeout_secs: u32,
     ) -> Self {
-        let dir = std::env::temp_dir().join(format!("ka-nginx-{}-{}", std::process::id(), ns.name));
+        let dir =
+            std::env::temp_dir().join(format!("ka-nginx-{}-{}", std::process::id(), ns.name()));
         std::fs::create_dir_all(&dir).expect("nginx dir");
         let config = format!(
             "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\

@@ -334,19 +334,8 @@ impl Metrics {
     }
 }
 
-/// True when the test may run (root); a loud skip otherwise, a failure in CI.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: needs root, and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED (not root): {test}");
-    false
-}
+pub use ka_lab::require_root;
+
 pub mod dashboards;
 pub mod dead_peer;
 pub mod lab;

@@ -405,6 +405,11 @@ impl KernelStats {
         self.slot(Stat::ReadFailures as u32)
     }
 
+    /// State transitions of sockets that are not TCP (see `Stat::NotTcp`).
+    pub fn not_tcp(&self) -> u64 {
+        self.slot(Stat::NotTcp as u32)
+    }
+
     /// The ring buffer's high-water mark (bytes waiting) since the last
     /// call, which starts the next period.
     pub fn take_ring_high_water(&mut self) -> u64 {

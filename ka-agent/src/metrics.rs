@@ -71,6 +71,7 @@ pub struct Metrics {
     pub series_overflow: IntCounter,
     pub kernel_events: IntCounterVec,
     pub read_failures: IntCounter,
+    pub not_tcp_transitions: IntCounter,
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     pub program_misses: IntCounterVec,
@@ -481,6 +482,10 @@ impl Metrics {
                 "ka_kernel_read_failures_total",
                 "Kernel memory reads of socket fields that failed (the field reads as 0).",
             )?,
+            not_tcp_transitions: IntCounter::new(
+                "ka_kernel_not_tcp_transitions_total",
+                "State transitions of sockets that are not TCP (MPTCP, SCTP) the inet_sock_set_state program saw and did not send; also counted as filtered in ka_kernel_events_total. Apart so that a TCP close the agent never received can be told from a misread protocol.",
+            )?,
             program_runs: IntCounterVec::new(
                 Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats, counted while the run timing is on: --program-run-stats)."),
                 &["hook"],
@@ -533,6 +538,7 @@ impl Metrics {
             Box::new(metrics.series_overflow.clone()),
             Box::new(metrics.kernel_events.clone()),
             Box::new(metrics.read_failures.clone()),
+            Box::new(metrics.not_tcp_transitions.clone()),
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
             Box::new(metrics.program_misses.clone()),

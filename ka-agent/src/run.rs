@@ -371,6 +371,7 @@ fn report_hooks(probes: &Probes, metrics: &Metrics) {
 struct KernelCounts {
     lost: u64,
     read_failures: u64,
+    not_tcp: u64,
     by_kind: HashMap<(ka_common::EventKind, Outcome), u64>,
 }
 
@@ -405,6 +406,11 @@ impl KernelCounts {
             .read_failures
             .inc_by(failures.saturating_sub(self.read_failures));
         self.read_failures = self.read_failures.max(failures);
+        let not_tcp = stats.not_tcp();
+        metrics
+            .not_tcp_transitions
+            .inc_by(not_tcp.saturating_sub(self.not_tcp));
+        self.not_tcp = self.not_tcp.max(not_tcp);
         for kind in ka_common::EventKind::ALL {
             for outcome in [Outcome::Submitted, Outcome::Lost, Outcome::Filtered] {
                 let now = match outcome {

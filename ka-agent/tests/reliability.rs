@@ -736,3 +736,67 @@ fn an_unparsable_tracefs_format_is_one_clear_error() {
         "{text}"
     );
 }
+
+/// An MPTCP socket inside `ns`: a listener at `addr`, or a connection to it.
+fn mptcp(ns: &Netns, addr: SocketAddr, listen: bool) -> socket2::Socket {
+    ns.run_in(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::MPTCP),
+        )
+        .expect("MPTCP socket (net.mptcp.enabled)");
+        if listen {
+            socket.bind(&addr.into()).expect("bind");
+            socket.listen(8).expect("listen");
+        } else {
+            socket.connect(&addr.into()).expect("connect");
+        }
+        socket
+    })
+}
+
+/// An MPTCP connection's own socket changes state through the same
+/// tracepoint as TCP's. Its transitions are not sent, and are counted
+/// apart (`ka_kernel_not_tcp_transitions_total`) by both programs: the raw
+/// one learns the protocol from the socket, the tracepoint one from the
+/// record. Its subflow is TCP and is tracked once on each side.
+#[test]
+fn transitions_of_sockets_that_are_not_tcp_are_counted_not_sent() {
+    if !require_root("transitions_of_sockets_that_are_not_tcp_are_counted_not_sent") {
+        return;
+    }
+    for (tag, env) in [
+        ("mpraw", &[][..]),
+        ("mptp", &[("KA_NO_RAW_TRACEPOINTS", "1")][..]),
+    ] {
+        let (client, server) = pair(tag);
+        let agent = Agent::start_via(&[], env, &[]);
+        let not_tcp = |m: &common::Metrics| m.count("ka_kernel_not_tcp_transitions_total", &[]);
+        let before = not_tcp(&agent.metrics());
+        let addr: SocketAddr = "198.18.10.2:7310".parse().unwrap();
+        let listener = mptcp(&server, addr, true);
+        let stream = mptcp(&client, addr, false);
+        let (accepted, _) = listener.accept().unwrap();
+        drop(stream);
+        drop(accepted);
+        drop(listener);
+        let m = agent.wait_metrics(
+            Duration::from_secs(10),
+            "the MPTCP sockets' transitions counted apart",
+            |m| not_tcp(m) >= before + 2,
+        );
+        for (ns, direction) in [(&client, "outbound"), (&server, "inbound")] {
+            let netns = ns.inode().to_string();
+            assert_eq!(
+                m.count(
+                    "ka_connections_opened_total",
+                    &[("netns", &netns), ("direction", direction)]
+                ),
+                1,
+                "{tag}: one TCP subflow, the MPTCP socket not sent\n{}",
+                m.text
+            );
+        }
+    }
+}

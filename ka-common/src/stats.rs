@@ -17,6 +17,11 @@ pub enum Stat {
     /// agent last read (and zeroed) this slot: a high-water mark, not a
     /// count.
     RingHighWater = 18,
+    /// `inet_sock_set_state` ran for a socket that is not TCP (MPTCP,
+    /// SCTP) and sent nothing; also counted in `FilteredBase + kind`. Kept
+    /// apart so that a TCP transition the agent never received can be told
+    /// from one whose protocol was misread.
+    NotTcp = 19,
     /// An event was reserved and submitted. Slots `SubmittedBase + kind`:
     /// what the agent receives plus what it has yet to read, so that
     /// received + lost accounts for every event the programs produced.

@@ -46,12 +46,19 @@ pub fn filtered(kind: EventKind) {
     count(Stat::filtered(kind));
 }
 
-/// Gives a reserved event back, counted as filtered: what only the
-/// snapshot could tell (the raw `inet_sock_set_state`'s protocol).
+/// Counts a transition of a socket that is not TCP: filtered, and apart.
 #[inline(always)]
-pub fn discard<T>(entry: RingBufEntry<T>, kind: EventKind) {
-    entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+pub fn not_tcp(kind: EventKind) {
+    count(Stat::NotTcp as u32);
     filtered(kind);
+}
+
+/// Gives a reserved event back, for a socket only the snapshot showed is
+/// not TCP (the raw `inet_sock_set_state`).
+#[inline(always)]
+pub fn discard_not_tcp<T>(entry: RingBufEntry<T>, kind: EventKind) {
+    entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+    not_tcp(kind);
 }
 
 /// Every how many events of a kind a CPU looks at the ring's fill level.

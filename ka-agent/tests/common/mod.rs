@@ -165,7 +165,7 @@ impl Agent {
                     .text
                     .lines()
                     .filter(|l| !l.starts_with('#')
-                        && ["miss", "lost", "unreceived", "inventor", "evict"]
+                        && ["miss", "lost", "unreceived", "not_tcp", "inventor", "evict"]
                             .iter()
                             .any(|k| l.contains(k)))
                     .collect::<Vec<_>>()

@@ -68,6 +68,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         record::<u16>(ctx, fields.protocol)?
     };
     if protocol != IPPROTO_TCP {
+        emit::not_tcp(EventKind::StateChange);
         return None;
     }
     let (sk, oldstate, newstate) = if usual {
@@ -112,7 +113,7 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) ->
         sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange)
     };
     if protocol == Protocol::FromSnapshot && snapshot_protocol != IPPROTO_TCP {
-        emit::discard(entry, EventKind::StateChange);
+        emit::discard_not_tcp(entry, EventKind::StateChange);
         return None;
     }
     emit::submit(entry, EventKind::StateChange);

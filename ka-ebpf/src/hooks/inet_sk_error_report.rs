@@ -20,6 +20,7 @@ pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
 fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
     let fields = ERROR_REPORT_FIELDS.load();
     if record::<u16>(ctx, fields.protocol).unwrap_or(IPPROTO_TCP) != IPPROTO_TCP {
+        emit::filtered(EventKind::ErrorReport);
         return None;
     }
     let error = record::<i32>(ctx, fields.error)?;

@@ -480,7 +480,7 @@ impl Metrics {
             )?,
             read_failures: IntCounter::new(
                 "ka_kernel_read_failures_total",
-                "Kernel memory reads that failed: of a socket field (the field reads as 0), or of a tracepoint record field (the event is not sent).",
+                "Kernel memory reads of socket fields that failed (the field reads as 0).",
             )?,
             not_tcp_transitions: IntCounter::new(
                 "ka_kernel_not_tcp_transitions_total",

@@ -9,8 +9,7 @@ pub enum Stat {
     /// A ring-buffer reservation failed; the event of that kind is lost.
     /// Slots `LostBase + kind` (kinds 1..=9).
     LostBase = 0,
-    /// A `bpf_probe_read_kernel` of a socket or tracepoint record field
-    /// failed.
+    /// A `bpf_probe_read_kernel` of a socket field failed.
     ReadFailures = 16,
     /// Keepalive timer callbacks seen (after the function filter).
     KeepaliveTimerHits = 17,

@@ -12,10 +12,9 @@ mod timer_expire_entry;
 mod timer_start;
 
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
-use ka_common::{ABSENT, Stat};
+use ka_common::ABSENT;
 
-/// Reads a tracepoint record field at an offset from the tracefs format;
-/// `None` for a field this kernel's record lacks, or a failed read (counted).
+/// Reads a tracepoint record field at an offset from the tracefs format.
 #[inline(always)]
 fn record<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     if offset == ABSENT {
@@ -23,11 +22,7 @@ fn record<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     }
     // SAFETY: `read_at` uses bpf_probe_read_kernel, which checks the address;
     // the offset comes from this kernel's own format file.
-    let read = unsafe { ctx.read_at::<T>(usize::from(offset)) };
-    if read.is_err() {
-        crate::emit::count(Stat::ReadFailures as u32);
-    }
-    read.ok()
+    unsafe { ctx.read_at::<T>(usize::from(offset)) }.ok()
 }
 
 /// Loads a record field at a constant offset, without a helper call.

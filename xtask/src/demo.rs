@@ -15,7 +15,7 @@
 //! fails on the first outcome the metrics do not show.
 //!
 //! Everything is removed on exit: namespaces and agent by drop guards, also
-//! on error and on Ctrl-C (which interrupts the next wait).
+//! on error and on Ctrl-C, SIGTERM or SIGHUP (which interrupt the next wait).
 
 use std::{
     io::{Read, Write},
@@ -114,7 +114,7 @@ impl World {
         Ok(self.ns(role).run_in(f)??)
     }
 
-    /// Sleeps, unless Ctrl-C was pressed.
+    /// Sleeps, unless the demo was interrupted (Ctrl-C, SIGTERM, SIGHUP).
     fn sleep(&self, duration: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + duration;
         while Instant::now() < deadline {
@@ -451,7 +451,7 @@ pub fn demo(ci: bool) -> anyhow::Result<()> {
     {
         let flag = Arc::clone(&interrupted);
         ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-            .context("cannot install the Ctrl-C handler")?;
+            .context("cannot install the handler of Ctrl-C and SIGTERM")?;
     }
     let timing = if ci {
         Timing {

@@ -461,6 +461,32 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// The CPU an agent uses over a stretch of the caller's choosing: its
+/// threads only, not its kernel programs, which run in the context of the
+/// traffic they watch (and are timed apart).
+struct CpuWindow {
+    pid: u32,
+    cpu_ns: u64,
+    since: Instant,
+}
+
+impl CpuWindow {
+    fn start(agent: &Agent) -> Option<Self> {
+        let pid = agent.proc.pid();
+        Some(Self {
+            pid,
+            cpu_ns: cpu_ns(pid)?,
+            since: Instant::now(),
+        })
+    }
+
+    /// What it has used since the start, in percent of one CPU.
+    fn percent(&self) -> Option<f64> {
+        let used = cpu_ns(self.pid)?.saturating_sub(self.cpu_ns);
+        Some(float(used) / self.since.elapsed().as_secs_f64() / 1e7)
+    }
+}
+
 /// A process's CPU over the next `window`, in percent of one CPU.
 fn cpu_percent(pid: u32, window: Duration) -> Option<f64> {
     let before = cpu_ns(pid)?;
@@ -735,6 +761,10 @@ struct AgentRound {
     rss_kib: u64,
     metrics_ms: f64,
     metrics_series: usize,
+    /// The agent process's CPU during the churn run, in percent of one CPU.
+    churn_cpu_percent: Option<f64>,
+    /// The same during the keep-alive run.
+    keepalive_cpu_percent: Option<f64>,
 }
 
 fn series_count(text: &str) -> usize {
@@ -776,16 +806,24 @@ fn comparison(
                 _ => None,
             };
             let before = agent.map(|a| metrics(a.addr)).transpose()?;
+            let cpu = agent.and_then(CpuWindow::start);
             let churn = wrk(port, Workload::Churn, args.seconds, dir)?;
+            let churn_cpu_percent = cpu.and_then(|window| window.percent());
             let mut agent_round = None;
             if let (Some(agent), Some(before)) = (agent, &before) {
                 // The agent reads the kernel's program stats once a second.
                 std::thread::sleep(Duration::from_millis(1300));
                 let after = metrics(agent.addr)?;
-                agent_round = Some(agent_figures(before, &after, args.seconds));
+                agent_round = Some(AgentRound {
+                    churn_cpu_percent,
+                    ..agent_figures(before, &after, args.seconds)
+                });
             }
+            let cpu = agent.and_then(CpuWindow::start);
             let keepalive = wrk(port, Workload::KeepAlive, args.seconds, dir)?;
+            let keepalive_cpu_percent = cpu.and_then(|window| window.percent());
             if let (Some(agent), Some(mut figures)) = (agent, agent_round) {
+                figures.keepalive_cpu_percent = keepalive_cpu_percent;
                 std::thread::sleep(Duration::from_millis(1300));
                 let times: Vec<f64> = (0..5)
                     .filter_map(|_| get(agent.addr, "/metrics"))
@@ -925,6 +963,8 @@ fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
         rss_kib: 0,
         metrics_ms: f64::NAN,
         metrics_series: 0,
+        churn_cpu_percent: None,
+        keepalive_cpu_percent: None,
     }
 }
 
@@ -1416,6 +1456,31 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "  lost events over all rounds: {lost} (ring full), {unreceived} submitted and never read"
     );
+    let churn_cpu: Vec<f64> = agent_rounds
+        .iter()
+        .filter_map(|r| r.churn_cpu_percent)
+        .collect();
+    let keepalive_cpu: Vec<f64> = agent_rounds
+        .iter()
+        .filter_map(|r| r.keepalive_cpu_percent)
+        .collect();
+    // Per round: the CPU it took the agent to interpret one event.
+    let us_per_event: Vec<f64> = agent_rounds
+        .iter()
+        .filter_map(|r| {
+            let events: f64 = r.events_per_sec.values().sum();
+            r.churn_cpu_percent
+                .filter(|_| events > 0.0)
+                .map(|percent| percent * 1e4 / events)
+        })
+        .collect();
+    println!(
+        "  agent CPU (its threads; its kernel programs run in the traffic's context, timed \
+         above): churn median {:.1} % of a CPU ({:.2} µs per event received), keep-alive {:.1} %",
+        median(&churn_cpu).unwrap_or(f64::NAN),
+        median(&us_per_event).unwrap_or(f64::NAN),
+        median(&keepalive_cpu).unwrap_or(f64::NAN),
+    );
     println!(
         "  agent RSS after each round's runs: median {:.1} MiB",
         median(&rss).unwrap_or(f64::NAN) / 1024.0
@@ -1603,6 +1668,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ("events_per_sec_during_churn", Json::Arr(json_events)),
         ("lost_events", Json::Num(lost)),
         ("unreceived_events", Json::Num(unreceived)),
+        ("agent_cpu_percent_churn", Json::opt(median(&churn_cpu))),
+        (
+            "agent_cpu_us_per_event_churn",
+            Json::opt(median(&us_per_event)),
+        ),
+        (
+            "agent_cpu_percent_keepalive",
+            Json::opt(median(&keepalive_cpu)),
+        ),
         ("agent_rss_kib_median", Json::opt(median(&rss))),
         ("metrics_ms_after_runs", Json::opt(median(&scrape))),
         (

@@ -275,13 +275,15 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
     }
 
     // Alerts: zombies fire at once, at-risk waits its 15 minutes (pending),
-    // and nothing was lost, no hook that matters is missing, no pod list
-    // failed, no series folded, inventories keep up, the agent is up.
+    // and nothing was lost, no close went unexplained, no hook that matters
+    // is missing, no pod list failed, no series folded, inventories keep up,
+    // the agent is up.
     let expected = [
         ("KaZombieConnections", "firing"),
         ("KaConnectionsAtRisk", "pending"),
         ("KaEventsLost", "inactive"),
         ("KaEventsUnreceived", "inactive"),
+        ("KaClosesUnexplained", "inactive"),
         ("KaHookMissing", "inactive"),
         ("KaPodListFailing", "inactive"),
         ("KaSeriesOverflow", "inactive"),

@@ -158,7 +158,7 @@ pub fn kernel_view(client: &Netns, before: &HashMap<String, i64>) -> String {
         "TcpExt.TCPRetransFail",
         "TcpExt.TCPWinProbe",
     ]
-    .map(|key| format!("{key} +{}", delta(before, &after, key)))
+    .map(|key| format!("{key} {:+}", delta(before, &after, key)))
     .join(", ");
     format!(
         "client counters: {moved}\nclient sockets:\n{}",

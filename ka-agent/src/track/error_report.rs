@@ -1,29 +1,160 @@
 //! Interprets `sock:inet_sk_error_report`. Death causes come from `sk_err`
 //! in the CLOSE snapshot (set before the state change on every kernel, while
 //! the order of this report changed in 6.11); the report is kept on the
-//! connection with that tuple for the API.
+//! connection with that tuple for the API, and for the verdict on a
+//! connection whose close is never seen.
+//!
+//! The report names no socket and no network namespace, only addresses and
+//! ports, which connections of different namespaces can share (loopback in
+//! two pods). So it is kept only where one connection alone can be meant.
 
 use ka_common::ErrorReportEvent;
 
-use super::Tracker;
+use super::{Connection, SETTLE_NS, Tracker, error_text};
+
+/// How long after a close its error report is taken to be that close's,
+/// when the close's record has already been settled: a report follows the
+/// close within the same kernel call.
+const REPORT_AFTER_CLOSE_NS: u64 = 1_000_000_000;
 
 impl Tracker {
     pub(super) fn on_error_report(&mut self, event: &ErrorReportEvent) {
         let local = super::socket_addr(event.family, event.saddr, event.sport);
         let remote = super::socket_addr(event.family, event.daddr, event.dport);
+        let same = |c: &Connection| c.local == local && c.remote == remote;
+        // Since 6.11 the report follows the close that set the error: its
+        // connection has left the table, and a live one of another
+        // namespace with the same addresses must not take the error.
+        let reported_close = self
+            .closing
+            .values()
+            .any(|c| same(&c.connection) && c.event.sock.sk_err == event.error)
+            || {
+                let error = error_text(event.error);
+                let since = event
+                    .header
+                    .ktime_ns
+                    .saturating_sub(REPORT_AFTER_CLOSE_NS + SETTLE_NS);
+                self.recently_closed
+                    .iter()
+                    .chain(&self.recently_closed_abnormally)
+                    .any(|c| same(&c.connection) && c.closed_at_ns >= since && c.error == error)
+            };
         // Rare (one per failing connection): a scan is cheaper than an index.
-        if let Some(conn) = self
-            .connections
-            .values_mut()
-            .find(|c| c.local == local && c.remote == remote)
-        {
-            conn.last_error = event.error;
-        }
+        let mut live = self.connections.values_mut().filter(|c| same(c));
+        let attributed = match (reported_close, live.next(), live.next()) {
+            (false, Some(conn), None) => {
+                conn.last_error = event.error;
+                true
+            }
+            _ => false,
+        };
         tracing::debug!(
             error = event.error,
             sport = event.sport,
             dport = event.dport,
+            attributed,
+            reported_close,
             "socket error reported"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{ErrorReportEvent, EventKind, SockSnapshot, tcp_state};
+
+    use crate::{
+        decode::Event,
+        track::{
+            Tracker, TrackerConfig,
+            fixtures::{header, socket, transition},
+        },
+    };
+
+    fn report(sock: &SockSnapshot, error: i32, ktime_ns: u64) -> Event {
+        Event::ErrorReport(ErrorReportEvent {
+            header: header(EventKind::ErrorReport, ktime_ns),
+            saddr: sock.saddr,
+            daddr: sock.daddr,
+            error,
+            family: sock.family,
+            sport: sock.sport,
+            dport: sock.dport,
+            reserved: [0; 6],
+        })
+    }
+
+    /// The same addresses and ports in namespace 7 (sk 0xA) and 8 (0xB).
+    fn twins(tracker: &mut Tracker) -> (SockSnapshot, SockSnapshot) {
+        let a = socket(80, tcp_state::SYN_SENT);
+        let b = SockSnapshot {
+            sk: 0xB,
+            netns: 8,
+            ..a
+        };
+        for sock in [a, b] {
+            tracker.handle(&transition(
+                sock,
+                tcp_state::SYN_SENT,
+                tcp_state::ESTABLISHED,
+                1_000,
+            ));
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn a_report_is_kept_on_the_one_connection_with_its_addresses() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let sock = socket(80, tcp_state::SYN_SENT);
+        tracker.handle(&transition(
+            sock,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ));
+        tracker.handle(&report(&sock, libc::ETIMEDOUT, 2_000));
+        assert_eq!(tracker.connection(0xA).unwrap().last_error, libc::ETIMEDOUT);
+    }
+
+    #[test]
+    fn a_report_two_namespaces_could_mean_is_kept_on_neither() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let (a, _) = twins(&mut tracker);
+        tracker.handle(&report(&a, libc::ETIMEDOUT, 2_000));
+        assert_eq!(tracker.connection(0xA).unwrap().last_error, 0);
+        assert_eq!(tracker.connection(0xB).unwrap().last_error, 0);
+    }
+
+    /// 6.11 on: the report follows the close whose snapshot carries the
+    /// error; the twin in the other namespace lives on without it, before
+    /// and after the close is settled.
+    #[test]
+    fn a_report_after_its_close_is_not_given_to_a_live_twin() {
+        for settle_first in [false, true] {
+            let mut tracker = Tracker::new(TrackerConfig::default());
+            let (a, _) = twins(&mut tracker);
+            let dying = SockSnapshot {
+                sk_err: libc::ETIMEDOUT,
+                ..a
+            };
+            tracker.handle(&transition(
+                dying,
+                tcp_state::ESTABLISHED,
+                tcp_state::CLOSE,
+                5_000_000,
+            ));
+            if settle_first {
+                tracker.settle_closes(100_000_000);
+            }
+            tracker.handle(&report(&a, libc::ETIMEDOUT, 5_000_100));
+            assert!(tracker.connection(0xA).is_none());
+            assert_eq!(
+                tracker.connection(0xB).unwrap().last_error,
+                0,
+                "settled first: {settle_first}"
+            );
+        }
     }
 }

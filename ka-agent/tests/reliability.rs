@@ -427,6 +427,87 @@ fn lost_events_are_made_good_by_an_early_inventory() {
     drop(held);
 }
 
+/// Holds a process stopped (SIGSTOP) and lets it go on when dropped, also
+/// when the test fails.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        let pid_t = libc::pid_t::try_from(pid).unwrap();
+        // SAFETY: kill(2) on a child process of this test.
+        assert_eq!(unsafe { libc::kill(pid_t, libc::SIGSTOP) }, 0);
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0) {
+            // SAFETY: kill(2) on a child process of this test.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A namespace deleted while its connections' closes were lost (a pod
+/// deleted during a burst): no dump of it can ever find them gone. The
+/// agent is stopped while they close, so its one-page ring overflows for
+/// sure; once it runs again, the inventories that no longer find the
+/// namespace close what is left of it.
+#[test]
+fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
+    if !require_root("the_connections_of_a_namespace_deleted_unseen_are_closed") {
+        return;
+    }
+    let _serial = serial();
+    let agent = Agent::start(&["--ring-buffer-bytes", "4096", "--inventory-interval", "2s"]);
+    let ns = Netns::new("gn");
+    let netns = ns.inode().to_string();
+    let pairs: usize = 40;
+    let held = ns.run_in(|| {
+        let addr: SocketAddr = "127.0.0.1:7206".parse().unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        (0..pairs)
+            .map(|_| {
+                let stream = std::net::TcpStream::connect(addr).unwrap();
+                let (accepted, _) = listener.accept().unwrap();
+                (stream, accepted)
+            })
+            .collect::<Vec<_>>()
+    });
+    let both_ends = i64::try_from(2 * pairs).unwrap();
+    let before = agent.wait_metrics(
+        Duration::from_secs(20),
+        "the held connections tracked",
+        |m| m.count("ka_connections", &[("netns", &netns)]) == both_ends,
+    );
+    let vanished =
+        |m: &common::Metrics| m.count("ka_inventory_connections_total", &[("outcome", "vanished")]);
+    {
+        let _stopped = Stopped::new(agent.pid());
+        // Four events or more per pair into a ring of 32 nobody reads.
+        drop(held);
+        drop(ns);
+    }
+    let m = agent.wait_metrics(
+        Duration::from_secs(30),
+        "no record of the deleted namespace left",
+        |m| {
+            m.count("ka_events_lost_total", &[]) > before.count("ka_events_lost_total", &[])
+                && !m.has_series("ka_connections", &[("netns", &netns)])
+        },
+    );
+    // Closed unseen: found gone, not received.
+    assert!(vanished(&m) > vanished(&before), "{}", m.text);
+    assert!(
+        agent
+            .log()
+            .contains("network namespaces gone: their remaining connections closed"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[test]
 fn a_full_connection_table_evicts_and_counts() {
     if !require_root("a_full_connection_table_evicts_and_counts") {

@@ -27,6 +27,11 @@ const MIN_CLOSED_KEPT_NS: u64 = 1_000_000_000;
 /// and bounded should it never come (a failing inventory).
 const FIRST_CLOSED_KEPT_NS: u64 = 20_000_000_000;
 
+/// Inventories in a row that must miss a namespace, with no event from it
+/// since the first of them, before its records are closed: one could race
+/// a namespace being made.
+const ABSENCES_BEFORE_GONE: u32 = 2;
+
 /// The tracker's record of what the inventory contributed.
 #[derive(Debug, Default)]
 pub struct InventoryState {
@@ -52,6 +57,18 @@ pub struct InventoryState {
     /// The listening ports of each namespace at its last dump, with the
     /// process that listens when one alone does.
     listeners: hashbrown::HashMap<(u32, u16), Option<Listener>>,
+    /// Namespaces of tracked records that the last inventories did not
+    /// find (see [`Tracker::close_gone_namespaces`]).
+    absent: hashbrown::HashMap<u32, Absence>,
+}
+
+/// A namespace missing from inventories in a row.
+#[derive(Clone, Copy, Debug)]
+struct Absence {
+    /// Inventories in a row without it, and without an event from it
+    /// since the first of them began.
+    inventories: u32,
+    since_ns: u64,
 }
 
 /// Who listens on a port: the name an accepted connection carries until
@@ -108,12 +125,16 @@ impl Tracker {
     /// extrapolation from their last event), removes those whose socket is
     /// gone from the dump of their namespace without an event, and names
     /// the owning process. Namespaces absent from the inventory are left
-    /// alone: a socket cannot be proven gone there.
+    /// alone, a socket cannot be proven gone there, until they stay absent
+    /// (see [`Self::close_gone_namespaces`]).
     pub fn reconcile(&mut self, update: &InventoryUpdate) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         for namespace in &update.inventory.namespaces {
             self.reconcile_namespace(namespace, &update.owners, &mut report);
             report.namespaces += 1;
+        }
+        if !update.own_namespace_only {
+            self.close_gone_namespaces(&update.inventory.namespaces, &mut report);
         }
         let took_ns = u64::try_from(update.took.as_nanos()).unwrap_or(u64::MAX);
         self.inventory.closed_kept_ns = Some(took_ns.saturating_mul(2).max(MIN_CLOSED_KEPT_NS));
@@ -229,6 +250,81 @@ impl Tracker {
                 // record holds (a reset sent by the keepalive timer, the
                 // error reported), as of the dump that found it gone.
                 self.close_unseen(conn, namespace.dumped_at_ns, "gone from the inventory");
+            }
+        }
+    }
+
+    /// Closes the records of a namespace that is gone: absent from
+    /// [`ABSENCES_BEFORE_GONE`] inventories of every namespace in a row,
+    /// with no event from it since the first of them began. A namespace
+    /// dies only once no socket is left in it, so its connections closed;
+    /// records stay only where their close events were lost (a pod deleted
+    /// during a burst), and no dump of that namespace will ever find them
+    /// gone: without this they would stay tracked, idle and at risk, until
+    /// the agent restarts. A namespace kept alive only by a socket held
+    /// from another one, or by a mount outside `/run/netns`, is out of the
+    /// inventory's sight too: its connections' next events bring them back.
+    fn close_gone_namespaces(
+        &mut self,
+        dumped: &[NamespaceInventory],
+        report: &mut ReconcileReport,
+    ) {
+        let Some(began_ns) = dumped.iter().map(|n| n.dumped_at_ns).min() else {
+            return;
+        };
+        let mut latest_event: hashbrown::HashMap<u32, u64> = hashbrown::HashMap::new();
+        for conn in self.connections.values() {
+            if !dumped.iter().any(|n| n.netns == conn.netns) {
+                let latest = latest_event.entry(conn.netns).or_default();
+                *latest = (*latest).max(conn.last_event_ns);
+            }
+        }
+        let absent = &mut self.inventory.absent;
+        absent.retain(|netns, _| latest_event.contains_key(netns));
+        let mut gone = Vec::new();
+        for (netns, last_event_ns) in latest_event {
+            match absent.get_mut(&netns) {
+                Some(absence) if last_event_ns < absence.since_ns => {
+                    absence.inventories += 1;
+                    if absence.inventories >= ABSENCES_BEFORE_GONE {
+                        gone.push(netns);
+                    }
+                }
+                _ => {
+                    absent.insert(
+                        netns,
+                        Absence {
+                            inventories: 1,
+                            since_ns: began_ns,
+                        },
+                    );
+                }
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for netns in &gone {
+            self.inventory.absent.remove(netns);
+        }
+        self.inventory
+            .listeners
+            .retain(|(netns, _), _| !gone.contains(netns));
+        let closed: Vec<u64> = self
+            .connections
+            .values()
+            .filter(|c| gone.contains(&c.netns))
+            .map(|c| c.sk)
+            .collect();
+        tracing::info!(
+            namespaces = ?gone,
+            connections = closed.len(),
+            "network namespaces gone: their remaining connections closed"
+        );
+        for key in closed {
+            if let Some(conn) = self.connections.remove(&key) {
+                report.vanished += 1;
+                self.close_unseen(conn, began_ns, "its network namespace is gone");
             }
         }
     }
@@ -654,6 +750,94 @@ mod tests {
             2_000_000_000,
         ));
         assert_eq!(tracker.connections.get(&0xA).unwrap().comm, "");
+    }
+
+    /// An inventory that found only namespace 9, at `at_ns`.
+    fn without_namespace_7(at_ns: u64) -> InventoryUpdate {
+        let mut update = update(vec![], at_ns);
+        update.inventory.namespaces[0].netns = 9;
+        update
+    }
+
+    fn closes(tracker: &mut Tracker) -> Vec<crate::model::CloseCause> {
+        tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                crate::track::Observation::Closed { cause, .. } => Some(cause),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A namespace deleted after its connections' closes were lost: no
+    /// dump of it will find them gone, so the records of a namespace two
+    /// inventories in a row miss are closed, as `other`.
+    #[test]
+    fn the_records_of_a_namespace_that_is_gone_are_closed() {
+        const S: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let held = entry(1, "10.0.0.1:40000", "10.0.0.2:443", DiagTimer::None, 0);
+        let listener = SocketEntry {
+            state: TcpState::Listen,
+            ..entry(3, "10.0.0.1:8080", "0.0.0.0:0", DiagTimer::None, 0)
+        };
+        tracker.reconcile(&update(vec![held, listener], S));
+        let _ = closes(&mut tracker);
+        let report = tracker.reconcile(&without_namespace_7(2 * S));
+        assert_eq!((report.vanished, tracker.len()), (0, 1), "missed once");
+        let report = tracker.reconcile(&without_namespace_7(3 * S));
+        assert_eq!((report.vanished, tracker.len()), (1, 0), "missed twice");
+        assert_eq!(tracker.vanished_total(), 1);
+        assert_eq!(closes(&mut tracker), [crate::model::CloseCause::Other]);
+        assert!(tracker.inventory.absent.is_empty());
+        assert!(
+            tracker
+                .inventory
+                .listeners
+                .keys()
+                .all(|(netns, _)| *netns != 7)
+        );
+    }
+
+    /// A namespace the inventory cannot see whose connections still send
+    /// events lives (kept only by a socket held from another namespace, say).
+    #[test]
+    fn a_namespace_out_of_sight_with_events_is_not_gone() {
+        use ka_common::tcp_state;
+
+        use crate::track::fixtures::{socket, transition};
+
+        const S: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        // Namespace 7 (the fixture's): a connection opened at 1.5 s.
+        tracker.handle(&transition(
+            socket(80, tcp_state::SYN_SENT),
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            S + S / 2,
+        ));
+        tracker.reconcile(&without_namespace_7(S));
+        // Its event came after the first absence began: that one is void.
+        tracker.reconcile(&without_namespace_7(2 * S));
+        assert_eq!(tracker.len(), 1);
+        tracker.reconcile(&without_namespace_7(3 * S));
+        assert_eq!(tracker.len(), 0, "no event since the second began");
+
+        // An inventory limited to the agent's own namespace proves nothing.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&transition(
+            socket(80, tcp_state::SYN_SENT),
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            S / 2,
+        ));
+        for at in 1..5 {
+            let mut own = without_namespace_7(at * S);
+            own.own_namespace_only = true;
+            tracker.reconcile(&own);
+        }
+        assert_eq!(tracker.len(), 1);
     }
 
     #[test]

@@ -340,6 +340,24 @@ fn an_event_submitted_and_never_read_is_counted() {
     );
 }
 
+/// Opens `count` connections inside `ns` and holds both ends of each.
+fn hold(
+    ns: &Netns,
+    addr: SocketAddr,
+    count: usize,
+) -> Vec<(std::net::TcpStream, std::net::TcpStream)> {
+    ns.run_in(|| {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        (0..count)
+            .map(|_| {
+                let stream = std::net::TcpStream::connect(addr).unwrap();
+                let (accepted, _) = listener.accept().unwrap();
+                (stream, accepted)
+            })
+            .collect()
+    })
+}
+
 /// Connections `lost_events_are_made_good_by_an_early_inventory` holds.
 const HELD: usize = 300;
 
@@ -373,17 +391,7 @@ fn lost_events_are_made_good_by_an_early_inventory() {
     );
     // Openings lost: held connections the agent never heard of until an
     // inventory finds them.
-    let held = ns.run_in(|| {
-        let addr: SocketAddr = "127.0.0.1:7204".parse().unwrap();
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        (0..HELD)
-            .map(|_| {
-                let stream = std::net::TcpStream::connect(addr).unwrap();
-                let (accepted, _) = listener.accept().unwrap();
-                (stream, accepted)
-            })
-            .collect::<Vec<_>>()
-    });
+    let held = hold(&ns, "127.0.0.1:7204".parse().unwrap(), HELD);
     let both_ends = i64::try_from(2 * HELD).unwrap();
     let m = agent.wait_metrics(
         Duration::from_secs(30),
@@ -464,17 +472,7 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
     let ns = Netns::new("gn");
     let netns = ns.inode().to_string();
     let pairs: usize = 40;
-    let held = ns.run_in(|| {
-        let addr: SocketAddr = "127.0.0.1:7206".parse().unwrap();
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        (0..pairs)
-            .map(|_| {
-                let stream = std::net::TcpStream::connect(addr).unwrap();
-                let (accepted, _) = listener.accept().unwrap();
-                (stream, accepted)
-            })
-            .collect::<Vec<_>>()
-    });
+    let held = hold(&ns, "127.0.0.1:7206".parse().unwrap(), pairs);
     let both_ends = i64::try_from(2 * pairs).unwrap();
     let before = agent.wait_metrics(
         Duration::from_secs(20),

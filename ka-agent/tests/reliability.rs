@@ -487,12 +487,26 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
         drop(held);
         drop(ns);
     }
-    let m = agent.wait_metrics(
+    let m = agent.wait_metrics_explained(
         Duration::from_secs(30),
         "no record of the deleted namespace left",
         |m| {
             m.count("ka_events_lost_total", &[]) > before.count("ka_events_lost_total", &[])
                 && !m.has_series("ka_connections", &[("netns", &netns)])
+        },
+        || {
+            // Whether anything on the host still leads to that namespace.
+            let holders: Vec<String> = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|p| {
+                    std::fs::metadata(p.path().join("ns/net"))
+                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m).to_string() == netns)
+                })
+                .map(|p| p.file_name().to_string_lossy().into_owned())
+                .collect();
+            format!("processes in namespace {netns}: {holders:?}")
         },
     );
     // Closed unseen: found gone, not received.

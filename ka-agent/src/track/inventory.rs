@@ -272,9 +272,10 @@ impl Tracker {
         let Some(began_ns) = dumped.iter().map(|n| n.dumped_at_ns).min() else {
             return;
         };
+        let found: hashbrown::HashSet<u32> = dumped.iter().map(|n| n.netns).collect();
         let mut latest_event: hashbrown::HashMap<u32, u64> = hashbrown::HashMap::new();
         for conn in self.connections.values() {
-            if !dumped.iter().any(|n| n.netns == conn.netns) {
+            if !found.contains(&conn.netns) {
                 let latest = latest_event.entry(conn.netns).or_default();
                 *latest = (*latest).max(conn.last_event_ns);
             }

@@ -96,7 +96,9 @@ impl Hook {
             Self::TcpSendReset => "resets sent and their reasons",
             Self::TcpReceiveReset => "resets received, reset_after_idle",
             Self::TcpDestroySock => "socket reuse cleanup",
-            Self::InetSkErrorReport => "error reports (debug log)",
+            Self::InetSkErrorReport => {
+                "socket errors reported to applications (the API's last_error)"
+            }
             Self::TimerStart | Self::TimerExpireEntry => "keepalive probes and keepalive deaths",
             Self::TcpRcvStateProcess => "peer liveness while closing",
         }
@@ -113,6 +115,7 @@ impl Hook {
             Self::TcpRetransmitSkb if raw.tcp_retransmit_skb => Some("tcp_retransmit_skb_raw"),
             Self::TcpReceiveReset if raw.tcp_receive_reset => Some("tcp_receive_reset_raw"),
             Self::TcpSendReset if raw.tcp_send_reset => Some("tcp_send_reset_raw"),
+            Self::InetSkErrorReport if raw.inet_sk_error_report => Some("inet_sk_error_report_raw"),
             _ => None,
         }
     }
@@ -128,7 +131,8 @@ impl Hook {
             Self::TcpRetransmitSkb => raw.tcp_retransmit_skb = false,
             Self::TcpReceiveReset => raw.tcp_receive_reset = false,
             Self::TcpSendReset => raw.tcp_send_reset = false,
-            Self::InetSkErrorReport | Self::TcpRcvStateProcess => {}
+            Self::InetSkErrorReport => raw.inet_sk_error_report = false,
+            Self::TcpRcvStateProcess => {}
         }
     }
 
@@ -451,9 +455,7 @@ fn unavailable_reason(layout: &KernelLayout, hook: Hook) -> Option<String> {
             .then(|| "tracepoint tcp:tcp_receive_reset missing".to_owned()),
         Hook::TcpDestroySock => (layout.destroy_sock.is_none() && !raw)
             .then(|| "tracepoint tcp:tcp_destroy_sock missing".to_owned()),
-        Hook::InetSkErrorReport => layout
-            .error_report
-            .is_none()
+        Hook::InetSkErrorReport => (layout.error_report.is_none() && !raw)
             .then(|| "tracepoint sock:inet_sk_error_report missing (kernel < 5.14)".to_owned()),
         Hook::TimerStart | Hook::TimerExpireEntry => {
             if layout.keepalive_timer_fn.is_none() {

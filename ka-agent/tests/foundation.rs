@@ -10,7 +10,8 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -314,6 +315,109 @@ fn retransmissions_the_kernel_could_not_send_are_not_counted() {
         "retransmissions failed without a route: {attempts} attempts, {sent} sent"
     );
     assert_eq!(death.closed["error"], "Network is unreachable");
+}
+
+/// A connection from `client` to `server` on the loopback of `ns`, the
+/// client bound to its address: two namespaces then hold connections with
+/// the same addresses and ports (loopback in two pods).
+fn loopback_twin(
+    ns: &Netns,
+    client: SocketAddr,
+    server: SocketAddr,
+) -> (TcpListener, TcpStream, TcpStream) {
+    let listener = ns.listen(server);
+    let stream = ns.run_in(|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&client.into()).unwrap();
+        socket.connect(&server.into()).unwrap();
+        TcpStream::from(socket)
+    });
+    let (accepted, _) = listener.accept().unwrap();
+    (listener, stream, accepted)
+}
+
+/// A socket error reported to one of two connections with the same
+/// addresses and ports in two namespaces is kept on the socket that
+/// reported it (the raw tracepoint names it), not on its twin. Through the
+/// tracepoint, whose record names only the addresses, it is kept on
+/// neither. The error: a client with `IP_RECVERR` whose retransmissions
+/// are answered by ICMP host unreachable is told at once, and its
+/// connection lives on.
+#[test]
+fn a_reported_socket_error_is_kept_on_its_socket_not_on_a_twin() {
+    if !require_root("a_reported_socket_error_is_kept_on_its_socket_not_on_a_twin") {
+        return;
+    }
+    let client: SocketAddr = "127.0.0.1:48093".parse().unwrap();
+    let server: SocketAddr = "127.0.0.1:8093".parse().unwrap();
+    for (agent_args, exact) in [(&[][..], true), (&["--no-raw-tracepoints"][..], false)] {
+        let agent = Agent::start(agent_args);
+        let (reporter, twin) = (Netns::new("er"), Netns::new("et"));
+        let (_listener, mut stream, _accepted) = loopback_twin(&reporter, client, server);
+        let _twin = loopback_twin(&twin, client, server);
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket descriptor, and an int option with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                (&raw const on).cast(),
+                libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap(),
+            )
+        };
+        assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());
+        let client_side = |ns: &Netns| {
+            let inode = ns.inode();
+            move |c: &serde_json::Value| {
+                c["netns"].as_u64() == Some(inode) && c["local"] == client.to_string()
+            }
+        };
+        // Both tracked before the error, so neither is adopted after it.
+        for ns in [&reporter, &twin] {
+            wait_api(
+                &agent,
+                "/api/v1/connections?port=8093",
+                "a twin",
+                client_side(ns),
+            );
+        }
+        reporter.nft(
+            "table inet kalab_unreachable {\n\
+             chain in { type filter hook input priority 0; tcp dport 8093 reject with icmpx type host-unreachable; }\n\
+             }\n",
+        );
+        stream.write_all(b"are you there?").unwrap();
+        agent.wait_metrics_explained(
+            Duration::from_secs(10),
+            "the error report",
+            |m| m.count("ka_events_total", &[("type", "error_report")]) >= 1,
+            || reporter.sockets(),
+        );
+        let reporting = client_side(&reporter);
+        let seen = wait_api(
+            &agent,
+            "/api/v1/connections?port=8093",
+            "the reporter",
+            |c| reporting(c) && (!exact || c["last_error"] == libc::EHOSTUNREACH),
+        );
+        assert_eq!(seen["state"], "ESTABLISHED", "{seen}");
+        if !exact {
+            assert_eq!(
+                seen["last_error"], 0,
+                "ambiguous without the socket: {seen}"
+            );
+        }
+        let seen = wait_api(
+            &agent,
+            "/api/v1/connections?port=8093",
+            "the twin",
+            client_side(&twin),
+        );
+        assert_eq!(seen["last_error"], 0, "the twin: {seen}");
+        assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
+    }
 }
 
 /// A peer that vanished behind a router that says so: every retransmission

@@ -88,7 +88,8 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
             "{line}\n{report}"
         );
     }
-    // The hot hooks and the counted ones run as raw tracepoints on every
+    // The hot hooks, the counted ones and the error report run as raw
+    // tracepoints on every
     // kernel of the matrix (5.6+ with BTF: the prototypes and
     // sock.sk_protocol are there; tcp_retransmit_skb without `err` before
     // 6.17, tcp_send_reset without `reason` before 6.10).
@@ -100,6 +101,7 @@ fn check_uses_what_the_kernel_has_and_reports_what_it_lacks() {
         "tcp:tcp_retransmit_skb",
         "tcp:tcp_receive_reset",
         "tcp:tcp_send_reset",
+        "sock:inet_sk_error_report",
     ] {
         assert!(
             line_of(&report, hook).ends_with("(raw tracepoint)"),
@@ -155,6 +157,7 @@ fn the_hot_hooks_fall_back_to_their_tracepoints_on_request() {
         "tcp:tcp_destroy_sock",
         "timer:timer_start",
         "timer:timer_expire_entry",
+        "sock:inet_sk_error_report",
     ] {
         let line = line_of(&report, hook);
         assert_eq!(

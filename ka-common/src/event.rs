@@ -242,18 +242,19 @@ pub struct DestroySockEvent {
     pub sock: SockSnapshot,
 }
 
-/// `sock:inet_sk_error_report` for TCP (no socket pointer in the record).
+/// `sock:inet_sk_error_report` for TCP.
+///
+/// From the raw tracepoint, `sock` is the reporting socket's snapshot. The
+/// tracepoint's record has no socket pointer: from it, `sock` holds only
+/// the family, addresses and ports, and `sk` is 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrorReportEvent {
     pub header: EventHeader,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub sock: SockSnapshot,
+    /// `sk->sk_err` at the report (positive errno).
     pub error: i32,
-    pub family: u16,
-    pub sport: u16,
-    pub dport: u16,
-    pub reserved: [u8; 6],
+    pub reserved: u32,
 }
 
 /// `timer:timer_start` for a socket's keepalive timer.
@@ -292,7 +293,7 @@ const _: () = assert!(size_of::<RetransmitEvent>() == 136);
 const _: () = assert!(size_of::<SendResetEvent>() == 136);
 const _: () = assert!(size_of::<ReceiveResetEvent>() == 128);
 const _: () = assert!(size_of::<DestroySockEvent>() == 128);
-const _: () = assert!(size_of::<ErrorReportEvent>() == 64);
+const _: () = assert!(size_of::<ErrorReportEvent>() == 136);
 const _: () = assert!(size_of::<KeepaliveArmedEvent>() == 136);
 const _: () = assert!(size_of::<KeepaliveFiredEvent>() == 128);
 const _: () = assert!(size_of::<RcvStateProcessEvent>() == 128);

@@ -61,6 +61,14 @@ pub fn discard_not_tcp<T>(entry: RingBufEntry<T>, kind: EventKind) {
     not_tcp(kind);
 }
 
+/// Gives a reserved event back as filtered: the snapshot showed the agent
+/// does not need it.
+#[inline(always)]
+pub fn discard_filtered<T>(entry: RingBufEntry<T>, kind: EventKind) {
+    entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+    filtered(kind);
+}
+
 /// Every how many events of a kind a CPU looks at the ring's fill level.
 const QUERY_EVERY: u64 = 16;
 

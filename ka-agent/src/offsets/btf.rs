@@ -879,7 +879,7 @@ mod tests {
     }
 
     /// The prototypes ka's raw programs read, as the kernel declares them.
-    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 7] {
+    fn expected_raw_args() -> [(&'static str, Vec<RawArg>); 8] {
         let sock = RawArg::PointerTo("sock".to_owned());
         let skb = RawArg::PointerTo("sk_buff".to_owned());
         let timer = RawArg::PointerTo("timer_list".to_owned());
@@ -896,7 +896,8 @@ mod tests {
             ("tcp_destroy_sock", vec![sock.clone()]),
             ("tcp_retransmit_skb", vec![sock.clone(), skb.clone()]),
             ("tcp_send_reset", vec![sock.clone(), skb]),
-            ("tcp_receive_reset", vec![sock]),
+            ("tcp_receive_reset", vec![sock.clone()]),
+            ("inet_sk_error_report", vec![sock]),
             ("timer_start", vec![timer.clone(), unsigned_long]),
             ("timer_expire_entry", vec![timer]),
         ]

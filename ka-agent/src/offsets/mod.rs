@@ -359,6 +359,9 @@ pub struct RawTracepoints {
     /// `tcp_send_reset`'s third argument is `enum sk_rst_reason reason`
     /// (6.10+).
     pub send_reset_reason_argument: bool,
+    /// `(const struct sock *sk)`: the report names its socket, where the
+    /// record names only addresses.
+    pub inet_sk_error_report: bool,
 }
 
 impl RawTracepoints {
@@ -440,6 +443,7 @@ impl RawTracepoints {
                 &[],
             )?,
             send_reset_reason_argument,
+            inet_sk_error_report: usable("inet_sk_error_report", &[pointer("sock")], &[])?,
         })
     }
 }
@@ -538,6 +542,7 @@ mod tests {
                 send_reset_reason_argument: layout
                     .send_reset
                     .is_some_and(|f| f.reason != ka_common::ABSENT),
+                inet_sk_error_report: true,
             }
         );
         if layout
@@ -612,6 +617,7 @@ mod tests {
                 && raw.tcp_receive_reset
                 && raw.tcp_send_reset
                 && raw.send_reset_reason_argument
+                && raw.inet_sk_error_report
         );
         assert!(notes.is_empty(), "{notes:?}");
 
@@ -656,6 +662,8 @@ mod tests {
                  hook uses its (slower) tracepoint",
                 "raw tracepoint tcp_send_reset: BTF has no btf_trace_tcp_send_reset; the hook \
                  uses its (slower) tracepoint",
+                "raw tracepoint inet_sk_error_report: BTF has no btf_trace_inet_sk_error_report; \
+                 the hook uses its (slower) tracepoint",
             ]
         );
     }

@@ -1,12 +1,14 @@
 //! Interprets `sock:inet_sk_error_report`. Death causes come from `sk_err`
 //! in the CLOSE snapshot (set before the state change on every kernel, while
-//! the order of this report changed in 6.11); the report is kept on the
-//! connection with that tuple for the API, and for the verdict on a
-//! connection whose close is never seen.
+//! the order of this report changed in 6.11); the report is kept on its
+//! connection for the API, and for the verdict on a connection whose close
+//! is never seen.
 //!
-//! The report names no socket and no network namespace, only addresses and
-//! ports, which connections of different namespaces can share (loopback in
-//! two pods). So it is kept only where one connection alone can be meant.
+//! From the raw tracepoint the report names its socket: it is kept on that
+//! socket's record, if it is still live (6.11 on, the report of a close
+//! follows it). From the tracepoint it names only addresses and ports,
+//! which connections of different namespaces share (loopback in two pods):
+//! then it is kept only where one connection alone can be meant.
 
 use ka_common::ErrorReportEvent;
 
@@ -19,9 +21,41 @@ const REPORT_AFTER_CLOSE_NS: u64 = 1_000_000_000;
 
 impl Tracker {
     pub(super) fn on_error_report(&mut self, event: &ErrorReportEvent) {
-        let local = super::socket_addr(event.family, event.saddr, event.sport);
-        let remote = super::socket_addr(event.family, event.daddr, event.dport);
+        let sock = &event.sock;
+        let local = super::socket_addr(sock.family, sock.saddr, sock.sport);
+        let remote = super::socket_addr(sock.family, sock.daddr, sock.dport);
         let same = |c: &Connection| c.local == local && c.remote == remote;
+        let attributed = if sock.sk == 0 {
+            self.keep_report_by_addresses(event, &same)
+        } else {
+            // The record under that socket, unless it is a previous socket's
+            // at the same kernel address whose close was lost.
+            match self.connections.get_mut(&sock.sk) {
+                Some(conn) if same(conn) && conn.netns == sock.netns => {
+                    conn.last_error = event.error;
+                    true
+                }
+                _ => false,
+            }
+        };
+        tracing::debug!(
+            error = event.error,
+            sport = sock.sport,
+            dport = sock.dport,
+            exact = sock.sk != 0,
+            attributed,
+            "socket error reported"
+        );
+    }
+
+    /// Keeps a report that names no socket on the one live connection with
+    /// its addresses, if no other live one has them and it does not follow
+    /// a close with that error; whether it was kept.
+    fn keep_report_by_addresses(
+        &mut self,
+        event: &ErrorReportEvent,
+        same: &impl Fn(&Connection) -> bool,
+    ) -> bool {
         // Since 6.11 the report follows the close that set the error: its
         // connection has left the table, and a live one of another
         // namespace with the same addresses must not take the error.
@@ -42,21 +76,13 @@ impl Tracker {
             };
         // Rare (one per failing connection): a scan is cheaper than an index.
         let mut live = self.connections.values_mut().filter(|c| same(c));
-        let attributed = match (reported_close, live.next(), live.next()) {
+        match (reported_close, live.next(), live.next()) {
             (false, Some(conn), None) => {
                 conn.last_error = event.error;
                 true
             }
             _ => false,
-        };
-        tracing::debug!(
-            error = event.error,
-            sport = event.sport,
-            dport = event.dport,
-            attributed,
-            reported_close,
-            "socket error reported"
-        );
+        }
     }
 }
 
@@ -72,16 +98,33 @@ mod tests {
         },
     };
 
+    /// A report from the tracepoint: addresses and ports only.
     fn report(sock: &SockSnapshot, error: i32, ktime_ns: u64) -> Event {
         Event::ErrorReport(ErrorReportEvent {
             header: header(EventKind::ErrorReport, ktime_ns),
-            saddr: sock.saddr,
-            daddr: sock.daddr,
+            sock: SockSnapshot {
+                saddr: sock.saddr,
+                daddr: sock.daddr,
+                family: sock.family,
+                sport: sock.sport,
+                dport: sock.dport,
+                ..SockSnapshot::default()
+            },
             error,
-            family: sock.family,
-            sport: sock.sport,
-            dport: sock.dport,
-            reserved: [0; 6],
+            reserved: 0,
+        })
+    }
+
+    /// A report from the raw tracepoint: the socket itself.
+    fn raw_report(sock: &SockSnapshot, error: i32, ktime_ns: u64) -> Event {
+        Event::ErrorReport(ErrorReportEvent {
+            header: header(EventKind::ErrorReport, ktime_ns),
+            sock: SockSnapshot {
+                sk_err: error,
+                ..*sock
+            },
+            error,
+            reserved: 0,
         })
     }
 
@@ -156,5 +199,47 @@ mod tests {
                 "settled first: {settle_first}"
             );
         }
+    }
+
+    #[test]
+    fn a_report_naming_its_socket_is_kept_on_it_beside_a_twin() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let (a, b) = twins(&mut tracker);
+        tracker.handle(&raw_report(&b, libc::EHOSTUNREACH, 2_000));
+        assert_eq!(tracker.connection(0xA).unwrap().last_error, 0);
+        assert_eq!(
+            tracker.connection(0xB).unwrap().last_error,
+            libc::EHOSTUNREACH
+        );
+        tracker.handle(&raw_report(&a, libc::ETIMEDOUT, 3_000));
+        assert_eq!(tracker.connection(0xA).unwrap().last_error, libc::ETIMEDOUT);
+    }
+
+    /// 6.11 on: the report of a close names a socket that has left the
+    /// table; and a record at the same kernel address with other
+    /// addresses (a socket whose close was lost) is not the reporter.
+    #[test]
+    fn a_report_naming_a_socket_no_live_record_has_is_kept_nowhere() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let (a, _) = twins(&mut tracker);
+        let dying = SockSnapshot {
+            sk_err: libc::ECONNRESET,
+            ..a
+        };
+        tracker.handle(&transition(
+            dying,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE,
+            5_000_000,
+        ));
+        tracker.handle(&raw_report(&a, libc::ECONNRESET, 5_000_100));
+        assert!(tracker.connection(0xA).is_none());
+        assert_eq!(tracker.connection(0xB).unwrap().last_error, 0);
+
+        let other_port = SockSnapshot { sport: 81, ..a };
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let (_, _) = twins(&mut tracker);
+        tracker.handle(&raw_report(&other_port, libc::ETIMEDOUT, 2_000));
+        assert_eq!(tracker.connection(0xA).unwrap().last_error, 0);
     }
 }

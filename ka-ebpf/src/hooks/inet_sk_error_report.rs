@@ -1,12 +1,21 @@
-//! `sock:inet_sk_error_report`: a socket error (ETIMEDOUT, ECONNRESET...)
-//! was reported to the application. The record has no socket pointer, so the
-//! agent matches it by address and port.
+//! `sock:inet_sk_error_report`: a socket error (ETIMEDOUT, ECONNRESET,
+//! EHOSTUNREACH...) was reported to the application.
+//!
+//! The raw tracepoint program where BTF declares its argument: it sends the
+//! socket's snapshot, so the agent knows which socket reported. Else the
+//! tracepoint, whose record names only addresses and ports, which sockets
+//! of different namespaces can share: the agent then keeps the error only
+//! where one connection alone has them.
 
-use aya_ebpf::{Global, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    Global,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use ka_common::{AF_INET, ErrorReportEvent, ErrorReportFields, EventKind, IPPROTO_TCP};
 
 use super::record;
-use crate::emit;
+use crate::{emit, sock};
 
 #[unsafe(no_mangle)]
 static ERROR_REPORT_FIELDS: Global<ErrorReportFields> = Global::new(ErrorReportFields::ABSENT);
@@ -15,6 +24,36 @@ static ERROR_REPORT_FIELDS: Global<ErrorReportFields> = Global::new(ErrorReportF
 pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
     let _ = try_inet_sk_error_report(&ctx);
     0
+}
+
+/// `(const struct sock *sk)`, checked against BTF by the agent.
+#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
+pub fn inet_sk_error_report_raw(ctx: RawTracePointContext) -> u32 {
+    let _ = on_error_report(ctx.arg(0));
+    0
+}
+
+/// Sends the reporting socket; UDP and raw sockets report here too, and
+/// only the snapshot tells their protocol.
+#[inline(always)]
+fn on_error_report(sk: u64) -> Option<()> {
+    let mut entry = emit::reserve::<ErrorReportEvent>(EventKind::ErrorReport)?;
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring-buffer slot of the right size
+    // and alignment that only this program writes until it is submitted.
+    let protocol = unsafe {
+        (*event).header = emit::header(EventKind::ErrorReport);
+        (*event).reserved = 0;
+        let protocol = sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::ErrorReport);
+        (*event).error = (*event).sock.sk_err;
+        protocol
+    };
+    if protocol != IPPROTO_TCP {
+        emit::discard_filtered(entry, EventKind::ErrorReport);
+        return None;
+    }
+    emit::submit(entry, EventKind::ErrorReport);
+    Some(())
 }
 
 fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
@@ -46,13 +85,14 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Option<()> {
     // and alignment that only this program writes until it is submitted.
     unsafe {
         (*event).header = emit::header(EventKind::ErrorReport);
-        (*event).saddr = saddr;
-        (*event).daddr = daddr;
+        sock::clear(&mut (*event).sock);
+        (*event).sock.saddr = saddr;
+        (*event).sock.daddr = daddr;
+        (*event).sock.family = family;
+        (*event).sock.sport = sport;
+        (*event).sock.dport = dport;
         (*event).error = error;
-        (*event).family = family;
-        (*event).sport = sport;
-        (*event).dport = dport;
-        emit::zero(&mut (*event).reserved);
+        (*event).reserved = 0;
     }
     emit::submit(entry, EventKind::ErrorReport);
     Some(())

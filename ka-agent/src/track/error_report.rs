@@ -147,6 +147,20 @@ mod tests {
         (a, b)
     }
 
+    /// `sock` closes from ESTABLISHED with `error` in its snapshot.
+    fn close_with(tracker: &mut Tracker, sock: SockSnapshot, error: i32, ktime_ns: u64) {
+        let dying = SockSnapshot {
+            sk_err: error,
+            ..sock
+        };
+        tracker.handle(&transition(
+            dying,
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE,
+            ktime_ns,
+        ));
+    }
+
     #[test]
     fn a_report_is_kept_on_the_one_connection_with_its_addresses() {
         let mut tracker = Tracker::new(TrackerConfig::default());
@@ -178,16 +192,7 @@ mod tests {
         for settle_first in [false, true] {
             let mut tracker = Tracker::new(TrackerConfig::default());
             let (a, _) = twins(&mut tracker);
-            let dying = SockSnapshot {
-                sk_err: libc::ETIMEDOUT,
-                ..a
-            };
-            tracker.handle(&transition(
-                dying,
-                tcp_state::ESTABLISHED,
-                tcp_state::CLOSE,
-                5_000_000,
-            ));
+            close_with(&mut tracker, a, libc::ETIMEDOUT, 5_000_000);
             if settle_first {
                 tracker.settle_closes(100_000_000);
             }
@@ -222,16 +227,7 @@ mod tests {
     fn a_report_naming_a_socket_no_live_record_has_is_kept_nowhere() {
         let mut tracker = Tracker::new(TrackerConfig::default());
         let (a, _) = twins(&mut tracker);
-        let dying = SockSnapshot {
-            sk_err: libc::ECONNRESET,
-            ..a
-        };
-        tracker.handle(&transition(
-            dying,
-            tcp_state::ESTABLISHED,
-            tcp_state::CLOSE,
-            5_000_000,
-        ));
+        close_with(&mut tracker, a, libc::ECONNRESET, 5_000_000);
         tracker.handle(&raw_report(&a, libc::ECONNRESET, 5_000_100));
         assert!(tracker.connection(0xA).is_none());
         assert_eq!(tracker.connection(0xB).unwrap().last_error, 0);

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub resets_sent: IntCounterVec,
     pub zombies: IntCounterVec,
     pub at_risk: GaugeVec,
+    pub dead_held: IntGaugeVec,
     pub idle_before_close: HistogramVec,
     pub tracked: IntGauge,
     pub evictions: IntCounter,
@@ -458,6 +459,10 @@ impl Metrics {
                 Opts::new("ka_connections_at_risk", "Established connections idle past a middlebox idle timeout that keepalive will not prevent."),
                 &with_connection_labels(&["reason", "idle_timeout"]),
             )?,
+            dead_held: IntGaugeVec::new(
+                Opts::new("ka_dead_connections_held", "Connections the kernel ended (keepalive, retransmission or zero-window timeout, reset received), by cause, whose socket their process still held open at the last inventory: the kernel has closed them and no ss lists them, but the application's next use of each fails (a pool hands them out). Only connections an inventory saw alive, which names the socket and its process."),
+                &with_connection_labels(&["cause"]),
+            )?,
             idle_before_close: HistogramVec::new(
                 HistogramOpts::new(
                     "ka_idle_before_close_seconds",
@@ -532,6 +537,7 @@ impl Metrics {
             Box::new(metrics.connections.clone()),
             Box::new(metrics.probing.clone()),
             Box::new(metrics.at_risk.clone()),
+            Box::new(metrics.dead_held.clone()),
             Box::new(metrics.idle_before_close.clone()),
             Box::new(metrics.tracked.clone()),
             Box::new(metrics.evictions.clone()),
@@ -1050,6 +1056,7 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
     metrics.at_risk.with_label_values(&values).set(0.0);
     metrics.connections.with_label_values(&values[1..]).set(0);
     metrics.probing.with_label_values(&values[2..]).set(0);
+    metrics.dead_held.with_label_values(&values[1..]).set(0);
     metrics.build_info.with_label_values(&["v", "k"]).set(1);
     metrics.hook_attached.with_label_values(&["h"]).set(1);
     metrics.events.with_label_values(&["t"]).inc();

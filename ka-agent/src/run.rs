@@ -209,10 +209,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let inventory_interval = args.inventory_interval.max(1);
     #[expect(clippy::cast_precision_loss, reason = "intervals are far below 2^52 s")]
     metrics.inventory.interval.set(inventory_interval as f64);
+    // The sockets of dead connections their processes may still hold,
+    // looked for at each inventory.
+    let watched = crate::inventory::Watched::default();
     let mut inventory = crate::inventory::spawn(
         Duration::from_secs(inventory_interval),
         args.node_name.clone(),
         metrics.inventory.failures.clone(),
+        std::sync::Arc::clone(&watched),
     )
     .map_err(RunError::Inventory)?;
     let mut gauges = GaugeState::default();
@@ -291,6 +295,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 }
                 tick_count += 1;
                 publish(&tracker, &args.idle_timeouts, now, &metrics, &mut gauges);
+                if let Ok(mut list) = watched.lock() {
+                    *list = tracker.dead_held_watch();
+                }
                 // Ready once attached and the first inventory is in.
                 if tracker.inventory_done() {
                     shared.ready.store(true, Ordering::Release);
@@ -599,6 +606,7 @@ struct GaugeState {
     connections: HashSet<Vec<String>>,
     probing: HashSet<Vec<String>>,
     at_risk: HashSet<Vec<String>>,
+    dead_held: HashSet<Vec<String>>,
 }
 
 /// Which idle timeouts a connection is at risk of, and why.
@@ -692,13 +700,21 @@ fn publish(
                 .or_default() += count;
         }
     }
+    let mut dead_held: HashMap<Vec<String>, i64> = HashMap::new();
+    for dead in tracker.dead_held() {
+        *dead_held
+            .entry(metrics.values(&[dead.cause.name()], &dead.labels))
+            .or_default() += 1;
+    }
     let by_state = metrics.separate_gauges(1, by_state);
     let probing = metrics.separate_gauges(0, probing);
     let at_risk = metrics.separate_gauges(2, at_risk);
+    let dead_held = metrics.separate_gauges(1, dead_held);
     // Set as one: a scrape sees this second's table, not half of it.
     metrics.as_one_batch(|| {
         sync_int_gauge(&metrics.connections, &by_state, &mut gauges.connections);
         sync_int_gauge(&metrics.probing, &probing, &mut gauges.probing);
+        sync_int_gauge(&metrics.dead_held, &dead_held, &mut gauges.dead_held);
         let keys: HashSet<Vec<String>> = at_risk.keys().cloned().collect();
         for (key, value) in &at_risk {
             metrics.at_risk.with_label_values(key).set(*value);

@@ -135,6 +135,7 @@ fn prepared() -> InventoryUpdate {
         pod_list_failed: false,
         own_namespace_only: false,
         trigger: ka_agent::inventory::Trigger::Start,
+        holds: ka_agent::inventory::HeldSockets::default(),
     }
 }
 

@@ -346,3 +346,62 @@ fn idle_before_close_reveals_the_peers_keepalive_timeout() {
         "client saw the peer close after {idle} s idle"
     );
 }
+
+/// A connection the kernel ended while its application still holds the
+/// socket (a pool's idle connection): no `ss` lists it any more, and its
+/// next use fails. It is counted in `ka_dead_connections_held`, with the
+/// process, from the first inventory after the death until the
+/// application closes the socket. An inventory must have seen it alive
+/// (that names the socket's inode and its process).
+#[test]
+fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
+    if !require_root("a_dead_connection_its_process_still_holds_is_counted_until_released") {
+        return;
+    }
+    let (client, server) = pair("dh");
+    let agent = Agent::start(&["--inventory-interval", "1s"]);
+    let cn = client.inode().to_string();
+    let options = SocketOptions {
+        keepalive: Some((3, 1, 2)),
+        user_timeout_ms: None,
+    };
+    let (_listener, mut stream, _accepted) =
+        connected(&client, &server, "198.18.10.2:8096", &options);
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let comm = comm.trim_end();
+    wait_api(
+        &agent,
+        "/api/v1/connections?port=8096",
+        "the client's connection with its process",
+        |c| c["netns"].as_u64() == Some(client.inode()) && c["comm"] == comm,
+    );
+    server.drop_everything();
+    let held = [
+        ("netns", cn.as_str()),
+        ("cause", "keepalive_timeout"),
+        ("comm", comm),
+        ("direction", "outbound"),
+        ("port", "8096"),
+    ];
+    agent.wait_metrics_explained(
+        Duration::from_secs(20),
+        "the dead connection, held",
+        |m| m.count("ka_dead_connections_held", &held) == 1,
+        || client.sockets(),
+    );
+    // The kernel has let it go: only the descriptor is left.
+    assert!(
+        !client.sockets().contains("198.18.10.2:8096"),
+        "{}",
+        client.sockets()
+    );
+    assert_eq!(
+        stream.write(b"x").unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
+    drop(stream);
+    agent.wait_metrics(Duration::from_secs(10), "the socket released", |m| {
+        !m.has_series("ka_dead_connections_held", &[("netns", &cn)])
+    });
+    assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
+}

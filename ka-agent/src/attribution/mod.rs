@@ -131,6 +131,31 @@ impl ProcessIndex {
         })
     }
 
+    /// Which of `watched` (a socket inode in a process) are still among
+    /// that process's descriptors, read now: the index itself may be a
+    /// minute old for a process it knew.
+    pub fn still_open(&self, watched: &[crate::track::Holder]) -> HashSet<u64> {
+        let mut by_pid: HashMap<u32, HashSet<u64>> = HashMap::new();
+        for holder in watched {
+            by_pid.entry(holder.pid).or_default().insert(holder.inode);
+        }
+        let mut open = HashSet::new();
+        for (pid, wanted) in by_pid {
+            let Ok(fds) = std::fs::read_dir(self.proc.join(pid.to_string()).join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path())
+                    && let Some(inode) = socket_inode(&target)
+                    && wanted.contains(&inode)
+                {
+                    open.insert(inode);
+                }
+            }
+        }
+        open
+    }
+
     pub fn processes(&self) -> usize {
         self.processes.len()
     }
@@ -292,6 +317,28 @@ mod tests {
         index.min_full_scan_gap = Duration::ZERO;
         index.refresh_for(&[inode2]);
         assert_eq!(index.owner(inode2).map(|o| o.pid), Some(std::process::id()));
+    }
+
+    /// Read now, not from the index: a socket closed since the last scan
+    /// is not open; nor is any socket of a process that is gone.
+    #[test]
+    fn still_open_reads_the_descriptors_now() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .ino();
+        let index = ProcessIndex::new();
+        let pid = std::process::id();
+        let watched = [crate::track::Holder { pid, inode }];
+        assert_eq!(index.still_open(&watched), HashSet::from([inode]));
+        let elsewhere = [crate::track::Holder {
+            pid: u32::MAX,
+            inode,
+        }];
+        assert!(index.still_open(&elsewhere).is_empty());
+        drop(listener);
+        assert!(index.still_open(&watched).is_empty());
     }
 
     #[test]

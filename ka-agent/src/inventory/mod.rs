@@ -35,7 +35,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use task::{InventoryTask, InventoryUpdate, Trigger, spawn, take};
+pub use task::{HeldSockets, InventoryTask, InventoryUpdate, Trigger, Watched, spawn, take};
 
 use crate::model::TcpState;
 

@@ -31,7 +31,23 @@ pub struct InventoryUpdate {
     /// enter the others (no `CAP_SYS_ADMIN`) or read them.
     pub own_namespace_only: bool,
     pub trigger: Trigger,
+    /// The dead connections' sockets the event loop asked about, and which
+    /// of them their processes still hold.
+    pub holds: HeldSockets,
 }
+
+/// Which of a list of sockets (inode, in a process) are still open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeldSockets {
+    /// The inodes looked for.
+    pub checked: Vec<u64>,
+    /// Those still among their process's descriptors.
+    pub held: std::collections::HashSet<u64>,
+}
+
+/// The sockets the event loop wants looked for at each inventory (see
+/// [`HeldSockets`]), shared with the inventory thread.
+pub type Watched = std::sync::Arc<std::sync::Mutex<Vec<crate::track::Holder>>>;
 
 /// Why an inventory was taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,6 +114,7 @@ pub fn spawn(
     interval: Duration,
     node: Option<String>,
     failures: prometheus::IntCounter,
+    watched: Watched,
 ) -> std::io::Result<InventoryTask> {
     // One pending update at most: a slow loop gets the newest, not a queue.
     let (sender, updates) = tokio::sync::mpsc::channel(1);
@@ -116,6 +133,11 @@ pub fn spawn(
                             Some(pods) => pods.label(&mut update),
                             None => update.pod_list_failed = node.is_some(),
                         }
+                        let watching = watched.lock().map(|list| list.clone()).unwrap_or_default();
+                        update.holds = HeldSockets {
+                            checked: watching.iter().map(|h| h.inode).collect(),
+                            held: index.still_open(&watching),
+                        };
                         update.took = started.elapsed();
                         update.trigger = trigger;
                         if sender.blocking_send(update).is_err() {
@@ -169,6 +191,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         pod_list_failed: false,
         own_namespace_only,
         trigger: Trigger::Start,
+        holds: HeldSockets::default(),
     })
 }
 
@@ -245,6 +268,7 @@ mod tests {
             pod_list_failed: false,
             own_namespace_only: false,
             trigger: Trigger::Start,
+            holds: HeldSockets::default(),
         };
         directory.label(&mut update);
         assert!(update.pod_list_failed);

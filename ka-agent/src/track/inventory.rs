@@ -104,6 +104,16 @@ pub enum KeepaliveSource {
     Inventory(KeepaliveEvidence),
 }
 
+/// The process holding a dumped socket, if the attribution found one.
+fn holder(entry: &SocketEntry, owner: Option<&Owner>) -> Option<super::Holder> {
+    owner
+        .filter(|_| entry.inode != 0)
+        .map(|owner| super::Holder {
+            pid: owner.pid,
+            inode: entry.inode,
+        })
+}
+
 /// States worth a record: the ones [`Tracker::adopt`] accepts, less
 /// `SYN_RECV` (request sockets; the handshake's events create the record).
 fn adoptable(state: TcpState) -> bool {
@@ -136,6 +146,7 @@ impl Tracker {
         if !update.own_namespace_only {
             self.close_gone_namespaces(&update.inventory.namespaces, &mut report);
         }
+        self.check_dead_held(&update.holds);
         let took_ns = u64::try_from(update.took.as_nanos()).unwrap_or(u64::MAX);
         self.inventory.closed_kept_ns = Some(took_ns.saturating_mul(2).max(MIN_CLOSED_KEPT_NS));
         self.inventory.first_done = true;
@@ -392,6 +403,7 @@ impl Tracker {
             }
             conn.pod = owner.pod.clone().map(Box::new);
         }
+        conn.holder = holder(entry, owner);
         if conn.last_event_ns > namespace.dumped_at_ns {
             return false;
         }
@@ -427,6 +439,7 @@ impl Tracker {
         conn.idle_at_event_secs = entry.idle_secs().unwrap_or(0.0);
         conn.comm = owner.map(|o| o.comm.clone()).unwrap_or_default();
         conn.pod = owner.and_then(|o| o.pod.clone()).map(Box::new);
+        conn.holder = holder(entry, owner);
         let evidence = entry.keepalive_evidence();
         apply_evidence(&mut conn.keepalive, entry, evidence, namespace);
         self.inventory.adopted.insert(conn.sk, evidence);
@@ -637,6 +650,7 @@ mod tests {
             pod_list_failed: false,
             own_namespace_only: false,
             trigger: crate::inventory::Trigger::Interval,
+            holds: crate::inventory::HeldSockets::default(),
         }
     }
 

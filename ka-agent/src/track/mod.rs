@@ -2,6 +2,7 @@
 //! interpreter of each hook (one file per hook here), emitting
 //! [`Observation`]s that the exporter turns into metrics.
 
+mod dead_held;
 mod destroy_sock;
 mod error_report;
 mod inventory;
@@ -364,6 +365,18 @@ pub struct Connection {
     name_source: NameSource,
     #[serde(skip)]
     peer_label: PeerLabel,
+    /// The process holding the socket and the socket's inode, as the last
+    /// inventory found them (none until one did).
+    #[serde(skip)]
+    holder: Option<Holder>,
+}
+
+/// A process holding a socket open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// The socket's inode (`socket:[inode]` in the process's fds).
+    pub inode: u64,
 }
 
 /// Whose name a connection's `comm` and `pod` are.
@@ -451,6 +464,7 @@ impl Connection {
             close_wait_counted: false,
             name_source: NameSource::Owner,
             peer_label: PeerLabel::None,
+            holder: None,
         }
     }
 
@@ -481,6 +495,9 @@ pub struct Tracker {
     recently_closed_abnormally: std::collections::VecDeque<ClosedConnection>,
     closing: hashbrown::HashMap<u64, Closing>,
     inventory: inventory::InventoryState,
+    /// Connections the kernel ended whose socket their process may still
+    /// hold, by socket inode (see `dead_held`).
+    dead_held: hashbrown::HashMap<u64, dead_held::DeadHeld>,
 }
 
 impl Tracker {
@@ -494,6 +511,7 @@ impl Tracker {
             recently_closed_abnormally: std::collections::VecDeque::new(),
             closing: hashbrown::HashMap::new(),
             inventory: inventory::InventoryState::default(),
+            dead_held: hashbrown::HashMap::new(),
         }
     }
 
@@ -705,6 +723,7 @@ impl Tracker {
             close_wait_counted: false,
             name_source: NameSource::Owner,
             peer_label: self.config.peer_label,
+            holder: None,
         };
         if direction == Direction::Inbound {
             self.name_after_listener(&mut conn);

@@ -227,6 +227,7 @@ impl Tracker {
             });
         }
         tracing::debug!(cause = cause.name(), local = %conn.local, remote = %conn.remote, "connection closed");
+        self.note_dead(&conn, cause, closed_at_ns);
         let closer = conn.closer.map(|(closer, _)| closer);
         let mut record = conn;
         record.zombie = zombie.or(record.zombie);

@@ -1,0 +1,203 @@
+//! Connections the kernel ended under their application: killed by the
+//! keepalive, retransmission or zero-window timer, or reset by the peer,
+//! while a process still held the socket open. The kernel has closed and
+//! unhashed such a socket (no `ss`, no `sock_diag` lists it), but the
+//! process's descriptor stays until the application next uses it, and a
+//! connection pool hands it out and fails: the application-level zombie.
+//!
+//! Only connections an inventory saw alive qualify: an inventory names the
+//! socket's inode and the process holding it. The inventory thread then
+//! looks for those inodes in their processes' descriptors at each
+//! inventory; a socket still there is held, one gone was released.
+
+use crate::{
+    inventory::HeldSockets,
+    model::{CloseCause, Comm},
+};
+
+use super::{Connection, Holder, Labels, Tracker};
+
+/// A dead connection whose socket its process held when last looked at.
+#[derive(Clone, Debug)]
+pub struct DeadHeld {
+    pub holder: Holder,
+    pub labels: Labels,
+    pub cause: CloseCause,
+    /// An inventory after the death found the socket still open (before
+    /// that, only the inventory before the death had).
+    pub confirmed: bool,
+    comm: Comm,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    closed_at_ns: u64,
+}
+
+/// The causes by which the kernel ends a connection its application still
+/// uses: the application learns of it only at its next call on the socket.
+fn ends_under_application(cause: CloseCause) -> bool {
+    match cause {
+        CloseCause::KeepaliveTimeout
+        | CloseCause::RetransmitTimeout
+        | CloseCause::ZeroWindowTimeout
+        | CloseCause::ResetReceived => true,
+        CloseCause::Normal | CloseCause::ResetSent | CloseCause::Other => false,
+    }
+}
+
+impl Tracker {
+    /// Watches the socket of `conn`, which ended by `cause`, if its
+    /// application may still hold it.
+    pub(super) fn note_dead(&mut self, conn: &Connection, cause: CloseCause, closed_at_ns: u64) {
+        let Some(holder) = conn.holder else {
+            return;
+        };
+        if !ends_under_application(cause) {
+            return;
+        }
+        if self.dead_held.len() >= self.config.max_connections {
+            tracing::debug!(
+                inode = holder.inode,
+                "too many dead connections watched; not this one"
+            );
+            return;
+        }
+        self.dead_held.insert(
+            holder.inode,
+            DeadHeld {
+                holder,
+                labels: conn.labels(),
+                cause,
+                confirmed: false,
+                comm: conn.comm.clone(),
+                local: conn.local,
+                remote: conn.remote,
+                closed_at_ns,
+            },
+        );
+    }
+
+    /// The sockets (process, inode) the next inventory should look for.
+    pub fn dead_held_watch(&self) -> Vec<Holder> {
+        self.dead_held.values().map(|d| d.holder).collect()
+    }
+
+    /// Dead connections whose sockets an inventory since their death found
+    /// still held.
+    pub fn dead_held(&self) -> impl Iterator<Item = &DeadHeld> {
+        self.dead_held.values().filter(|d| d.confirmed)
+    }
+
+    /// Applies what an inventory found of the watched sockets; those
+    /// watched since it began are left for the next.
+    pub(super) fn check_dead_held(&mut self, holds: &HeldSockets) {
+        for inode in &holds.checked {
+            let Some(dead) = self.dead_held.get_mut(inode) else {
+                continue;
+            };
+            if !holds.held.contains(inode) {
+                tracing::debug!(
+                    comm = %dead.comm,
+                    pid = dead.holder.pid,
+                    local = %dead.local,
+                    remote = %dead.remote,
+                    "a dead connection's socket was released"
+                );
+                self.dead_held.remove(inode);
+            } else if !dead.confirmed {
+                dead.confirmed = true;
+                tracing::info!(
+                    comm = %dead.comm,
+                    pid = dead.holder.pid,
+                    local = %dead.local,
+                    remote = %dead.remote,
+                    cause = dead.cause.name(),
+                    closed_at_ns = dead.closed_at_ns,
+                    "the kernel ended this connection and its process still holds the socket: its next use fails"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ka_common::{SockSnapshot, tcp_state};
+
+    use super::*;
+    use crate::track::{
+        TrackerConfig,
+        fixtures::{socket, transition},
+    };
+
+    const SOCKET_INODE: u64 = 777;
+
+    /// An established connection whose socket an inventory found held by
+    /// pid 42, ended by `sk_err` (a reset when `reset`).
+    fn ended(sk_err: i32, reset: bool) -> Tracker {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let sock = socket(80, tcp_state::SYN_SENT);
+        tracker.handle(&transition(
+            sock,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ));
+        let conn = tracker.connections.get_mut(&sock.sk).unwrap();
+        conn.holder = Some(Holder {
+            pid: 42,
+            inode: SOCKET_INODE,
+        });
+        conn.reset_received = reset;
+        tracker.handle(&transition(
+            SockSnapshot {
+                sk_err,
+                retransmits: 5,
+                ..sock
+            },
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE,
+            2_000,
+        ));
+        tracker.settle_closes(1_000_000_000);
+        tracker
+    }
+
+    fn holds(held: &[u64]) -> HeldSockets {
+        HeldSockets {
+            checked: vec![SOCKET_INODE],
+            held: held.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn a_connection_the_kernel_ended_is_held_until_its_socket_is_released() {
+        let mut tracker = ended(libc::ETIMEDOUT, false);
+        assert_eq!(
+            tracker.dead_held_watch(),
+            [Holder {
+                pid: 42,
+                inode: SOCKET_INODE
+            }]
+        );
+        // Not held yet: no inventory has looked since the death.
+        assert_eq!(tracker.dead_held().count(), 0);
+        // Watched after this inventory began: left for the next.
+        tracker.check_dead_held(&HeldSockets::default());
+        assert_eq!(tracker.dead_held_watch().len(), 1);
+        tracker.check_dead_held(&holds(&[SOCKET_INODE]));
+        let held: Vec<&DeadHeld> = tracker.dead_held().collect();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].cause, CloseCause::RetransmitTimeout);
+        tracker.check_dead_held(&holds(&[]));
+        assert_eq!(tracker.dead_held().count(), 0);
+        assert!(tracker.dead_held_watch().is_empty());
+    }
+
+    #[test]
+    fn a_reset_connection_is_watched_and_a_normal_close_is_not() {
+        let tracker = ended(libc::ECONNRESET, true);
+        assert_eq!(tracker.dead_held_watch().len(), 1);
+        let tracker = ended(0, false);
+        assert!(tracker.dead_held_watch().is_empty());
+    }
+}

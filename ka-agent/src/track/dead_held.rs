@@ -126,7 +126,7 @@ mod tests {
     use super::*;
     use crate::track::{
         TrackerConfig,
-        fixtures::{socket, transition},
+        fixtures::{connected, socket, transition},
     };
 
     const SOCKET_INODE: u64 = 777;
@@ -136,12 +136,7 @@ mod tests {
     fn ended(sk_err: i32, reset: bool) -> Tracker {
         let mut tracker = Tracker::new(TrackerConfig::default());
         let sock = socket(80, tcp_state::SYN_SENT);
-        tracker.handle(&transition(
-            sock,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            1_000,
-        ));
+        tracker.handle(&connected(sock, 1_000));
         let conn = tracker.connections.get_mut(&sock.sk).unwrap();
         conn.holder = Some(Holder {
             pid: 42,

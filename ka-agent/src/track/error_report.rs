@@ -94,7 +94,7 @@ mod tests {
         decode::Event,
         track::{
             Tracker, TrackerConfig,
-            fixtures::{header, socket, transition},
+            fixtures::{connected, header, socket, transition},
         },
     };
 
@@ -137,12 +137,7 @@ mod tests {
             ..a
         };
         for sock in [a, b] {
-            tracker.handle(&transition(
-                sock,
-                tcp_state::SYN_SENT,
-                tcp_state::ESTABLISHED,
-                1_000,
-            ));
+            tracker.handle(&connected(sock, 1_000));
         }
         (a, b)
     }
@@ -165,12 +160,7 @@ mod tests {
     fn a_report_is_kept_on_the_one_connection_with_its_addresses() {
         let mut tracker = Tracker::new(TrackerConfig::default());
         let sock = socket(80, tcp_state::SYN_SENT);
-        tracker.handle(&transition(
-            sock,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
-            1_000,
-        ));
+        tracker.handle(&connected(sock, 1_000));
         tracker.handle(&report(&sock, libc::ETIMEDOUT, 2_000));
         assert_eq!(tracker.connection(0xA).unwrap().last_error, libc::ETIMEDOUT);
     }

@@ -939,4 +939,14 @@ mod fixtures {
             reserved: [0; 6],
         })
     }
+
+    /// `sock`, connecting, established at `ktime_ns`.
+    pub fn connected(sock: SockSnapshot, ktime_ns: u64) -> crate::decode::Event {
+        transition(
+            sock,
+            ka_common::tcp_state::SYN_SENT,
+            ka_common::tcp_state::ESTABLISHED,
+            ktime_ns,
+        )
+    }
 }

@@ -415,6 +415,7 @@ mod documentation {
             idle_before_close_secs: Some(1.0),
             error: Some("No route to host".into()),
             closed_at_ns: 1,
+            held_by_pid: Some(7),
         };
         for value in [
             serde_json::to_value(&view).unwrap(),

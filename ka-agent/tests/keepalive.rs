@@ -389,6 +389,13 @@ fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
         |m| m.count("ka_dead_connections_held", &held) == 1,
         || client.sockets(),
     );
+    let closed = wait_api(
+        &agent,
+        "/api/v1/closed?cause=keepalive_timeout",
+        "the dead connection, held",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(closed["held_by_pid"], std::process::id(), "{closed}");
     // The kernel has let it go: only the descriptor is left.
     assert!(
         !client.sockets().contains("198.18.10.2:8096"),
@@ -403,5 +410,12 @@ fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
     agent.wait_metrics(Duration::from_secs(10), "the socket released", |m| {
         !m.has_series("ka_dead_connections_held", &[("netns", &cn)])
     });
+    let closed = wait_api(
+        &agent,
+        "/api/v1/closed?cause=keepalive_timeout",
+        "the dead connection, released",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert!(closed.get("held_by_pid").is_none(), "{closed}");
     assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
 }

@@ -94,6 +94,7 @@ impl Tracker {
             let Some(dead) = self.dead_held.get_mut(inode) else {
                 continue;
             };
+            let holder = dead.holder;
             if !holds.held.contains(inode) {
                 tracing::debug!(
                     comm = %dead.comm,
@@ -103,6 +104,7 @@ impl Tracker {
                     "a dead connection's socket was released"
                 );
                 self.dead_held.remove(inode);
+                self.show_held(holder, None);
             } else if !dead.confirmed {
                 dead.confirmed = true;
                 tracing::info!(
@@ -114,7 +116,20 @@ impl Tracker {
                     closed_at_ns = dead.closed_at_ns,
                     "the kernel ended this connection and its process still holds the socket: its next use fails"
                 );
+                self.show_held(holder, Some(holder.pid));
             }
+        }
+    }
+
+    /// Sets who holds the socket in the API's record of the close.
+    fn show_held(&mut self, holder: Holder, pid: Option<u32>) {
+        if let Some(closed) = self
+            .recently_closed_abnormally
+            .iter_mut()
+            .rev()
+            .find(|c| c.connection.holder == Some(holder))
+        {
+            closed.held_by_pid = pid;
         }
     }
 }
@@ -183,9 +198,12 @@ mod tests {
         let held: Vec<&DeadHeld> = tracker.dead_held().collect();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].cause, CloseCause::RetransmitTimeout);
+        let shown = |tracker: &Tracker| tracker.recently_closed()[0].held_by_pid;
+        assert_eq!(shown(&tracker), Some(42));
         tracker.check_dead_held(&holds(&[]));
         assert_eq!(tracker.dead_held().count(), 0);
         assert!(tracker.dead_held_watch().is_empty());
+        assert_eq!(shown(&tracker), None);
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct ClosedConnection {
     pub error: Option<String>,
     /// `CLOCK_MONOTONIC` ns of the close.
     pub closed_at_ns: u64,
+    /// The process that still held the socket at the last inventory, of a
+    /// connection the kernel ended under it (see `dead_held`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by_pid: Option<u32>,
 }
 
 /// How the tracker is tuned.
@@ -879,6 +883,7 @@ mod recently_closed_tests {
             idle_before_close_secs: None,
             error: None,
             closed_at_ns,
+            held_by_pid: None,
         }
     }
 

@@ -239,6 +239,7 @@ impl Tracker {
             idle_before_close_secs: idle_before_close.map(|(_, idle)| idle),
             error: super::error_text(evidence.sk_err),
             closed_at_ns,
+            held_by_pid: None,
         });
         self.observations.push(Observation::Closed {
             labels,

@@ -144,7 +144,7 @@ impl InventoryMetrics {
             corrected: IntCounterVec::new(
                 Opts::new(
                     "ka_inventory_connections_total",
-                    "Connections an inventory found the events had not told, by outcome: adopted (unknown to the table: open before the agent started, or their opening lost) and vanished (tracked, but gone from the kernel: their close lost; closed from what their record holds), which includes the connections left of a network namespace two inventories in a row no longer find (deleted while their closes were lost).",
+                    "Connections an inventory found the events had not told, by outcome: adopted (unknown to the table: open before the agent started, or their opening lost) and vanished (tracked, but gone from the kernel: their close lost; closed from what their record holds), which includes the connections left of a network namespace two inventories in a row no longer find (deleted while their closes were lost; a closing orphan, which keeps its namespace alive, waits for its own close unless events were lost since its last).",
                 ),
                 &["outcome"],
             )?,

@@ -60,6 +60,24 @@ impl TcpState {
         }
     }
 
+    /// A state a socket can be left in by a process that closed it or
+    /// exited: the kernel finishes closing it alone.
+    pub const fn is_orphanable(self) -> bool {
+        match self {
+            Self::FinWait1 | Self::FinWait2 | Self::Closing | Self::LastAck => true,
+            Self::Established
+            | Self::SynSent
+            | Self::SynRecv
+            | Self::TimeWait
+            | Self::Close
+            | Self::CloseWait
+            | Self::Listen
+            | Self::NewSynRecv
+            | Self::BoundInactive
+            | Self::Unknown => false,
+        }
+    }
+
     /// The `state` label of `ka_connections`.
     pub const fn name(self) -> &'static str {
         match self {

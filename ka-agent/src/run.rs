@@ -278,6 +278,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     );
                 }
                 if missed > 0 || lost > lost_seen || unreceived > unreceived_seen {
+                    tracker.note_loss(now);
                     unreconciled_loss = true;
                 } else if unreconciled_loss {
                     // A close may have gone unseen: the inventory finds the

@@ -215,7 +215,9 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         return;
     };
     let (client, server) = pair("pd");
-    let agent = Agent::start(&["--idle-timeout", "2s"]);
+    // Inventories every second: a dead connection the test still holds is
+    // known as held once an inventory saw it alive and one saw it dead.
+    let agent = Agent::start(&["--idle-timeout", "2s", "--inventory-interval", "1s"]);
     let rules = common::dashboards::root().join("deploy/prometheus/ka-rules.yaml");
     let prometheus = Prometheus::start_with_rules(&binary, agent.addr, Some(&rules));
     let addr: SocketAddr = "198.18.10.2:7103".parse().unwrap();
@@ -247,6 +249,13 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
     );
     let _probing = (
         client.connect(addr, &keepalive(1, 60)).unwrap(),
+        listener.accept().unwrap(),
+    );
+    // Dies later (6 s idle, 2 probes), after an inventory named its socket
+    // and this process (whose new sockets the process index may take up
+    // to 5 s to rescan for), and stays held here.
+    let _held_dead = (
+        client.connect(addr, &keepalive(6, 2)).unwrap(),
         listener.accept().unwrap(),
     );
     let mut sending = client.connect(addr, &SocketOptions::default()).unwrap();

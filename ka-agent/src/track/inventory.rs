@@ -32,6 +32,14 @@ const FIRST_CLOSED_KEPT_NS: u64 = 20_000_000_000;
 /// a namespace being made.
 const ABSENCES_BEFORE_GONE: u32 = 2;
 
+/// How long a record in a closing state of a namespace no inventory finds
+/// may go without an event before it is closed, when no event was lost
+/// since its last: a namespace lives on, out of the inventory's sight (no
+/// process, no mount), while the orphaned sockets of its deleted pod
+/// finish closing (`tcp_fin_timeout`, the orphans' retransmissions:
+/// minutes at most), and their own close events end them.
+const ORPHAN_LINGER_NS: u64 = 600_000_000_000;
+
 /// The tracker's record of what the inventory contributed.
 #[derive(Debug, Default)]
 pub struct InventoryState {
@@ -60,6 +68,8 @@ pub struct InventoryState {
     /// Namespaces of tracked records that the last inventories did not
     /// find (see [`Tracker::close_gone_namespaces`]).
     absent: hashbrown::HashMap<u32, Absence>,
+    /// When events were last found lost, skipped or never read.
+    last_loss_ns: Option<u64>,
 }
 
 /// A namespace missing from inventories in a row.
@@ -152,6 +162,12 @@ impl Tracker {
         self.inventory.first_done = true;
         self.inventory.vanished_total += report.vanished as u64;
         report
+    }
+
+    /// Events were found lost, skipped or never read at `at_ns`: closes
+    /// among them may be missing from the records touched before.
+    pub fn note_loss(&mut self, at_ns: u64) {
+        self.inventory.last_loss_ns = Some(at_ns);
     }
 
     /// An inventory was reconciled: `/readyz` may say ready.
@@ -275,6 +291,10 @@ impl Tracker {
     /// the agent restarts. A namespace kept alive only by a socket held
     /// from another one, or by a mount outside `/run/netns`, is out of the
     /// inventory's sight too: its connections' next events bring them back.
+    /// So is one kept alive by the orphans of its deleted pod, closing
+    /// alone: their records (in a closing state) wait for their own close
+    /// events, unless events were lost since their last
+    /// ([`ORPHAN_LINGER_NS`] at most).
     fn close_gone_namespaces(
         &mut self,
         dumped: &[NamespaceInventory],
@@ -322,12 +342,24 @@ impl Tracker {
         self.inventory
             .listeners
             .retain(|(netns, _), _| !gone.contains(netns));
+        // A socket its process closed can outlive the process and keep
+        // the namespace alive: it ends with its own close event, unless
+        // events were lost since its last (its close among them).
+        let last_loss_ns = self.inventory.last_loss_ns;
+        let lingering = |c: &Connection| {
+            c.state.is_orphanable()
+                && last_loss_ns.is_none_or(|loss| loss < c.last_event_ns)
+                && c.last_event_ns.saturating_add(ORPHAN_LINGER_NS) > began_ns
+        };
         let closed: Vec<u64> = self
             .connections
             .values()
-            .filter(|c| gone.contains(&c.netns))
+            .filter(|c| gone.contains(&c.netns) && !lingering(c))
             .map(|c| c.sk)
             .collect();
+        if closed.is_empty() {
+            return;
+        }
         tracing::info!(
             namespaces = ?gone,
             connections = closed.len(),
@@ -813,6 +845,55 @@ mod tests {
                 .keys()
                 .all(|(netns, _)| *netns != 7)
         );
+    }
+
+    /// A deleted pod's namespace lives on, out of the inventory's sight,
+    /// while the sockets its processes closed finish closing (orphans in
+    /// `FIN_WAIT*`, `CLOSING` or `LAST_ACK`, whose retransmissions back off to
+    /// minutes): their records wait for their own close events, and are
+    /// closed only after ten minutes without one, or with their namespace
+    /// when events were lost since their last.
+    #[test]
+    fn the_closing_orphans_of_an_unseen_namespace_end_with_their_own_close() {
+        use ka_common::tcp_state;
+
+        use crate::track::fixtures::{connected, socket, transition};
+
+        const S: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let sock = socket(80, tcp_state::SYN_SENT);
+        tracker.handle(&connected(sock, S / 2));
+        tracker.handle(&transition(
+            sock,
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            S / 2 + 1,
+        ));
+        for at in 1..=3 {
+            tracker.reconcile(&without_namespace_7(at * S));
+        }
+        assert_eq!(tracker.len(), 1, "closing: it lingers");
+        assert_eq!(tracker.vanished_total(), 0);
+        for at in [700, 701, 702] {
+            tracker.reconcile(&without_namespace_7(at * S));
+        }
+        assert_eq!(tracker.len(), 0, "ten minutes without an event");
+        assert_eq!(tracker.vanished_total(), 1);
+
+        // Events lost since its last: its close may be among them.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&connected(sock, S / 2));
+        tracker.handle(&transition(
+            sock,
+            tcp_state::ESTABLISHED,
+            tcp_state::FIN_WAIT1,
+            S / 2 + 1,
+        ));
+        tracker.note_loss(S);
+        for at in 1..=3 {
+            tracker.reconcile(&without_namespace_7(at * S));
+        }
+        assert_eq!(tracker.len(), 0, "closed with its namespace");
     }
 
     /// A namespace the inventory cannot see whose connections still send

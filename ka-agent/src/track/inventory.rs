@@ -860,15 +860,20 @@ mod tests {
         use crate::track::fixtures::{connected, socket, transition};
 
         const S: u64 = 1_000_000_000;
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let sock = socket(80, tcp_state::SYN_SENT);
-        tracker.handle(&connected(sock, S / 2));
-        tracker.handle(&transition(
-            sock,
-            tcp_state::ESTABLISHED,
-            tcp_state::FIN_WAIT1,
-            S / 2 + 1,
-        ));
+        // A connection of namespace 7 whose process closed it at 0.5 s.
+        let closed_by_its_process = || {
+            let mut tracker = Tracker::new(TrackerConfig::default());
+            let sock = socket(80, tcp_state::SYN_SENT);
+            tracker.handle(&connected(sock, S / 2));
+            tracker.handle(&transition(
+                sock,
+                tcp_state::ESTABLISHED,
+                tcp_state::FIN_WAIT1,
+                S / 2 + 1,
+            ));
+            tracker
+        };
+        let mut tracker = closed_by_its_process();
         for at in 1..=3 {
             tracker.reconcile(&without_namespace_7(at * S));
         }
@@ -881,14 +886,7 @@ mod tests {
         assert_eq!(tracker.vanished_total(), 1);
 
         // Events lost since its last: its close may be among them.
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        tracker.handle(&connected(sock, S / 2));
-        tracker.handle(&transition(
-            sock,
-            tcp_state::ESTABLISHED,
-            tcp_state::FIN_WAIT1,
-            S / 2 + 1,
-        ));
+        let mut tracker = closed_by_its_process();
         tracker.note_loss(S);
         for at in 1..=3 {
             tracker.reconcile(&without_namespace_7(at * S));

@@ -284,12 +284,14 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
     }
 
     // Alerts: zombies fire at once, at-risk waits its 15 minutes (pending),
+    // the dead connection held here its 10 (pending),
     // and nothing was lost, no close went unexplained, no hook that matters
     // is missing, no pod list failed, no series folded, inventories keep up,
     // the agent is up.
     let expected = [
         ("KaZombieConnections", "firing"),
         ("KaConnectionsAtRisk", "pending"),
+        ("KaDeadConnectionsHeld", "pending"),
         ("KaEventsLost", "inactive"),
         ("KaEventsUnreceived", "inactive"),
         ("KaClosesUnexplained", "inactive"),

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub idle_before_close: HistogramVec,
     pub tracked: IntGauge,
     pub evictions: IntCounter,
+    pub dead_held_unwatched: IntCounter,
     pub series_overflow: IntCounter,
     pub kernel_events: IntCounterVec,
     pub read_failures: IntCounter,
@@ -523,6 +524,10 @@ impl Metrics {
                 "ka_connection_evictions_total",
                 "Connections dropped from a full table (--max-connections).",
             )?,
+            dead_held_unwatched: IntCounter::new(
+                "ka_dead_connections_unwatched_total",
+                "Connections the kernel ended under their application (see ka_dead_connections_held) not watched for a process still holding them: the watch already had --max-connections of them.",
+            )?,
             registry,
         };
         for collector in [
@@ -541,6 +546,7 @@ impl Metrics {
             Box::new(metrics.idle_before_close.clone()),
             Box::new(metrics.tracked.clone()),
             Box::new(metrics.evictions.clone()),
+            Box::new(metrics.dead_held_unwatched.clone()),
             Box::new(metrics.series_overflow.clone()),
             Box::new(metrics.kernel_events.clone()),
             Box::new(metrics.read_failures.clone()),

@@ -222,6 +222,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut gauges = GaugeState::default();
     let mut kernel_counts = KernelCounts::default();
     let mut evictions_seen = 0u64;
+    let mut dead_held_unwatched_seen = 0u64;
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
     let mut lost_seen = 0u64;
@@ -264,6 +265,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 );
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
+                metrics
+                    .dead_held_unwatched
+                    .inc_by(tracker.dead_held_unwatched().saturating_sub(dead_held_unwatched_seen));
+                dead_held_unwatched_seen = tracker.dead_held_unwatched();
                 let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
                 let lost = stats.lost();
                 let unreceived = delivery.missing_total();

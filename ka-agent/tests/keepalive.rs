@@ -383,11 +383,17 @@ fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
         ("direction", "outbound"),
         ("port", "8096"),
     ];
-    agent.wait_metrics_explained(
+    let metrics = agent.wait_metrics_explained(
         Duration::from_secs(20),
         "the dead connection, held",
         |m| m.count("ka_dead_connections_held", &held) == 1,
         || client.sockets(),
+    );
+    // What `top`'s header names, read from this agent's exposition.
+    assert!(
+        ka_agent::top::view::held_by_process(&metrics.text).contains(&(comm.to_owned(), 1)),
+        "{}",
+        metrics.text
     );
     let closed = wait_api(
         &agent,

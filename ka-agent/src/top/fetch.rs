@@ -118,6 +118,8 @@ pub fn answers(addr: SocketAddr, timeout: Duration) -> bool {
 pub struct Fetched {
     pub rows: Vec<Row>,
     pub totals: Totals,
+    /// See [`super::view::held_by_process`].
+    pub held_by: Vec<(String, u64)>,
     pub at: Instant,
 }
 
@@ -139,6 +141,7 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<Fetched, FetchError>
     Ok(Fetched {
         rows,
         totals: Totals::from_metrics(&metrics),
+        held_by: super::view::held_by_process(&metrics),
         at: Instant::now(),
     })
 }

@@ -189,6 +189,70 @@ impl Totals {
     }
 }
 
+/// The processes holding dead connections (`ka_dead_connections_held` by
+/// `comm`), most first: `top` lists no closed connection, so it names them
+/// in its header.
+pub fn held_by_process(text: &str) -> Vec<(String, u64)> {
+    let mut by_comm: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(labels) = line.strip_prefix("ka_dead_connections_held{") else {
+            continue;
+        };
+        let Some((labels, value)) = labels.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        if value < 1.0 {
+            continue;
+        }
+        let comm = label(labels, "comm").unwrap_or_default();
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a gauge of held sockets: a small whole number, at least 1 here"
+        )]
+        let count = value as u64;
+        *by_comm.entry(comm).or_default() += count;
+    }
+    let mut held: Vec<(String, u64)> = by_comm.into_iter().collect();
+    held.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    held
+}
+
+/// The value of label `name` in an exposition's label list
+/// (`a="x",b="y\"z"`), unescaped.
+fn label(labels: &str, name: &str) -> Option<String> {
+    let mut rest = labels;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = None;
+        while let Some((at, c)) = chars.next() {
+            match c {
+                '"' => {
+                    end = Some(at);
+                    break;
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, escaped)) => value.push(escaped),
+                    None => return None,
+                },
+                other => value.push(other),
+            }
+        }
+        let end = end?;
+        if key.trim_start_matches(',') == name {
+            return Some(value);
+        }
+        rest = after.get(end + 1..).unwrap_or_default();
+    }
+    None
+}
+
 /// Per-second rates between two readings.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Rates {
@@ -285,6 +349,8 @@ pub struct View {
     pub rows: Vec<Row>,
     pub totals: Option<(Totals, Instant)>,
     pub rates: Option<Rates>,
+    /// See [`held_by_process`].
+    pub held_by: Vec<(String, u64)>,
     pub error: Option<String>,
     pub updated: Option<Instant>,
     pub sort: SortKey,
@@ -305,6 +371,7 @@ impl View {
             rows: Vec::new(),
             totals: None,
             rates: None,
+            held_by: Vec::new(),
             error: None,
             updated: None,
             sort: SortKey::default(),
@@ -325,6 +392,7 @@ impl View {
                     self.rates = Rates::between(before, now);
                 }
                 self.totals = Some(now);
+                self.held_by = fetched.held_by;
                 self.rows = fetched.rows;
                 self.updated = Some(fetched.at);
                 self.error = None;
@@ -392,6 +460,12 @@ impl View {
             self.totals
                 .map_or_else(|| "-".to_owned(), |(t, _)| format!("{:.0}", t.zombies)),
         ))];
+        if let Some(held) = self.held_text() {
+            second.push(Span::styled(
+                held,
+                Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+            ));
+        }
         match (&self.error, self.updated) {
             (Some(error), _) => second.push(Span::styled(
                 format!("  NOT ANSWERING: {error}"),
@@ -404,6 +478,27 @@ impl View {
             ))),
         }
         [Line::from(first), Line::from(second)]
+    }
+
+    /// `  dead held 3 (java 2, curl 1)`: connections the kernel ended whose
+    /// processes still hold them (see `ka_dead_connections_held`); none
+    /// when there are none.
+    fn held_text(&self) -> Option<String> {
+        let held: u64 = self.held_by.iter().map(|(_, n)| n).sum();
+        if held == 0 {
+            return None;
+        }
+        let names: Vec<String> = self
+            .held_by
+            .iter()
+            .take(3)
+            .map(|(comm, n)| {
+                let comm = if comm.is_empty() { "?" } else { comm };
+                format!("{comm} {n}")
+            })
+            .collect();
+        let more = if self.held_by.len() > 3 { ", ..." } else { "" };
+        Some(format!("  dead held {held} ({}{more})", names.join(", ")))
     }
 
     fn footer(&self) -> Line<'_> {
@@ -728,6 +823,34 @@ mod tests {
         // An agent restart does not give negative rates.
         let restarted = Rates::between((after, t0), (Totals::default(), t1)).unwrap();
         assert!(restarted.probes.abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn the_processes_holding_dead_connections_are_named_in_the_header() {
+        let metrics = "# HELP ka_dead_connections_held x\n\
+             ka_dead_connections_held{cause=\"keepalive_timeout\",comm=\"java\",port=\"5432\"} 2\n\
+             ka_dead_connections_held{cause=\"reset_received\",comm=\"java\",port=\"6379\"} 1\n\
+             ka_dead_connections_held{cause=\"reset_received\",comm=\"my \\\"app\\\"\",port=\"80\"} 1\n\
+             ka_dead_connections_held{cause=\"reset_received\",comm=\"gone\",port=\"81\"} 0\n\
+             ka_dead_connections_held{cause=\"reset_received\",port=\"82\"} 1\n\
+             ka_dead_connections_held_other{comm=\"x\"} 5\n";
+        let held = held_by_process(metrics);
+        assert_eq!(
+            held,
+            [
+                ("java".to_owned(), 3),
+                (String::new(), 1),
+                ("my \"app\"".to_owned(), 1)
+            ]
+        );
+        let mut view = view();
+        assert!(!screen(&mut view, 100).contains("dead held"));
+        view.held_by = held;
+        let text = screen(&mut view, 100);
+        assert!(
+            text.contains("dead held 5 (java 3, ? 1, my \"app\" 1)"),
+            "{text}"
+        );
     }
 
     fn screen(view: &mut View, width: u16) -> String {

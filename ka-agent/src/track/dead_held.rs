@@ -55,6 +55,7 @@ impl Tracker {
             return;
         }
         if self.dead_held.len() >= self.config.max_connections {
+            self.dead_held_unwatched += 1;
             tracing::debug!(
                 inode = holder.inode,
                 "too many dead connections watched; not this one"
@@ -74,6 +75,12 @@ impl Tracker {
                 closed_at_ns,
             },
         );
+    }
+
+    /// Dead connections not watched for their holder because the watch
+    /// already had `--max-connections` of them.
+    pub fn dead_held_unwatched(&self) -> u64 {
+        self.dead_held_unwatched
     }
 
     /// The sockets (process, inode) the next inventory should look for.
@@ -150,13 +157,21 @@ mod tests {
     /// pid 42, ended by `sk_err` (a reset when `reset`).
     fn ended(sk_err: i32, reset: bool) -> Tracker {
         let mut tracker = Tracker::new(TrackerConfig::default());
-        let sock = socket(80, tcp_state::SYN_SENT);
+        end(
+            &mut tracker,
+            socket(80, tcp_state::SYN_SENT),
+            SOCKET_INODE,
+            sk_err,
+            reset,
+        );
+        tracker
+    }
+
+    /// Ends `sock`, whose socket inode `inode` pid 42 holds, in `tracker`.
+    fn end(tracker: &mut Tracker, sock: SockSnapshot, inode: u64, sk_err: i32, reset: bool) {
         tracker.handle(&connected(sock, 1_000));
         let conn = tracker.connections.get_mut(&sock.sk).unwrap();
-        conn.holder = Some(Holder {
-            pid: 42,
-            inode: SOCKET_INODE,
-        });
+        conn.holder = Some(Holder { pid: 42, inode });
         conn.reset_received = reset;
         tracker.handle(&transition(
             SockSnapshot {
@@ -169,7 +184,6 @@ mod tests {
             2_000,
         ));
         tracker.settle_closes(1_000_000_000);
-        tracker
     }
 
     fn holds(held: &[u64]) -> HeldSockets {
@@ -212,5 +226,28 @@ mod tests {
         assert_eq!(tracker.dead_held_watch().len(), 1);
         let tracker = ended(0, false);
         assert!(tracker.dead_held_watch().is_empty());
+    }
+
+    #[test]
+    fn a_dead_connection_beyond_the_watch_is_counted_not_watched() {
+        let mut tracker = Tracker::new(TrackerConfig {
+            max_connections: 1,
+            ..TrackerConfig::default()
+        });
+        let first = socket(80, tcp_state::SYN_SENT);
+        end(&mut tracker, first, SOCKET_INODE, libc::ETIMEDOUT, false);
+        let second = SockSnapshot {
+            sk: 0xB,
+            ..socket(81, tcp_state::SYN_SENT)
+        };
+        end(
+            &mut tracker,
+            second,
+            SOCKET_INODE + 1,
+            libc::ETIMEDOUT,
+            false,
+        );
+        assert_eq!(tracker.dead_held_watch().len(), 1);
+        assert_eq!(tracker.dead_held_unwatched(), 1);
     }
 }

@@ -502,6 +502,8 @@ pub struct Tracker {
     /// Connections the kernel ended whose socket their process may still
     /// hold, by socket inode (see `dead_held`).
     dead_held: hashbrown::HashMap<u64, dead_held::DeadHeld>,
+    /// Such connections not watched: the watch was full.
+    dead_held_unwatched: u64,
 }
 
 impl Tracker {
@@ -516,6 +518,7 @@ impl Tracker {
             closing: hashbrown::HashMap::new(),
             inventory: inventory::InventoryState::default(),
             dead_held: hashbrown::HashMap::new(),
+            dead_held_unwatched: 0,
         }
     }
 

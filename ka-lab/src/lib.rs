@@ -36,6 +36,7 @@
 //! ```
 
 mod counters;
+pub mod http;
 mod sock;
 
 use std::fs::File;

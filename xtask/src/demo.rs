@@ -208,18 +208,6 @@ fn build(world: &mut World, timing: Timing) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The agent's metrics: GET /metrics.
-fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
 /// Sum of a metric over the series whose labels contain every `label="value"`.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
@@ -265,7 +253,7 @@ impl Demo {
     fn prove(&mut self, timeout: Duration, expects: &[Expect<'_>]) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let text = loop {
-            let text = get(self.agent, "/metrics").unwrap_or_default();
+            let text = ka_lab::http::get_ok(self.agent, "/metrics").unwrap_or_default();
             let all = expects
                 .iter()
                 .all(|e| (e.holds)(metric(&text, e.name, &e.labels)));
@@ -346,7 +334,7 @@ fn start_agent(
         .with_context(|| format!("cannot start {}", binary.display()))?;
     world.agent = Some(child);
     let deadline = Instant::now() + Duration::from_mins(1);
-    while get(addr, "/readyz").is_none() {
+    while ka_lab::http::get_ok(addr, "/readyz").is_none() {
         if let Some(status) = world
             .agent
             .as_mut()

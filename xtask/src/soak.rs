@@ -6,7 +6,6 @@
 //! the namespace and the agent are removed on exit, also on error.
 
 use std::{
-    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     sync::{
@@ -35,18 +34,6 @@ impl Drop for Guard {
             let _ = child.wait();
         }
     }
-}
-
-fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::Read;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
 }
 
 /// Sum of a metric over the series whose labels contain every `filter`.
@@ -99,7 +86,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     );
     let pid = guard.child.as_ref().map_or(0, Child::id);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while get(addr, "/readyz").is_none_or(|b| !b.contains("ready")) {
+    while ka_lab::http::get_ok(addr, "/readyz").is_none_or(|b| !b.contains("ready")) {
         if Instant::now() > deadline {
             bail!("agent not ready");
         }
@@ -190,7 +177,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
                         .and_then(|v| v.split_whitespace().next()?.parse().ok())
                 })
                 .unwrap_or(0);
-            let text = get(addr, "/metrics").unwrap_or_default();
+            let text = ka_lab::http::get_ok(addr, "/metrics").unwrap_or_default();
             let tracked = metric(&text, "ka_tracked_connections", &[]);
             let events = metric(&text, "ka_events_total", &[]);
             eprintln!("soak: rss {rss_kib} KiB, tracked {tracked}, events {events}");
@@ -204,7 +191,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     // rest of the host keep arriving: wait for a quiet moment to compare.
     let mut text = String::new();
     for _ in 0..15 {
-        text = get(addr, "/metrics").unwrap_or_default();
+        text = ka_lab::http::get_ok(addr, "/metrics").unwrap_or_default();
         if metric(&text, "ka_kernel_events_total", &["outcome=\"submitted\""])
             == metric(&text, "ka_events_total", &[])
         {

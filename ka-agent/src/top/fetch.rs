@@ -1,10 +1,9 @@
-//! Reading the agent: a minimal HTTP/1.0 GET over a std `TcpStream` (the
-//! agent's own server, on a trusted address), and the poller thread that
-//! fetches the connections and `/metrics` so the UI never waits.
+//! Reading the agent: a GET through `ureq` (the agent's own server, on a
+//! trusted address), and the poller thread that fetches the connections
+//! and `/metrics` so the UI never waits.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,7 +14,7 @@ use std::{
 
 use super::view::{Row, Totals};
 
-/// Largest answer read (a big table is a few MB; more is cut off).
+/// Largest answer read (a big table is a few MB; more is an error).
 const MAX_BODY: u64 = 64 * 1024 * 1024;
 /// Most connections asked for per refresh.
 pub const FETCH_LIMIT: usize = 5000;
@@ -23,14 +22,13 @@ pub const FETCH_LIMIT: usize = 5000;
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("{addr}: {source}")]
-    Io {
+    #[error("{addr}{path}: {source}")]
+    Http {
         addr: SocketAddr,
+        path: String,
         #[source]
-        source: std::io::Error,
+        source: ureq::Error,
     },
-    #[error("{addr}{path}: not an HTTP answer")]
-    Malformed { addr: SocketAddr, path: String },
     #[error("{addr}{path}: HTTP {code}")]
     Status {
         addr: SocketAddr,
@@ -46,29 +44,24 @@ pub enum FetchError {
     },
 }
 
-/// `GET path` with a deadline for connecting and for the whole answer.
+/// The body of `GET path` when the answer is 200, within `timeout` for
+/// the whole exchange.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, FetchError> {
-    let io = |source| FetchError::Io { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    // One write: a server that answers after the first read must not see
-    // the rest of the request arrive after it closed.
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
-    stream.take(MAX_BODY).read_to_end(&mut raw).map_err(io)?;
-    let text = String::from_utf8_lossy(&raw);
-    let malformed = || FetchError::Malformed {
+    let http = |source| FetchError::Http {
         addr,
         path: path.to_owned(),
+        source,
     };
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(malformed)?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(malformed)?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .get(format!("http://{addr}{path}"))
+        .call()
+        .map_err(http)?;
+    let code = response.status().as_u16();
     if code != 200 {
         return Err(FetchError::Status {
             addr,
@@ -76,36 +69,12 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
             code,
         });
     }
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    Ok(if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    })
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    // At most one chunk per byte: bounded.
-    for _ in 0..=body.len() {
-        let Some((size, rest)) = body.split_once("\r\n") else {
-            break;
-        };
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(rest.get(..size).unwrap_or_default());
-        body = rest
-            .get(size..)
-            .unwrap_or_default()
-            .trim_start_matches("\r\n");
-    }
-    out
+    response
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_string()
+        .map_err(http)
 }
 
 /// True when something answers `/healthz` at `addr`.
@@ -175,17 +144,9 @@ pub fn spawn_poller(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::io::{Read as _, Write as _};
 
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
-        assert_eq!(dechunk("zz\r\n"), "");
-        assert_eq!(dechunk("ff\r\nshort"), "");
-    }
+    use super::*;
 
     #[test]
     fn get_from_a_tiny_server() {

@@ -36,6 +36,7 @@
 //! ```
 
 mod counters;
+pub mod exposition;
 pub mod http;
 mod sock;
 

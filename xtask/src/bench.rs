@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use ka_lab::{ConnectOpts, Lab};
+use ka_lab::{ConnectOpts, Lab, exposition::Exposition};
 
 use crate::cmd;
 
@@ -415,34 +415,16 @@ fn metrics(addr: SocketAddr) -> anyhow::Result<String> {
         .context("the agent's /metrics did not answer")
 }
 
-/// Every sample of `name`: (label text, value).
-fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name).then(|| Some((labels, value.parse::<f64>().ok()?)))?
-        })
-        .collect()
+/// Sum of metric `name` over the series that have every `(label, value)`.
+fn sum(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
+    Exposition::parse(text).sum(name, filter)
 }
 
-fn sum(text: &str, name: &str, filter: &str) -> f64 {
-    samples(text, name)
-        .iter()
-        .filter(|(labels, _)| labels.contains(filter))
-        .map(|(_, v)| v)
-        .sum()
-}
-
-/// `hook` label → value of a per-program metric.
-fn per_hook(text: &str, name: &str) -> BTreeMap<String, f64> {
-    samples(text, name)
-        .into_iter()
-        .filter_map(|(labels, value)| {
-            let hook = labels.split_once("hook=\"")?.1.split_once('"')?.0;
-            Some((hook.to_owned(), value))
-        })
+/// The value of each series of metric `name` by its label `label`.
+fn by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
+    Exposition::parse(text)
+        .matching(name, &[])
+        .filter_map(|s| Some((s.label(label)?.to_owned(), s.value)))
         .collect()
 }
 
@@ -830,8 +812,8 @@ fn comparison(
                     .map(|(_, took)| took.whole.as_secs_f64() * 1000.0)
                     .collect();
                 let text = metrics(agent.addr)?;
-                figures.lost = sum(&text, "ka_events_lost_total", "");
-                figures.unreceived = sum(&text, "ka_events_unreceived_total", "");
+                figures.lost = sum(&text, "ka_events_lost_total", &[]);
+                figures.unreceived = sum(&text, "ka_events_unreceived_total", &[]);
                 figures.rss_kib = vm_rss_kib(agent.proc.pid()).unwrap_or(0);
                 figures.metrics_ms = median(&times).unwrap_or(f64::NAN);
                 figures.metrics_series = series_count(&text);
@@ -912,12 +894,12 @@ fn timed_runs(
 fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
     let secs = f64::from(seconds);
     let runs = (
-        per_hook(before, "ka_program_runs_total"),
-        per_hook(after, "ka_program_runs_total"),
+        by_label(before, "ka_program_runs_total", "hook"),
+        by_label(after, "ka_program_runs_total", "hook"),
     );
     let time = (
-        per_hook(before, "ka_program_run_seconds_total"),
-        per_hook(after, "ka_program_run_seconds_total"),
+        by_label(before, "ka_program_run_seconds_total", "hook"),
+        by_label(after, "ka_program_run_seconds_total", "hook"),
     );
     let mut hooks = BTreeMap::new();
     for (hook, after_runs) in &runs.1 {
@@ -932,22 +914,7 @@ fn agent_figures(before: &str, after: &str, seconds: u32) -> AgentRound {
         hooks.insert(hook.clone(), (delta_runs / secs, mean_ns));
     }
     let mut events_per_sec = BTreeMap::new();
-    let types = |text: &str| -> BTreeMap<String, f64> {
-        samples(text, "ka_events_total")
-            .into_iter()
-            .filter_map(|(labels, v)| {
-                Some((
-                    labels
-                        .split_once("type=\"")?
-                        .1
-                        .split_once('"')?
-                        .0
-                        .to_owned(),
-                    v,
-                ))
-            })
-            .collect()
-    };
+    let types = |text: &str| by_label(text, "ka_events_total", "type");
     let (b, a) = (types(before), types(after));
     for (kind, value) in &a {
         events_per_sec.insert(
@@ -1071,7 +1038,7 @@ fn tracked_memory(
     let want = f64::from(pairs) * 2.0;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut text = metrics(agent.addr)?;
-    while sum(&text, "ka_tracked_connections", "") < want && Instant::now() < deadline {
+    while sum(&text, "ka_tracked_connections", &[]) < want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         text = metrics(agent.addr)?;
     }
@@ -1081,7 +1048,7 @@ fn tracked_memory(
     // One inventory interval (30 s by default): the CPU it costs included.
     let held_cpu_percent = cpu_percent(agent.proc.pid(), idle * 3);
     // As the agent reports it (memlock of each of its maps).
-    let map_bytes = sum(&text, "ka_kernel_map_bytes", "");
+    let map_bytes = sum(&text, "ka_kernel_map_bytes", &[]);
     // One inventory of every connection, with owners and JSON output: an
     // upper bound of the agent's periodic sock_diag inventory.
     let snapshot_started = Instant::now();
@@ -1101,8 +1068,8 @@ fn tracked_memory(
     drop(helpers);
     Ok(Tracked {
         pairs,
-        count: sum(&text, "ka_tracked_connections", ""),
-        lost: sum(&text, "ka_events_lost_total", ""),
+        count: sum(&text, "ka_tracked_connections", &[]),
+        lost: sum(&text, "ka_events_lost_total", &[]),
         rss_idle_kib,
         idle_cpu_percent,
         held_cpu_percent,
@@ -1180,7 +1147,7 @@ fn metrics_with_series(binary: &Path, dir: &Path, ports: u32) -> anyhow::Result<
         ports,
         lines: series_count(&text),
         bytes: text.len(),
-        overflow: sum(&text, "ka_series_overflow_total", ""),
+        overflow: sum(&text, "ka_series_overflow_total", &[]),
         median_ms: median(&times).unwrap_or(f64::NAN),
         max_ms: times.iter().copied().fold(0.0, f64::max),
         times_ms: times,
@@ -1210,7 +1177,7 @@ fn keepalive_latency(binary: &Path, dir: &Path, trials: u32) -> anyhow::Result<O
           chain out { type filter hook output priority 0; tcp dport @dead drop; tcp sport @dead drop; }\n}\n",
     )?;
     let agent = Agent::start(binary, dir, &[])?;
-    let filter = "cause=\"keepalive_timeout\"";
+    let filter = &[("cause", "keepalive_timeout")];
     let mut latencies = Vec::new();
     for trial in 0..trials {
         let port = 7500 + u16::try_from(trial).unwrap_or(0);

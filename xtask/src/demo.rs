@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use ka_lab::{ConnectOpts, Lab};
+use ka_lab::{ConnectOpts, Lab, exposition::Exposition};
 
 use crate::cmd;
 
@@ -208,15 +208,9 @@ fn build(world: &mut World, timing: Timing) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sum of a metric over the series whose labels contain every `label="value"`.
+/// Sum of a metric over the series that have every `(label, value)`.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    Exposition::parse(text).sum(name, labels)
 }
 
 /// One narrated expectation: a metric, its labels, and what it must be.

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::bail;
 
-use ka_lab::{ConnectOpts, Lab};
+use ka_lab::{ConnectOpts, Lab, exposition::Exposition};
 
 use crate::cmd;
 
@@ -36,21 +36,9 @@ impl Drop for Guard {
     }
 }
 
-/// Sum of a metric over the series whose labels contain every `filter`.
-#[expect(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    reason = "counters are non-negative integers far below 2^52"
-)]
-fn metric(text: &str, name: &str, filter: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| filter.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        .round()
-        .max(0.0) as u64
+/// Sum of a metric over the series that have every `(label, value)`.
+fn metric(text: &str, name: &str, filter: &[(&str, &str)]) -> u64 {
+    u64::try_from(Exposition::parse(text).count(name, filter)).unwrap_or(0)
 }
 
 /// Keepalive after 1 s idle, every 1 s, 2 probes: a dead peer is found in
@@ -192,7 +180,7 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     let mut text = String::new();
     for _ in 0..15 {
         text = ka_lab::http::get_ok(addr, "/metrics").unwrap_or_default();
-        if metric(&text, "ka_kernel_events_total", &["outcome=\"submitted\""])
+        if metric(&text, "ka_kernel_events_total", &[("outcome", "submitted")])
             == metric(&text, "ka_events_total", &[])
         {
             break;
@@ -201,14 +189,18 @@ pub fn soak(minutes: u32) -> anyhow::Result<()> {
     }
     let lost = metric(&text, "ka_events_lost_total", &[]);
     let unreceived = metric(&text, "ka_events_unreceived_total", &[]);
-    let submitted = metric(&text, "ka_kernel_events_total", &["outcome=\"submitted\""]);
+    let submitted = metric(&text, "ka_kernel_events_total", &[("outcome", "submitted")]);
     let received = metric(&text, "ka_events_total", &[]);
     let keepalive_deaths = metric(
         &text,
         "ka_connections_closed_total",
-        &["cause=\"keepalive_timeout\""],
+        &[("cause", "keepalive_timeout")],
     );
-    let zombies = metric(&text, "ka_zombies_total", &["kind=\"dead_peer_keepalive\""]);
+    let zombies = metric(
+        &text,
+        "ka_zombies_total",
+        &[("kind", "dead_peer_keepalive")],
+    );
     let quarter = samples.len() / 4;
     let median = |mut v: Vec<u64>| {
         v.sort_unstable();

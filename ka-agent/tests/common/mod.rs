@@ -216,85 +216,8 @@ impl Drop for Agent {
 
 pub use ka_lab::http::get as http_get;
 
-/// Parsed Prometheus text exposition.
-/// One sample: name, labels, value.
-type Sample = (String, Vec<(String, String)>, f64);
-
-pub struct Metrics {
-    pub text: String,
-    samples: Vec<Sample>,
-}
-
-impl Metrics {
-    pub fn parse(text: &str) -> Self {
-        let mut samples = Vec::new();
-        for line in text.lines() {
-            if line.starts_with('#') || line.trim().is_empty() {
-                continue;
-            }
-            let (series, value) = line.rsplit_once(' ').expect("sample line");
-            let value: f64 = value.parse().unwrap_or(f64::NAN);
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => {
-                    let rest = rest.trim_end_matches('}');
-                    let labels = rest
-                        .split("\",")
-                        .filter(|kv| !kv.is_empty())
-                        .filter_map(|kv| {
-                            let (k, v) = kv.split_once('=')?;
-                            Some((k.to_owned(), v.trim_matches('"').to_owned()))
-                        })
-                        .collect();
-                    (name.to_owned(), labels)
-                }
-                None => (series.to_owned(), Vec::new()),
-            };
-            samples.push((name, labels, value));
-        }
-        Self {
-            text: text.to_owned(),
-            samples,
-        }
-    }
-
-    /// Sum of `name` over the series whose labels include all of `filter`,
-    /// as a count.
-    pub fn count(&self, name: &str, filter: &[(&str, &str)]) -> i64 {
-        #[expect(clippy::cast_possible_truncation, reason = "counts are small integers")]
-        let count = self.sum(name, filter).round() as i64;
-        count
-    }
-
-    /// Sum of `name` over the series whose labels include all of `filter`.
-    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.matching(name, filter).map(|(_, _, v)| *v).sum()
-    }
-
-    /// The samples of `name` whose labels include all of `filter`.
-    fn matching<'a>(
-        &'a self,
-        name: &'a str,
-        filter: &'a [(&str, &str)],
-    ) -> impl Iterator<Item = &'a Sample> {
-        self.samples.iter().filter(move |(n, labels, _)| {
-            n == name
-                && filter
-                    .iter()
-                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, ..)| n == name)
-    }
-
-    /// Whether a series of `name` with all of `filter` exists (whatever
-    /// its value, zero included).
-    pub fn has_series(&self, name: &str, filter: &[(&str, &str)]) -> bool {
-        self.matching(name, filter).next().is_some()
-    }
-}
-
+/// The agent's `/metrics`, parsed.
+pub use ka_lab::exposition::Exposition as Metrics;
 pub use ka_lab::require_root;
 
 pub mod dashboards;

@@ -76,6 +76,9 @@ pub enum ApiQuery {
     },
     Closed {
         cause: Option<crate::model::CloseCause>,
+        /// Only those a process still holds (`Some(true)`), or only the
+        /// others.
+        held: Option<bool>,
         limit: usize,
         reply: tokio::sync::oneshot::Sender<Vec<crate::track::ClosedConnection>>,
     },
@@ -202,21 +205,33 @@ async fn connections(
 }
 
 /// Recently closed connections with their death cause, newest first;
-/// `?cause=` and `?limit=` filter.
+/// `?cause=`, `?held=` and `?limit=` filter.
 async fn closed(
     State(shared): State<Arc<Shared>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
     let mut cause = None;
+    let mut held = None;
     let mut limit = usize::MAX;
     for (key, value) in &params {
         match key.as_str() {
-            "cause" => match crate::model::CloseCause::ALL
-                .iter()
-                .find(|c| c.name() == value)
-            {
-                Some(c) => cause = Some(*c),
-                None => return bad_request(&format!("invalid cause {value:?}")),
+            "cause" => {
+                let all = crate::model::CloseCause::ALL;
+                let Some(found) = all.iter().find(|c| c.name() == value) else {
+                    let names: Vec<&str> = all.iter().map(|c| c.name()).collect();
+                    return bad_request(&format!(
+                        "invalid cause {value:?}: expected one of {}",
+                        names.join(", ")
+                    ));
+                };
+                cause = Some(*found);
+            }
+            "held" => match value.as_str() {
+                "true" => held = Some(true),
+                "false" => held = Some(false),
+                _ => {
+                    return bad_request(&format!("invalid held {value:?}: expected true or false"));
+                }
             },
             "limit" => match value.parse() {
                 Ok(l) => limit = l,
@@ -231,6 +246,7 @@ async fn closed(
     }
     let Some(selected) = ask(&shared, |reply| ApiQuery::Closed {
         cause,
+        held,
         limit,
         reply,
     })
@@ -370,6 +386,10 @@ mod tests {
             "/api/v1/connections?port=-1",
             "/api/v1/connections?limit=ten",
             "/api/v1/connections?colour=blue",
+            "/api/v1/closed?cause=timeout",
+            "/api/v1/closed?held=1",
+            "/api/v1/closed?limit=many",
+            "/api/v1/closed?port=80",
         ] {
             let (status, body) = get(uri).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
@@ -378,6 +398,22 @@ mod tests {
                 "{uri}: {body}"
             );
         }
+        // What a value may be is named.
+        assert_eq!(
+            get("/api/v1/closed?held=1").await.1["error"],
+            "invalid held \"1\": expected true or false"
+        );
+        assert_eq!(
+            get("/api/v1/closed?cause=timeout").await.1["error"],
+            "invalid cause \"timeout\": expected one of normal, keepalive_timeout, \
+             retransmit_timeout, zero_window_timeout, reset_received, reset_sent, other"
+        );
+        let (status, body) = get("/api/v1/closed?cause=reset_received&held=true&limit=3").await;
+        assert_eq!(
+            (status, &body["count"]),
+            (StatusCode::OK, &0.into()),
+            "{body}"
+        );
     }
 }
 

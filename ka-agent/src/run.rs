@@ -796,6 +796,7 @@ fn answer(query: ApiQuery, tracker: &Tracker, timeouts: &[IdleTimeout]) {
         }
         ApiQuery::Closed {
             cause,
+            held,
             limit,
             reply,
         } => {
@@ -803,6 +804,7 @@ fn answer(query: ApiQuery, tracker: &Tracker, timeouts: &[IdleTimeout]) {
                 .recently_closed()
                 .into_iter()
                 .filter(|c| cause.is_none_or(|want| c.cause == want))
+                .filter(|c| held.is_none_or(|want| c.held_by_pid.is_some() == want))
                 .take(limit)
                 .cloned()
                 .collect();

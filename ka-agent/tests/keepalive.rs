@@ -397,7 +397,7 @@ fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
     );
     let closed = wait_api(
         &agent,
-        "/api/v1/closed?cause=keepalive_timeout",
+        "/api/v1/closed?cause=keepalive_timeout&held=true",
         "the dead connection, held",
         |c| c["netns"].as_u64() == Some(client.inode()),
     );
@@ -423,5 +423,14 @@ fn a_dead_connection_its_process_still_holds_is_counted_until_released() {
         |c| c["netns"].as_u64() == Some(client.inode()),
     );
     assert!(closed.get("held_by_pid").is_none(), "{closed}");
+    let held = api_json(&agent, "/api/v1/closed?held=true");
+    assert!(
+        !held["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["netns"].as_u64() == Some(client.inode())),
+        "{held}"
+    );
     assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
 }

@@ -461,7 +461,7 @@ impl Metrics {
                 &with_connection_labels(&["reason", "idle_timeout"]),
             )?,
             dead_held: IntGaugeVec::new(
-                Opts::new("ka_dead_connections_held", "Connections the kernel ended (keepalive, retransmission or zero-window timeout, reset received), by cause, whose socket their process still held open at the last inventory: the kernel has closed them and no ss lists them, but the application's next use of each fails (a pool hands them out). Only connections an inventory saw alive, which names the socket and its process."),
+                Opts::new("ka_dead_connections_held", "Connections the kernel ended (keepalive, retransmission or zero-window timeout, reset received), by cause, whose socket their process still held open at the last inventory: the kernel has closed them and no ss lists them, but the application's next use of each fails (a pool hands them out). The socket is named by the inventory that saw the connection alive, or by the kernel at the close (its process then found in the next inventories)."),
                 &with_connection_labels(&["cause"]),
             )?,
             idle_before_close: HistogramVec::new(

@@ -347,6 +347,73 @@ fn idle_before_close_reveals_the_peers_keepalive_timeout() {
     );
 }
 
+/// A connection the peer resets before any inventory saw it alive (a
+/// young pooled connection, a server restarting): the kernel program names
+/// the socket's inode at the close, and the next inventories find the
+/// process holding it in every process's descriptors. Counted, with that
+/// process's name, until it closes the socket.
+#[test]
+fn a_connection_reset_before_any_inventory_is_counted_while_its_process_holds_it() {
+    if !require_root(
+        "a_connection_reset_before_any_inventory_is_counted_while_its_process_holds_it",
+    ) {
+        return;
+    }
+    let (client, server) = pair("dy");
+    let agent = Agent::start(&["--inventory-interval", "3s"]);
+    let cn = client.inode().to_string();
+    // Right after an inventory: the next is seconds away, and the
+    // connection lives a few milliseconds.
+    let inventories = |m: &Metrics| m.count("ka_inventories_total", &[]);
+    let before = inventories(&agent.metrics());
+    agent.wait_metrics(Duration::from_secs(10), "a fresh inventory", |m| {
+        inventories(m) > before
+    });
+    let (_listener, mut stream, accepted) = connected(
+        &client,
+        &server,
+        "198.18.10.2:8097",
+        &SocketOptions {
+            keepalive: None,
+            user_timeout_ms: None,
+        },
+    );
+    close_with_reset(accepted);
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let comm = comm.trim_end();
+    let held = [
+        ("netns", cn.as_str()),
+        ("cause", "reset_received"),
+        ("comm", comm),
+        ("direction", "outbound"),
+        ("port", "8097"),
+    ];
+    agent.wait_metrics_explained(
+        Duration::from_secs(20),
+        "the reset connection, held",
+        |m| m.count("ka_dead_connections_held", &held) == 1,
+        || client.sockets(),
+    );
+    let closed = wait_api(
+        &agent,
+        "/api/v1/closed?cause=reset_received&held=true",
+        "the reset connection, held",
+        |c| c["netns"].as_u64() == Some(client.inode()),
+    );
+    assert_eq!(closed["held_by_pid"], std::process::id(), "{closed}");
+    assert_eq!(
+        std::io::Read::read(&mut stream, &mut [0; 1])
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ECONNRESET)
+    );
+    drop(stream);
+    agent.wait_metrics(Duration::from_secs(20), "the socket released", |m| {
+        !m.has_series("ka_dead_connections_held", &[("netns", &cn)])
+    });
+    assert_eq!(agent.stop(), Some(0), "clean exit on SIGTERM");
+}
+
 /// A connection the kernel ended while its application still holds the
 /// socket (a pool's idle connection): no `ss` lists it any more, and its
 /// next use fails. It is counted in `ka_dead_connections_held`, with the

@@ -196,7 +196,11 @@ pub struct StateChangeEvent {
     pub sock: SockSnapshot,
     pub oldstate: u8,
     pub newstate: u8,
-    pub reserved: [u8; 6],
+    pub reserved: [u8; 2],
+    /// At a CLOSE with a socket error (the kernel ended the connection):
+    /// the inode of the socket a process may still hold (`socket:[N]`);
+    /// else 0, as where the kernel's layout is unknown.
+    pub socket_inode: u32,
 }
 
 /// `tcp:tcp_retransmit_skb`.

@@ -233,6 +233,12 @@ pub struct SockOffsets {
     /// `skc_num` reads 0, which it does at every CLOSE transition (the
     /// kernel releases the port before the tracepoint).
     pub inet_sport: u16,
+    /// `sock.sk_socket`: the `struct socket` a process holds the socket by.
+    pub sk_socket: u16,
+    /// `socket_alloc.vfs_inode.i_ino`, relative to the `struct socket *`
+    /// (`socket_alloc` starts with its `socket`): the number
+    /// `/proc/<pid>/fd` shows as `socket:[N]`.
+    pub socket_ino: u16,
 }
 
 impl SockOffsets {
@@ -272,6 +278,8 @@ impl SockOffsets {
         sk_protocol: ABSENT,
         timer_function: ABSENT,
         inet_sport: ABSENT,
+        sk_socket: ABSENT,
+        socket_ino: ABSENT,
     };
 }
 
@@ -291,7 +299,10 @@ pub struct KernelTypes {
     pub net: u32,
     /// `struct timer_list`.
     pub timer_list: u32,
-    pub reserved: u32,
+    /// `struct socket_alloc` (a `struct socket` and its inode); may be
+    /// [`NO_TYPE`] where the others are not: the socket's inode is then
+    /// read with the helper.
+    pub socket_alloc: u32,
 }
 
 /// No BTF type: type id 0 is `void`, never a structure.
@@ -302,7 +313,7 @@ impl KernelTypes {
         tcp_sock: NO_TYPE,
         net: NO_TYPE,
         timer_list: NO_TYPE,
-        reserved: 0,
+        socket_alloc: NO_TYPE,
     };
 
     /// Whether the programs load through cast pointers.
@@ -375,7 +386,7 @@ pub struct SockCopyPlan {
     /// Each field's position in the copy, under the field's name; [`ABSENT`]
     /// for a field this kernel lacks and for those the programs read
     /// directly (`keepalive_timer`, `skb_dev`, `dev_nd_net`,
-    /// `timer_function`).
+    /// `timer_function`, `sk_socket`, `socket_ino`).
     /// `sock_keepopen_bit` is the bit number itself, as in [`SockOffsets`].
     pub at: SockOffsets,
 }
@@ -408,10 +419,10 @@ const _: () = assert!(size_of::<SkRecordFields>() == 8);
 const _: () = assert!(size_of::<ErrorReportFields>() == 24);
 const _: () = assert!(size_of::<TimerFields>() == 8);
 const _: () = assert!(size_of::<KernelTypes>() == 16);
-const _: () = assert!(size_of::<SockOffsets>() == 70);
+const _: () = assert!(size_of::<SockOffsets>() == 74);
 const _: () = assert!(size_of::<Span>() == 6);
 const _: () =
-    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 70);
+    assert!(size_of::<SockCopyPlan>() == 6 * (COMMON_SPANS + FULL_SPANS + NET_SPANS) + 74);
 const _: () = assert!(SOCK_COPY_AREA.is_power_of_two());
 // The widest field read at the last position stays inside the copy.
 const _: () = assert!(SPAN_BYTES >= 16);

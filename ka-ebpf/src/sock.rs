@@ -150,6 +150,28 @@ pub fn is_keepalive_timer(timer: u64) -> bool {
     function == keepalive_fn
 }
 
+/// The inode number of the socket's `struct socket` (`socket:[N]` in
+/// `/proc/<pid>/fd`); 0 for a socket no process holds, or where this
+/// kernel's layout is unknown. Socket inodes come from `get_next_ino()`, an
+/// `unsigned int`; a larger value would be a layout mistake and reads as 0.
+#[inline(always)]
+pub fn socket_inode(sk: *const u8) -> u32 {
+    let socket = member::<u64>(
+        sk as u64,
+        global!(KERNEL_TYPES.tcp_sock),
+        global!(SOCK_OFFSETS.sk_socket),
+    );
+    if socket == 0 {
+        return 0;
+    }
+    let inode = member::<u64>(
+        socket,
+        global!(KERNEL_TYPES.socket_alloc),
+        global!(SOCK_OFFSETS.socket_ino),
+    );
+    u32::try_from(inode).unwrap_or(0)
+}
+
 /// Whether the socket has `SO_KEEPALIVE` on (a full socket only).
 #[inline(always)]
 pub fn keepalive_on(sk: *const u8) -> bool {

@@ -39,10 +39,43 @@ pub struct InventoryUpdate {
 /// Which of a list of sockets (inode, in a process) are still open.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeldSockets {
-    /// The inodes looked for.
+    /// The inodes looked for in their process's descriptors.
     pub checked: Vec<u64>,
-    /// Those still among their process's descriptors.
+    /// Those still among them.
     pub held: std::collections::HashSet<u64>,
+    /// The processes found holding sockets watched without one (see
+    /// [`crate::track::Holder::pid`]), by inode.
+    pub found: std::collections::HashMap<u64, Owner>,
+}
+
+/// Looks for the watched sockets in their processes' descriptors; first,
+/// for those whose process is not known, in every process's (the index
+/// rescans them all at most every few seconds).
+fn look_for_holders(
+    index: &mut ProcessIndex,
+    mut watching: Vec<crate::track::Holder>,
+) -> HeldSockets {
+    let unknown: Vec<u64> = watching
+        .iter()
+        .filter(|h| h.pid == 0)
+        .map(|h| h.inode)
+        .collect();
+    let mut found = std::collections::HashMap::new();
+    if !unknown.is_empty() {
+        index.refresh_for(&unknown);
+        for holder in watching.iter_mut().filter(|h| h.pid == 0) {
+            if let Some(owner) = index.owner(holder.inode) {
+                holder.pid = owner.pid;
+                found.insert(holder.inode, owner);
+            }
+        }
+    }
+    watching.retain(|h| h.pid != 0);
+    HeldSockets {
+        checked: watching.iter().map(|h| h.inode).collect(),
+        held: index.still_open(&watching),
+        found,
+    }
 }
 
 /// The sockets the event loop wants looked for at each inventory (see
@@ -134,10 +167,7 @@ pub fn spawn(
                             None => update.pod_list_failed = node.is_some(),
                         }
                         let watching = watched.lock().map(|list| list.clone()).unwrap_or_default();
-                        update.holds = HeldSockets {
-                            checked: watching.iter().map(|h| h.inode).collect(),
-                            held: index.still_open(&watching),
-                        };
+                        update.holds = look_for_holders(&mut index, watching);
                         update.took = started.elapsed();
                         update.trigger = trigger;
                         if sender.blocking_send(update).is_err() {

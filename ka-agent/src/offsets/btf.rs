@@ -334,6 +334,10 @@ fn check_sock_first(btf: &KernelBtf) -> Result<(), BtfError> {
 /// (or `struct net *`, `sk_buff *`, `net_device *` for those structs).
 /// `absent` collects optional members this kernel lacks, with the reason;
 /// a missing required member is an error.
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table: one member the programs read per entry"
+)]
 pub fn sock_offsets(
     btf: &KernelBtf,
     absent: &mut Vec<AbsentMember>,
@@ -437,8 +441,36 @@ pub fn sock_offsets(
             &["inet_sport"],
             "a connection first seen at its close is reported without its local port",
         )?,
+        sk_socket: optional("sock", &["sk_socket"], UNHELD_YOUNG)?,
+        socket_ino: socket_ino_offset(btf, absent)?,
     };
     Ok(offsets)
+}
+
+/// What a kernel without the socket's inode members loses.
+const UNHELD_YOUNG: &str = "a connection the kernel ended before an inventory saw it is not \
+     watched for a process still holding it";
+
+/// `socket_alloc.vfs_inode.i_ino` from the `struct socket *`, which is
+/// only the same pointer as the `socket_alloc *` while the socket is its
+/// first member: checked, not assumed.
+fn socket_ino_offset(btf: &KernelBtf, absent: &mut Vec<AbsentMember>) -> Result<u16, BtfError> {
+    let member = "socket_alloc.vfs_inode.i_ino";
+    let reason = match (
+        btf.resolve("socket_alloc", &["socket"])?,
+        btf.resolve("socket_alloc", &["vfs_inode", "i_ino"])?,
+    ) {
+        (Resolved::At(0), Resolved::At(offset)) => return narrow(offset, member),
+        (Resolved::At(_), Resolved::At(_)) => {
+            "socket_alloc.socket is not its first member".to_owned()
+        }
+        (Resolved::Missing(reason), _) | (_, Resolved::Missing(reason)) => reason,
+    };
+    absent.push(AbsentMember {
+        member: member.to_owned(),
+        reason: format!("{reason}; {UNHELD_YOUNG}"),
+    });
+    Ok(ABSENT)
 }
 
 /// `sock.sk_protocol` when it is a plain `u16` (5.6+); before, it was an
@@ -753,9 +785,9 @@ mod tests {
         let offsets = sock_offsets(&btf, &mut absent).expect("resolves");
         assert!(absent.is_empty(), "{absent:?}");
         // The values of `expected[]` in sock-6.19.c (clang's offsetof).
-        let expected: [u16; 34] = [
-            16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 192, 241, 237, 272, 264, 296, 300, 304,
-            284, 288, 292, 24, 36, 44, 40, 16, 16, 84, 24, 308, 100, 104,
+        let expected: [u16; 36] = [
+            16, 18, 14, 12, 4, 0, 48, 32, 24, 64, 72, 96, 200, 249, 245, 280, 272, 304, 308, 312,
+            292, 296, 300, 24, 36, 44, 40, 16, 16, 84, 24, 316, 100, 112, 104, 40,
         ];
         let resolved = [
             offsets.skc_family,
@@ -792,6 +824,8 @@ mod tests {
             offsets.tp_total_retrans,
             offsets.sk_err_soft,
             offsets.inet_sport,
+            offsets.sk_socket,
+            offsets.socket_ino,
         ];
         assert_eq!(resolved, expected);
         assert_eq!(offsets.sock_keepopen_bit, 3);

@@ -80,6 +80,9 @@ fn fields<'a>(offsets: &SockOffsets, at: &'a mut SockOffsets) -> [Field<'a>; 30]
         // Read directly, by the raw timer programs' filter.
         timer_function: _,
         inet_sport,
+        // Read directly, only at a close the kernel made on an error.
+        sk_socket: _,
+        socket_ino: _,
     } = *offsets;
     macro_rules! fields {
         ($($group:ident $size:literal $name:ident),* $(,)?) => {

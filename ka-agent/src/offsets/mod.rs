@@ -14,7 +14,7 @@ pub mod tracefs;
 use std::{collections::BTreeMap, fmt, path::PathBuf};
 
 use ka_common::{
-    ErrorReportFields, KernelTypes, RetransmitFields, SendResetFields, SetStateFields,
+    ErrorReportFields, KernelTypes, NO_TYPE, RetransmitFields, SendResetFields, SetStateFields,
     SkRecordFields, SockCopyPlan, SockOffsets, TimerFields,
 };
 
@@ -317,7 +317,9 @@ impl Casts {
                 tcp_sock,
                 net,
                 timer_list,
-                reserved: 0,
+                // Without it the socket's inode is read with the helper:
+                // one read at a close the kernel made on an error.
+                socket_alloc: kernel_btf.struct_id("socket_alloc").unwrap_or(NO_TYPE),
             },
         })
     }
@@ -763,8 +765,9 @@ mod tests {
             tcp_sock,
             net,
             timer_list,
-            reserved: _,
+            socket_alloc,
         } = casts.types;
+        assert_eq!(Some(socket_alloc), live.struct_id("socket_alloc"));
         assert_eq!(Some(tcp_sock), live.struct_id("tcp_sock"));
         assert_eq!(Some(net), live.struct_id("net"));
         assert_eq!(Some(timer_list), live.struct_id("timer_list"));

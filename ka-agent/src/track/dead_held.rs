@@ -5,10 +5,12 @@
 //! process's descriptor stays until the application next uses it, and a
 //! connection pool hands it out and fails: the application-level zombie.
 //!
-//! Only connections an inventory saw alive qualify: an inventory names the
-//! socket's inode and the process holding it. The inventory thread then
-//! looks for those inodes in their processes' descriptors at each
-//! inventory; a socket still there is held, one gone was released.
+//! The socket's inode comes from the inventory that saw the connection
+//! alive (with the process holding it), or else from the kernel program at
+//! the close (the process then unknown: the inventory thread looks for the
+//! inode in every process's descriptors). At each inventory it looks for
+//! the inodes in their processes' descriptors; a socket still there is
+//! held, one gone was released.
 
 use crate::{
     inventory::HeldSockets,
@@ -16,6 +18,11 @@ use crate::{
 };
 
 use super::{Connection, Holder, Labels, Tracker};
+
+/// How long a dead connection's socket whose process is unknown is looked
+/// for: the inventory thread rescans every process's descriptors at least
+/// once a minute; a socket not found by then was closed first.
+const UNKNOWN_HOLDER_NS: u64 = 120_000_000_000;
 
 /// A dead connection whose socket its process held when last looked at.
 #[derive(Clone, Debug)]
@@ -95,8 +102,25 @@ impl Tracker {
     }
 
     /// Applies what an inventory found of the watched sockets; those
-    /// watched since it began are left for the next.
-    pub(super) fn check_dead_held(&mut self, holds: &HeldSockets) {
+    /// watched since it began are left for the next. `now_ns`: when its
+    /// dump began.
+    pub(super) fn check_dead_held(&mut self, holds: &HeldSockets, now_ns: Option<u64>) {
+        for (inode, owner) in &holds.found {
+            if let Some(dead) = self.dead_held.get_mut(inode)
+                && dead.holder.pid == 0
+            {
+                dead.holder.pid = owner.pid;
+                if dead.comm.is_empty() {
+                    dead.comm = owner.comm.clone();
+                    dead.labels.comm = owner.comm.clone();
+                }
+            }
+        }
+        if let Some(now_ns) = now_ns {
+            self.dead_held.retain(|_, dead| {
+                dead.holder.pid != 0 || dead.closed_at_ns.saturating_add(UNKNOWN_HOLDER_NS) > now_ns
+            });
+        }
         for inode in &holds.checked {
             let Some(dead) = self.dead_held.get_mut(inode) else {
                 continue;
@@ -134,7 +158,7 @@ impl Tracker {
             .recently_closed_abnormally
             .iter_mut()
             .rev()
-            .find(|c| c.connection.holder == Some(holder))
+            .find(|c| c.connection.holder.is_some_and(|h| h.inode == holder.inode))
         {
             closed.held_by_pid = pid;
         }
@@ -190,6 +214,7 @@ mod tests {
         HeldSockets {
             checked: vec![SOCKET_INODE],
             held: held.iter().copied().collect(),
+            found: std::collections::HashMap::new(),
         }
     }
 
@@ -206,15 +231,15 @@ mod tests {
         // Not held yet: no inventory has looked since the death.
         assert_eq!(tracker.dead_held().count(), 0);
         // Watched after this inventory began: left for the next.
-        tracker.check_dead_held(&HeldSockets::default());
+        tracker.check_dead_held(&HeldSockets::default(), None);
         assert_eq!(tracker.dead_held_watch().len(), 1);
-        tracker.check_dead_held(&holds(&[SOCKET_INODE]));
+        tracker.check_dead_held(&holds(&[SOCKET_INODE]), None);
         let held: Vec<&DeadHeld> = tracker.dead_held().collect();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].cause, CloseCause::RetransmitTimeout);
         let shown = |tracker: &Tracker| tracker.recently_closed()[0].held_by_pid;
         assert_eq!(shown(&tracker), Some(42));
-        tracker.check_dead_held(&holds(&[]));
+        tracker.check_dead_held(&holds(&[]), None);
         assert_eq!(tracker.dead_held().count(), 0);
         assert!(tracker.dead_held_watch().is_empty());
         assert_eq!(shown(&tracker), None);
@@ -249,5 +274,71 @@ mod tests {
         );
         assert_eq!(tracker.dead_held_watch().len(), 1);
         assert_eq!(tracker.dead_held_unwatched(), 1);
+    }
+
+    /// A connection reset before any inventory saw it: the close names the
+    /// socket's inode, an inventory then finds the process and its name.
+    #[test]
+    fn a_socket_named_only_at_its_death_is_found_in_some_process() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let sock = socket(80, tcp_state::SYN_SENT);
+        tracker.handle(&connected(sock, 1_000));
+        tracker
+            .connections
+            .get_mut(&sock.sk)
+            .unwrap()
+            .reset_received = true;
+        let crate::decode::Event::StateChange(mut close) = transition(
+            SockSnapshot {
+                sk_err: libc::ECONNRESET,
+                ..sock
+            },
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE,
+            2_000,
+        ) else {
+            unreachable!("a transition is a state change");
+        };
+        close.socket_inode = 555;
+        tracker.handle(&crate::decode::Event::StateChange(close));
+        tracker.settle_closes(1_000_000_000);
+        let unknown = Holder { pid: 0, inode: 555 };
+        assert_eq!(tracker.dead_held_watch(), [unknown]);
+        // Not found yet: still looked for, until two minutes after the death.
+        tracker.check_dead_held(&HeldSockets::default(), Some(60_000_000_000));
+        assert_eq!(tracker.dead_held_watch(), [unknown]);
+        let owner = crate::attribution::Owner {
+            pid: 42,
+            comm: Comm::new("pool"),
+            workload: crate::attribution::Workload::default(),
+            pod: None,
+        };
+        let found = HeldSockets {
+            checked: vec![555],
+            held: [555].into(),
+            found: [(555, owner)].into(),
+        };
+        tracker.check_dead_held(&found, Some(61_000_000_000));
+        let held: Vec<&DeadHeld> = tracker.dead_held().collect();
+        assert_eq!(held.len(), 1);
+        assert_eq!(
+            (held[0].holder.pid, held[0].cause),
+            (42, CloseCause::ResetReceived)
+        );
+        assert_eq!(held[0].labels.comm, "pool");
+        assert_eq!(tracker.recently_closed()[0].held_by_pid, Some(42));
+
+        // One never found is given up.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        tracker.handle(&connected(sock, 1_000));
+        tracker
+            .connections
+            .get_mut(&sock.sk)
+            .unwrap()
+            .reset_received = true;
+        tracker.handle(&crate::decode::Event::StateChange(close));
+        tracker.settle_closes(1_000_000_000);
+        tracker.check_dead_held(&HeldSockets::default(), Some(200_000_000_000));
+        assert!(tracker.dead_held_watch().is_empty());
     }
 }

@@ -156,7 +156,13 @@ impl Tracker {
         if !update.own_namespace_only {
             self.close_gone_namespaces(&update.inventory.namespaces, &mut report);
         }
-        self.check_dead_held(&update.holds);
+        let dumped_at_ns = update
+            .inventory
+            .namespaces
+            .iter()
+            .map(|n| n.dumped_at_ns)
+            .min();
+        self.check_dead_held(&update.holds, dumped_at_ns);
         let took_ns = u64::try_from(update.took.as_nanos()).unwrap_or(u64::MAX);
         self.inventory.closed_kept_ns = Some(took_ns.saturating_mul(2).max(MIN_CLOSED_KEPT_NS));
         self.inventory.first_done = true;

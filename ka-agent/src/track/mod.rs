@@ -378,6 +378,9 @@ pub struct Connection {
 /// A process holding a socket open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Holder {
+    /// 0 while not known: a socket the kernel named only at its death,
+    /// which no inventory saw alive (the next inventories look for it in
+    /// every process's descriptors).
     pub pid: u32,
     /// The socket's inode (`socket:[inode]` in the process's fds).
     pub inode: u64,
@@ -944,7 +947,8 @@ mod fixtures {
             sock: SockSnapshot { state: new, ..sock },
             oldstate: old,
             newstate: new,
-            reserved: [0; 6],
+            reserved: [0; 2],
+            socket_inode: 0,
         })
     }
 

@@ -133,8 +133,16 @@ impl Tracker {
         }
     }
 
-    fn finish(&mut self, conn: Box<Connection>, old: TcpState, event: &StateChangeEvent) {
+    fn finish(&mut self, mut conn: Box<Connection>, old: TcpState, event: &StateChangeEvent) {
         let snap = &event.sock;
+        // A connection the kernel ended before any inventory named its
+        // socket: the program read the socket's inode at the close.
+        if conn.holder.is_none() && event.socket_inode != 0 {
+            conn.holder = Some(super::Holder {
+                pid: 0,
+                inode: u64::from(event.socket_inode),
+            });
+        }
         let in_keepalive_timer = conn.last_fire.is_some_and(|(cpu, ktime)| {
             cpu == event.header.cpu
                 && event.header.ktime_ns.saturating_sub(ktime) <= SAME_TIMER_CALLBACK_NS
@@ -290,7 +298,8 @@ mod tests {
             sock,
             oldstate: tcp_state::SYN_SENT,
             newstate: tcp_state::CLOSE,
-            reserved: [0; 6],
+            reserved: [0; 2],
+            socket_inode: 0,
         }));
     }
 

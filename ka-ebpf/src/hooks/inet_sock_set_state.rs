@@ -110,7 +110,17 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) ->
             (*event).newstate = newstate as u8;
         }
         emit::zero(&mut (*event).reserved);
-        sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange)
+        let protocol = sock::snapshot(sk as *const u8, &mut (*event).sock, EventKind::StateChange);
+        // The kernel ended the connection under its application (timeout,
+        // reset): the socket a process may still hold, which no dump will
+        // list any more. Nothing extra on the transitions of churn.
+        (*event).socket_inode =
+            if newstate == i32::from(tcp_state::CLOSE) && (*event).sock.sk_err != 0 {
+                sock::socket_inode(sk as *const u8)
+            } else {
+                0
+            };
+        protocol
     };
     if protocol == Protocol::FromSnapshot && snapshot_protocol != IPPROTO_TCP {
         emit::discard_not_tcp(entry, EventKind::StateChange);

@@ -401,6 +401,7 @@ fn a_connection_reset_before_any_inventory_is_counted_while_its_process_holds_it
         |c| c["netns"].as_u64() == Some(client.inode()),
     );
     assert_eq!(closed["held_by_pid"], std::process::id(), "{closed}");
+    assert_eq!(closed["comm"], comm, "{closed}");
     assert_eq!(
         std::io::Read::read(&mut stream, &mut [0; 1])
             .unwrap_err()

@@ -106,13 +106,23 @@ impl Tracker {
     /// dump began.
     pub(super) fn check_dead_held(&mut self, holds: &HeldSockets, now_ns: Option<u64>) {
         for (inode, owner) in &holds.found {
-            if let Some(dead) = self.dead_held.get_mut(inode)
-                && dead.holder.pid == 0
-            {
-                dead.holder.pid = owner.pid;
-                if dead.comm.is_empty() {
-                    dead.comm = owner.comm.clone();
-                    dead.labels.comm = owner.comm.clone();
+            let Some(dead) = self.dead_held.get_mut(inode) else {
+                continue;
+            };
+            if dead.holder.pid != 0 {
+                continue;
+            }
+            dead.holder.pid = owner.pid;
+            if dead.comm.is_empty() {
+                dead.comm = owner.comm.clone();
+                dead.labels.comm = owner.comm.clone();
+                if let Some(closed) = self
+                    .recently_closed_abnormally
+                    .iter_mut()
+                    .rev()
+                    .find(|c| c.connection.holder.is_some_and(|h| h.inode == *inode))
+                {
+                    closed.connection.comm = owner.comm.clone();
                 }
             }
         }
@@ -327,6 +337,7 @@ mod tests {
         );
         assert_eq!(held[0].labels.comm, "pool");
         assert_eq!(tracker.recently_closed()[0].held_by_pid, Some(42));
+        assert_eq!(tracker.recently_closed()[0].connection.comm, "pool");
 
         // One never found is given up.
         let mut tracker = Tracker::new(TrackerConfig::default());

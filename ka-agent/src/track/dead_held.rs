@@ -128,7 +128,17 @@ impl Tracker {
         }
         if let Some(now_ns) = now_ns {
             self.dead_held.retain(|_, dead| {
-                dead.holder.pid != 0 || dead.closed_at_ns.saturating_add(UNKNOWN_HOLDER_NS) > now_ns
+                let looking = dead.holder.pid != 0
+                    || dead.closed_at_ns.saturating_add(UNKNOWN_HOLDER_NS) > now_ns;
+                if !looking {
+                    tracing::debug!(
+                        inode = dead.holder.inode,
+                        local = %dead.local,
+                        remote = %dead.remote,
+                        "no process holds a dead connection's socket: closed before any inventory found it"
+                    );
+                }
+                looking
             });
         }
         for inode in &holds.checked {

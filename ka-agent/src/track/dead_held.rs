@@ -297,17 +297,13 @@ mod tests {
     }
 
     /// A connection reset before any inventory saw it: the close names the
-    /// socket's inode, an inventory then finds the process and its name.
-    #[test]
-    fn a_socket_named_only_at_its_death_is_found_in_some_process() {
+    /// socket's inode (555), and no process.
+    fn reset_named_at_its_close() -> Tracker {
         let mut tracker = Tracker::new(TrackerConfig::default());
         let sock = socket(80, tcp_state::SYN_SENT);
         tracker.handle(&connected(sock, 1_000));
-        tracker
-            .connections
-            .get_mut(&sock.sk)
-            .unwrap()
-            .reset_received = true;
+        let conn = tracker.connections.get_mut(&sock.sk).unwrap();
+        conn.reset_received = true;
         let crate::decode::Event::StateChange(mut close) = transition(
             SockSnapshot {
                 sk_err: libc::ECONNRESET,
@@ -322,6 +318,13 @@ mod tests {
         close.socket_inode = 555;
         tracker.handle(&crate::decode::Event::StateChange(close));
         tracker.settle_closes(1_000_000_000);
+        tracker
+    }
+
+    /// An inventory then finds the process and its name.
+    #[test]
+    fn a_socket_named_only_at_its_death_is_found_in_some_process() {
+        let mut tracker = reset_named_at_its_close();
         let unknown = Holder { pid: 0, inode: 555 };
         assert_eq!(tracker.dead_held_watch(), [unknown]);
         // Not found yet: still looked for, until two minutes after the death.
@@ -348,18 +351,14 @@ mod tests {
         assert_eq!(held[0].labels.comm, "pool");
         assert_eq!(tracker.recently_closed()[0].held_by_pid, Some(42));
         assert_eq!(tracker.recently_closed()[0].connection.comm, "pool");
+    }
 
-        // One never found is given up.
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        tracker.handle(&connected(sock, 1_000));
-        tracker
-            .connections
-            .get_mut(&sock.sk)
-            .unwrap()
-            .reset_received = true;
-        tracker.handle(&crate::decode::Event::StateChange(close));
-        tracker.settle_closes(1_000_000_000);
-        tracker.check_dead_held(&HeldSockets::default(), Some(200_000_000_000));
+    #[test]
+    fn a_socket_no_process_is_found_holding_is_given_up_after_two_minutes() {
+        let mut tracker = reset_named_at_its_close();
+        tracker.check_dead_held(&HeldSockets::default(), Some(119_000_000_000));
+        assert_eq!(tracker.dead_held_watch().len(), 1);
+        tracker.check_dead_held(&HeldSockets::default(), Some(121_000_000_000));
         assert!(tracker.dead_held_watch().is_empty());
     }
 }

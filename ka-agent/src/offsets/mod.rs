@@ -164,10 +164,10 @@ impl Tracepoints<'_> {
         };
         match fields(&format) {
             Ok(table) => Ok(Some(table)),
-            Err(missing @ TracefsError::MissingField { .. }) => {
+            Err(unusable) if unusable.leaves_hook_unavailable() => {
                 self.notes.push(LayoutNote::new(
                     format!("tracepoint {category}:{name}"),
-                    format!("{missing}; its hook is unavailable"),
+                    format!("{unusable}; its hook is unavailable"),
                 ));
                 Ok(None)
             }
@@ -224,10 +224,10 @@ impl KernelLayout {
             None => None,
             Some(format) => match format.send_reset() {
                 Ok(fields) => Some(fields),
-                Err(missing @ TracefsError::MissingField { .. }) => {
+                Err(unusable) if unusable.leaves_hook_unavailable() => {
                     notes.push(LayoutNote::new(
                         "tracepoint tcp:tcp_send_reset",
-                        format!("{missing}; its hook is unavailable"),
+                        format!("{unusable}; its hook is unavailable"),
                     ));
                     None
                 }

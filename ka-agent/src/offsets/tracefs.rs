@@ -50,12 +50,27 @@ pub enum TracefsError {
         field: String,
         offset: usize,
     },
+    #[error("{path}: field {field} is {size} bytes, its program reads {read}")]
+    FieldWidth {
+        path: PathBuf,
+        field: String,
+        size: usize,
+        read: usize,
+    },
     #[error("tracepoint {tracepoint} lacks field {field}, which its program needs ({path})")]
     MissingField {
         path: PathBuf,
         tracepoint: String,
         field: &'static str,
     },
+}
+
+impl TracefsError {
+    /// A record this kernel lays out otherwise than its program reads it:
+    /// that hook degrades, the rest of the agent runs.
+    pub fn leaves_hook_unavailable(&self) -> bool {
+        matches!(self, Self::MissingField { .. } | Self::FieldWidth { .. })
+    }
 }
 
 /// One field of a tracepoint record.
@@ -162,25 +177,40 @@ impl TracepointFormat {
         self.fields.iter().find(|f| f.name == name)
     }
 
-    /// Offset of an optional field, [`ABSENT`] when the kernel lacks it.
-    fn optional(&self, name: &str) -> Result<u16, TracefsError> {
-        match self.field(name) {
-            None => Ok(ABSENT),
-            // ABSENT itself is not a usable offset: it would read as "missing".
-            Some(field) => u16::try_from(field.offset)
-                .ok()
-                .filter(|offset| *offset != ABSENT)
-                .ok_or_else(|| TracefsError::OffsetTooLarge {
-                    path: self.path.clone(),
-                    field: name.to_owned(),
-                    offset: field.offset,
-                }),
+    /// Offset of an optional field its program reads as a `T`, [`ABSENT`]
+    /// when the kernel lacks it.
+    ///
+    /// The field must be exactly `T`'s width: a program's read then stays
+    /// inside what the kernel wrote into its trace buffer, so it cannot
+    /// fail or pick up a neighbour's bytes (a failed read would be an event
+    /// dropped without a count).
+    fn optional<T>(&self, name: &str) -> Result<u16, TracefsError> {
+        let Some(field) = self.field(name) else {
+            return Ok(ABSENT);
+        };
+        if field.size != size_of::<T>() {
+            return Err(TracefsError::FieldWidth {
+                path: self.path.clone(),
+                field: name.to_owned(),
+                size: field.size,
+                read: size_of::<T>(),
+            });
         }
+        // ABSENT itself is not a usable offset: it would read as "missing".
+        u16::try_from(field.offset)
+            .ok()
+            .filter(|offset| *offset != ABSENT)
+            .ok_or_else(|| TracefsError::OffsetTooLarge {
+                path: self.path.clone(),
+                field: name.to_owned(),
+                offset: field.offset,
+            })
     }
 
-    /// Offset of a field the hook's program cannot do without.
-    fn required(&self, name: &'static str) -> Result<u16, TracefsError> {
-        let offset = self.optional(name)?;
+    /// Offset of a field the hook's program cannot do without, read as a
+    /// `T` (see [`Self::optional`]).
+    fn required<T>(&self, name: &'static str) -> Result<u16, TracefsError> {
+        let offset = self.optional::<T>(name)?;
         if offset == ABSENT {
             return Err(TracefsError::MissingField {
                 path: self.path.clone(),
@@ -194,19 +224,19 @@ impl TracepointFormat {
     /// `sock:inet_sock_set_state`.
     pub fn set_state(&self) -> Result<SetStateFields, TracefsError> {
         Ok(SetStateFields {
-            skaddr: self.required("skaddr")?,
-            oldstate: self.required("oldstate")?,
-            newstate: self.required("newstate")?,
-            protocol: self.required("protocol")?,
+            skaddr: self.required::<u64>("skaddr")?,
+            oldstate: self.required::<i32>("oldstate")?,
+            newstate: self.required::<i32>("newstate")?,
+            protocol: self.required::<u16>("protocol")?,
         })
     }
 
     /// `tcp:tcp_retransmit_skb` (`err` from 6.17).
     pub fn retransmit(&self) -> Result<RetransmitFields, TracefsError> {
         Ok(RetransmitFields {
-            skaddr: self.required("skaddr")?,
-            skbaddr: self.optional("skbaddr")?,
-            err: self.optional("err")?,
+            skaddr: self.required::<u64>("skaddr")?,
+            skbaddr: self.optional::<u64>("skbaddr")?,
+            err: self.optional::<i32>("err")?,
             reserved: 0,
         })
     }
@@ -215,17 +245,17 @@ impl TracepointFormat {
     /// sport/dport/family, which ka does not need).
     pub fn send_reset(&self) -> Result<SendResetFields, TracefsError> {
         Ok(SendResetFields {
-            skaddr: self.required("skaddr")?,
-            skbaddr: self.required("skbaddr")?,
-            reason: self.optional("reason")?,
-            state: self.optional("state")?,
+            skaddr: self.required::<u64>("skaddr")?,
+            skbaddr: self.required::<u64>("skbaddr")?,
+            reason: self.optional::<u32>("reason")?,
+            state: self.optional::<i32>("state")?,
         })
     }
 
     /// `tcp:tcp_receive_reset` and `tcp:tcp_destroy_sock`.
     pub fn sk_record(&self) -> Result<SkRecordFields, TracefsError> {
         Ok(SkRecordFields {
-            skaddr: self.required("skaddr")?,
+            skaddr: self.required::<u64>("skaddr")?,
             reserved: [0; 3],
         })
     }
@@ -233,15 +263,15 @@ impl TracepointFormat {
     /// `sock:inet_sk_error_report`.
     pub fn error_report(&self) -> Result<ErrorReportFields, TracefsError> {
         Ok(ErrorReportFields {
-            error: self.required("error")?,
-            protocol: self.optional("protocol")?,
-            family: self.required("family")?,
-            sport: self.required("sport")?,
-            dport: self.required("dport")?,
-            saddr: self.optional("saddr")?,
-            daddr: self.optional("daddr")?,
-            saddr_v6: self.optional("saddr_v6")?,
-            daddr_v6: self.optional("daddr_v6")?,
+            error: self.required::<i32>("error")?,
+            protocol: self.optional::<u16>("protocol")?,
+            family: self.required::<u16>("family")?,
+            sport: self.required::<u16>("sport")?,
+            dport: self.required::<u16>("dport")?,
+            saddr: self.optional::<u32>("saddr")?,
+            daddr: self.optional::<u32>("daddr")?,
+            saddr_v6: self.optional::<[u8; 16]>("saddr_v6")?,
+            daddr_v6: self.optional::<[u8; 16]>("daddr_v6")?,
             reserved: [0; 3],
         })
     }
@@ -249,7 +279,7 @@ impl TracepointFormat {
     /// `timer:timer_start` (needs `expires`).
     pub fn timer_start(&self) -> Result<TimerFields, TracefsError> {
         Ok(TimerFields {
-            expires: self.required("expires")?,
+            expires: self.required::<u64>("expires")?,
             ..self.timer()?
         })
     }
@@ -257,9 +287,9 @@ impl TracepointFormat {
     /// `timer:timer_expire_entry` (and the common part of `timer_start`).
     pub fn timer(&self) -> Result<TimerFields, TracefsError> {
         Ok(TimerFields {
-            timer: self.required("timer")?,
-            function: self.required("function")?,
-            expires: self.optional("expires")?,
+            timer: self.required::<u64>("timer")?,
+            function: self.required::<u64>("function")?,
+            expires: self.optional::<u64>("expires")?,
             reserved: 0,
         })
     }
@@ -571,6 +601,37 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_field_of_another_width_than_its_program_reads_makes_the_hook_unusable() {
+        // `protocol` as an `int`: read as the program's two bytes, it would
+        // be half a field; the hook degrades instead.
+        let error = fixture("malformed", "ka", "wide_protocol")
+            .set_state()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                TracefsError::FieldWidth { field, size: 4, read: 2, .. } if field == "protocol"
+            ),
+            "{error:?}"
+        );
+        assert!(error.leaves_hook_unavailable());
+        assert!(
+            error
+                .to_string()
+                .ends_with("wide_protocol/format: field protocol is 4 bytes, its program reads 2"),
+            "{error}"
+        );
+        let missing = fixture("malformed", "ka", "no_skaddr")
+            .set_state()
+            .unwrap_err();
+        assert!(missing.leaves_hook_unavailable());
+        let garbage = fixture("malformed", "ka", "huge_offset")
+            .set_state()
+            .unwrap_err();
+        assert!(!garbage.leaves_hook_unavailable());
     }
 
     #[test]

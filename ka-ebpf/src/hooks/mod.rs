@@ -14,14 +14,22 @@ mod timer_start;
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 use ka_common::ABSENT;
 
-/// Reads a tracepoint record field at an offset from the tracefs format.
+/// Reads a tracepoint record field at an offset from the tracefs format;
+/// `None` for a field this kernel's record lacks.
+///
+/// The read cannot fail, which is why a failure is not counted (counting
+/// it here made LLVM compute the usual layouts' context loads in a
+/// register, which the verifier refuses): the agent took the offset from
+/// this kernel's format and checked that the field is `T`'s width, so the
+/// read stays inside the record the kernel wrote into its own trace
+/// buffer.
 #[inline(always)]
 fn record<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
     if offset == ABSENT {
         return None;
     }
     // SAFETY: `read_at` uses bpf_probe_read_kernel, which checks the address;
-    // the offset comes from this kernel's own format file.
+    // the offset and width come from this kernel's own format file.
     unsafe { ctx.read_at::<T>(usize::from(offset)) }.ok()
 }
 

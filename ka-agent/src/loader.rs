@@ -414,6 +414,12 @@ impl KernelStats {
         self.slot(Stat::NotTcp as u32)
     }
 
+    /// Sockets that left `SYN_SENT` without a recorded connector (see
+    /// `Stat::ConnectorsUnknown`).
+    pub fn connectors_unknown(&self) -> u64 {
+        self.slot(Stat::ConnectorsUnknown as u32)
+    }
+
     /// The ring buffer's high-water mark (bytes waiting) since the last
     /// call, which starts the next period.
     pub fn take_ring_high_water(&mut self) -> u64 {

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub kernel_events: IntCounterVec,
     pub read_failures: IntCounter,
     pub not_tcp_transitions: IntCounter,
+    pub connectors_unknown: IntCounter,
     pub program_runs: IntCounterVec,
     pub program_run_seconds: prometheus::CounterVec,
     pub program_misses: IntCounterVec,
@@ -492,6 +493,10 @@ impl Metrics {
                 "ka_kernel_not_tcp_transitions_total",
                 "State transitions of sockets that are not TCP (MPTCP, SCTP) the inet_sock_set_state program saw and did not send; also counted as filtered in ka_kernel_events_total. Apart so that a TCP close the agent never received can be told from a misread protocol.",
             )?,
+            connectors_unknown: IntCounter::new(
+                "ka_kernel_connectors_unknown_total",
+                "Outbound connections that left SYN_SENT without the kernel having recorded the process that called connect() (it did so before the programs were attached, or more connects were in flight at once than the kernel keeps): their comm label stays empty until an inventory finds their owner.",
+            )?,
             program_runs: IntCounterVec::new(
                 Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats, counted while the run timing is on: --program-run-stats)."),
                 &["hook"],
@@ -551,6 +556,7 @@ impl Metrics {
             Box::new(metrics.kernel_events.clone()),
             Box::new(metrics.read_failures.clone()),
             Box::new(metrics.not_tcp_transitions.clone()),
+            Box::new(metrics.connectors_unknown.clone()),
             Box::new(metrics.program_runs.clone()),
             Box::new(metrics.program_run_seconds.clone()),
             Box::new(metrics.program_misses.clone()),
@@ -1081,8 +1087,10 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          Connection labels (on every metric that lists `…conn`): `netns` (network namespace inode), \
          `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
          never an ephemeral port), `comm` (process name: the socket's owner as the last inventory found \
-         it, an accepted connection's listener until then, empty when neither is known: an outbound \
-         connection that opened and closed between two inventories), `peer` (remote address or \
+         it; until then an accepted connection's listener, or the process that called connect() for \
+         an outbound one, as the kernel recorded it; empty when none is known: an outbound connection \
+         whose connect() came before the agent started, see ka_kernel_connectors_unknown_total; \
+         `pod`, `namespace` and `container` come from the owner or the listener alone), `peer` (remote address or \
          network, only with \
          `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
          (absent elsewhere). Past `--max-series` label sets, new ones fold into `other` \

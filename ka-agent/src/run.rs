@@ -385,6 +385,7 @@ struct KernelCounts {
     lost: u64,
     read_failures: u64,
     not_tcp: u64,
+    connectors_unknown: u64,
     by_kind: HashMap<(ka_common::EventKind, Outcome), u64>,
 }
 
@@ -424,6 +425,11 @@ impl KernelCounts {
             .not_tcp_transitions
             .inc_by(not_tcp.saturating_sub(self.not_tcp));
         self.not_tcp = self.not_tcp.max(not_tcp);
+        let connectors_unknown = stats.connectors_unknown();
+        metrics
+            .connectors_unknown
+            .inc_by(connectors_unknown.saturating_sub(self.connectors_unknown));
+        self.connectors_unknown = self.connectors_unknown.max(connectors_unknown);
         for kind in ka_common::EventKind::ALL {
             for outcome in [Outcome::Submitted, Outcome::Lost, Outcome::Filtered] {
                 let now = match outcome {

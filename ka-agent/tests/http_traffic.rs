@@ -3,7 +3,9 @@
 //! closes and no zombies. The one exception is real: when its duration is
 //! up, wrk closes its connections with requests in flight, which the kernel
 //! does with an RST (unread data): at most one per wrk connection, seen as
-//! `reset_sent` by the client and `reset_received` by nginx.
+//! `reset_sent` by the client and `reset_received` by nginx. Every
+//! connection is named after its process, on both sides, though no
+//! inventory saw them.
 
 mod common;
 
@@ -106,15 +108,42 @@ fn ordinary_http_traffic_is_all_normal() {
             &[("netns", &sn), ("closer", "local")]
         ) >= 5
     );
+    every_connection_is_named(&m, &cn, &sn);
+}
+
+/// Every connection carries its process's name, on both sides, though no
+/// inventory saw any of them (the next is 30 s away).
+fn every_connection_is_named(m: &common::Metrics, cn: &str, sn: &str) {
     // Every accepted connection carries nginx's name, also the 30 that
     // lived a few milliseconds.
-    let inbound = [("netns", sn.as_str()), ("direction", "inbound")];
+    let inbound = [("netns", sn), ("direction", "inbound")];
     assert_eq!(
         m.count(
             "ka_connections_closed_total",
             &[inbound[0], inbound[1], ("comm", "nginx")]
         ),
         m.count("ka_connections_closed_total", &inbound),
+        "{}",
+        m.text
+    );
+    // And every outbound one its client's, which the kernel program
+    // recorded at connect(): no inventory saw any of them.
+    let outbound = [("netns", cn), ("direction", "outbound")];
+    let by = |comm| {
+        m.count(
+            "ka_connections_closed_total",
+            &[outbound[0], outbound[1], ("comm", comm)],
+        )
+    };
+    assert_eq!(by("curl"), 35, "{}", m.text);
+    assert_eq!(
+        by("curl") + by("wrk"),
+        m.count("ka_connections_closed_total", &outbound),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains("\nka_kernel_connectors_unknown_total "),
         "{}",
         m.text
     );

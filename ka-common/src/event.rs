@@ -201,7 +201,28 @@ pub struct StateChangeEvent {
     /// the inode of the socket a process may still hold (`socket:[N]`);
     /// else 0, as where the kernel's layout is unknown.
     pub socket_inode: u32,
+    /// Leaving `SYN_SENT`: who called `connect()`, as recorded then; else all
+    /// zero.
+    pub connector: Connector,
 }
+
+/// The process that called `connect()` on an outbound socket: the program
+/// records it at the socket's `SYN_SENT` transition, which runs in that
+/// process's context (its ESTABLISHED runs in a softirq, any process's),
+/// and sends it with the transition leaving `SYN_SENT`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connector {
+    /// Its process id (thread group id); 0 when not recorded.
+    pub tgid: u32,
+    pub reserved: u32,
+    /// Its thread's name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// How many outbound sockets in `SYN_SENT` the kernel keeps the connector of
+/// (least recently used first out): connects in flight at once.
+pub const CONNECTOR_SLOTS: u32 = 8192;
 
 /// `tcp:tcp_retransmit_skb`.
 #[repr(C)]
@@ -292,7 +313,8 @@ pub struct RcvStateProcessEvent {
 const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(size_of::<SockSnapshot>() == 112);
 const _: () = assert!(align_of::<SockSnapshot>() == 8);
-const _: () = assert!(size_of::<StateChangeEvent>() == 136);
+const _: () = assert!(size_of::<Connector>() == 24);
+const _: () = assert!(size_of::<StateChangeEvent>() == 160);
 const _: () = assert!(size_of::<RetransmitEvent>() == 136);
 const _: () = assert!(size_of::<SendResetEvent>() == 136);
 const _: () = assert!(size_of::<ReceiveResetEvent>() == 128);

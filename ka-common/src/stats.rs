@@ -22,6 +22,10 @@ pub enum Stat {
     /// apart so that a TCP transition the agent never received can be told
     /// from one whose protocol was misread.
     NotTcp = 19,
+    /// A socket left `SYN_SENT` without a recorded connector (its `connect()`
+    /// came before the programs were attached, or more connects were in
+    /// flight than `CONNECTOR_SLOTS`): its event carries no process.
+    ConnectorsUnknown = 20,
     /// An event was reserved and submitted. Slots `SubmittedBase + kind`:
     /// what the agent receives plus what it has yet to read, so that
     /// received + lost accounts for every event the programs produced.

@@ -435,7 +435,7 @@ impl Tracker {
             return false;
         };
         if let Some(owner) = owner {
-            if conn.comm.is_empty() || conn.name_source == NameSource::Listener {
+            if conn.comm.is_empty() || conn.name_source != NameSource::Owner {
                 conn.comm.clone_from(&owner.comm);
                 conn.name_source = NameSource::Owner;
             }

@@ -396,6 +396,10 @@ enum NameSource {
     /// The process listening on its port (an accepted connection no
     /// inventory has seen yet): the socket's own owner replaces it.
     Listener,
+    /// The process that called `connect()` (an outbound connection no
+    /// inventory has seen yet, named by the kernel program): the socket's
+    /// owner replaces it, as it may have been handed on.
+    Connector,
 }
 
 impl Connection {
@@ -434,26 +438,29 @@ impl Connection {
         }
     }
 
-    /// A record built by hand, for tests of what consumes the table.
-    #[doc(hidden)]
-    pub fn for_tests(
+    /// A socket's record before anything happened to it: no history, no
+    /// evidence, no owner.
+    fn unseen(
+        sk: u64,
+        cookie: u64,
+        netns: u32,
         local: SocketAddr,
         remote: SocketAddr,
         direction: Direction,
         state: TcpState,
     ) -> Self {
         Self {
-            sk: 0,
-            cookie: 0,
-            netns: 0,
+            sk,
+            cookie,
+            netns,
             local,
             remote,
             direction,
             state,
-            history: smallvec::smallvec![state],
+            history: History::new(),
             comm: Comm::default(),
             pod: None,
-            was_established: true,
+            was_established: false,
             state_since_ns: 0,
             last_event_ns: 0,
             idle_at_event_secs: 0.0,
@@ -472,6 +479,21 @@ impl Connection {
             name_source: NameSource::Owner,
             peer_label: PeerLabel::None,
             holder: None,
+        }
+    }
+
+    /// A record built by hand, for tests of what consumes the table.
+    #[doc(hidden)]
+    pub fn for_tests(
+        local: SocketAddr,
+        remote: SocketAddr,
+        direction: Direction,
+        state: TcpState,
+    ) -> Self {
+        Self {
+            history: smallvec::smallvec![state],
+            was_established: true,
+            ..Self::unseen(0, 0, 0, local, remote, direction, state)
         }
     }
 
@@ -507,6 +529,9 @@ pub struct Tracker {
     dead_held: hashbrown::HashMap<u64, dead_held::DeadHeld>,
     /// Such connections not watched: the watch was full.
     dead_held_unwatched: u64,
+    /// Connectors' names as the kernel sent them, shared by every
+    /// connection of one process name (see `state_change`).
+    connector_names: hashbrown::HashMap<[u8; 16], Comm>,
 }
 
 impl Tracker {
@@ -522,6 +547,7 @@ impl Tracker {
             inventory: inventory::InventoryState::default(),
             dead_held: hashbrown::HashMap::new(),
             dead_held_unwatched: 0,
+            connector_names: hashbrown::HashMap::new(),
         }
     }
 
@@ -705,35 +731,18 @@ impl Tracker {
         ktime_ns: u64,
     ) -> Connection {
         let mut conn = Connection {
-            sk: snap.sk,
-            cookie: snap.cookie,
-            netns: snap.netns,
-            local: socket_addr(snap.family, snap.saddr, snap.sport),
-            remote: socket_addr(snap.family, snap.daddr, snap.dport),
-            direction,
-            state: TcpState::from_raw(snap.state),
-            history: History::new(),
-            comm: Comm::default(),
-            pod: None,
-            was_established: false,
             state_since_ns: ktime_ns,
             last_event_ns: ktime_ns,
-            idle_at_event_secs: 0.0,
-            keepalive: Keepalive::default(),
-            retransmits: 0,
-            total_retrans: None,
-            last_error: 0,
-            soft_error: 0,
-            zombie: None,
-            closer: None,
-            reset_received: false,
-            reset_sent: None,
-            pending_fire: None,
-            last_fire: None,
-            close_wait_counted: false,
-            name_source: NameSource::Owner,
             peer_label: self.config.peer_label,
-            holder: None,
+            ..Connection::unseen(
+                snap.sk,
+                snap.cookie,
+                snap.netns,
+                socket_addr(snap.family, snap.saddr, snap.sport),
+                socket_addr(snap.family, snap.daddr, snap.dport),
+                direction,
+                TcpState::from_raw(snap.state),
+            )
         };
         if direction == Direction::Inbound {
             self.name_after_listener(&mut conn);
@@ -949,6 +958,7 @@ mod fixtures {
             newstate: new,
             reserved: [0; 2],
             socket_inode: 0,
+            connector: ka_common::Connector::default(),
         })
     }
 

@@ -1,12 +1,16 @@
 //! Interprets `sock:inet_sock_set_state`.
 
-use ka_common::StateChangeEvent;
+use ka_common::{Connector, StateChangeEvent};
 
-use super::{Connection, Observation, Tracker};
+use super::{Connection, NameSource, Observation, Tracker};
 use crate::{
     classify::{self, DeathEvidence},
-    model::{Closer, Direction, TcpState},
+    model::{Closer, Comm, Direction, TcpState},
 };
+
+/// Distinct connector names kept for sharing; past that the cache starts
+/// over (thread names can be many: `worker-1234`).
+const CONNECTOR_NAMES: usize = 4096;
 
 /// A death inside the keepalive timer follows its expiry on the same CPU
 /// within the same softirq: microseconds. The bound only has to exclude the
@@ -52,6 +56,7 @@ impl Tracker {
         if old == TcpState::Listen && new == TcpState::Close {
             return;
         }
+        let connector = self.connector_name(&event.connector);
         let hz = self.config.hz;
         let Some(conn) = self.adopt(snap, ktime) else {
             if new == TcpState::Close {
@@ -66,6 +71,12 @@ impl Tracker {
             }
             return;
         };
+        if let Some(comm) = connector
+            && conn.comm.is_empty()
+        {
+            conn.comm = comm;
+            conn.name_source = NameSource::Connector;
+        }
         conn.state = new;
         conn.state_since_ns = ktime;
         // States between the transitions the kernel sent are the old state
@@ -109,6 +120,28 @@ impl Tracker {
             }
             _ => {}
         }
+    }
+
+    /// The name of the process that connected a socket leaving `SYN_SENT`,
+    /// when the kernel recorded one.
+    fn connector_name(&mut self, connector: &Connector) -> Option<Comm> {
+        if connector.tgid == 0 {
+            return None;
+        }
+        if let Some(comm) = self.connector_names.get(&connector.comm) {
+            return Some(comm.clone());
+        }
+        if self.connector_names.len() >= CONNECTOR_NAMES {
+            self.connector_names.clear();
+        }
+        let len = connector
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(connector.comm.len());
+        let comm = Comm::new(&String::from_utf8_lossy(&connector.comm[..len]));
+        self.connector_names.insert(connector.comm, comm.clone());
+        Some(comm)
     }
 
     /// Gives the verdict on a connection that reached CLOSE.
@@ -276,7 +309,7 @@ fn idle_before_close(snap: &ka_common::SockSnapshot, hz: u32) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use ka_common::{EventKind, ReceiveResetEvent, StateChangeEvent, tcp_state};
+    use ka_common::{Connector, EventKind, ReceiveResetEvent, StateChangeEvent, tcp_state};
 
     use crate::{
         decode::Event,
@@ -288,6 +321,11 @@ mod tests {
 
     /// A refused connect: the RST, then `SYN_SENT` -> `CLOSE`.
     fn refused(tracker: &mut Tracker, port: u16, ktime_ns: u64) {
+        refused_from(tracker, port, ktime_ns, Connector::default());
+    }
+
+    /// The same, of a socket `connector` connected.
+    fn refused_from(tracker: &mut Tracker, port: u16, ktime_ns: u64, connector: Connector) {
         let sock = socket(port, tcp_state::SYN_SENT);
         tracker.handle(&Event::ReceiveReset(ReceiveResetEvent {
             header: header(EventKind::ReceiveReset, ktime_ns),
@@ -300,7 +338,68 @@ mod tests {
             newstate: tcp_state::CLOSE,
             reserved: [0; 2],
             socket_inode: 0,
+            connector,
         }));
+    }
+
+    /// What the kernel records of a process calling `connect()`.
+    fn connector(comm: &str) -> Connector {
+        let mut connector = Connector {
+            tgid: 4242,
+            ..Connector::default()
+        };
+        connector.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        connector
+    }
+
+    #[test]
+    fn an_outbound_connection_is_named_after_the_process_that_connected_it() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let Event::StateChange(mut opened) = transition(
+            ka_common::SockSnapshot {
+                sk: 0xC,
+                ..socket(443, tcp_state::ESTABLISHED)
+            },
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            1_000,
+        ) else {
+            unreachable!("a transition is a state change");
+        };
+        opened.connector = connector("curl");
+        tracker.handle(&Event::StateChange(opened));
+        // A connect refused on another socket; then one whose `connect()`
+        // came before the programs were attached: nobody to name.
+        refused_from(&mut tracker, 9, 2_000, connector("a-full-15-chars"));
+        tracker.handle(&transition(
+            ka_common::SockSnapshot {
+                sk: 0xB,
+                ..socket(8080, tcp_state::ESTABLISHED)
+            },
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+            3_000,
+        ));
+        tracker.settle_closes(u64::MAX);
+        let mut names: Vec<(&str, u16, String)> = tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                Observation::Opened(labels) => Some(("opened", labels.port, labels.comm)),
+                Observation::Closed { labels, .. } => Some(("closed", labels.port, labels.comm)),
+                _ => None,
+            })
+            .map(|(what, port, comm)| (what, port, comm.as_str().to_owned()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ("closed", 9, "a-full-15-chars".to_owned()),
+                ("opened", 443, "curl".to_owned()),
+                ("opened", 8080, String::new()),
+            ]
+        );
     }
 
     #[test]

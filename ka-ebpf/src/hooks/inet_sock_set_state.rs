@@ -5,19 +5,29 @@
 //! first FIN (who closed, idle before it), and the end. The states in
 //! between are the next event's `oldstate`, so the agent still knows them.
 //!
+//! An outbound socket's `SYN_SENT` transition is not sent either, but it
+//! runs in the process calling `connect()`, the one moment the kernel
+//! knows it: the program records that process for the socket's next
+//! transition, which runs in a softirq.
+//!
 //! Two programs, one attached: the raw tracepoint where this kernel's BTF
 //! declares the arguments it reads (no trace record is formatted for it),
 //! else the tracepoint; both hand the transition to [`on_state_change`].
 
 use aya_ebpf::{
     Global,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use ka_common::{EventKind, IPPROTO_TCP, SetStateFields, StateChangeEvent, tcp_state};
+use ka_common::{
+    Connector, EventKind, IPPROTO_TCP, SetStateFields, Stat, StateChangeEvent, tcp_state,
+};
 
 use super::{record, record_at};
-use crate::{emit, sock};
+use crate::{CONNECTORS, emit, sock};
+
+const SYN_SENT: i32 = tcp_state::SYN_SENT as i32;
 
 #[unsafe(no_mangle)]
 static SET_STATE_FIELDS: Global<SetStateFields> = Global::new(SetStateFields::ABSENT);
@@ -41,7 +51,7 @@ fn try_inet_sock_set_state_raw(ctx: &RawTracePointContext) -> Option<()> {
     let oldstate: i32 = ctx.arg(1);
     let newstate: i32 = ctx.arg(2);
     if !needed(oldstate, newstate) {
-        emit::filtered(EventKind::StateChange);
+        filtered(sk, newstate);
         return None;
     }
     // Other protocols (SCTP, MPTCP) change state here too, rarely; the
@@ -85,7 +95,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Option<()> {
         )
     };
     if !needed(oldstate, newstate) {
-        emit::filtered(EventKind::StateChange);
+        filtered(sk, newstate);
         return None;
     }
     on_state_change(sk, oldstate, newstate, Protocol::Tcp)
@@ -120,6 +130,11 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) ->
             } else {
                 0
             };
+        if oldstate == SYN_SENT {
+            hand_on_connector(sk, &mut (*event).connector);
+        } else {
+            clear_connector(&mut (*event).connector);
+        }
         protocol
     };
     if protocol == Protocol::FromSnapshot && snapshot_protocol != IPPROTO_TCP {
@@ -129,6 +144,61 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) ->
     emit::submit(entry, EventKind::StateChange);
     Some(())
 }
+
+/// Counts a transition the agent does not need; records the connector of
+/// an outbound socket entering `SYN_SENT`.
+#[inline(always)]
+fn filtered(sk: u64, newstate: i32) {
+    if newstate == SYN_SENT {
+        remember_connector(sk);
+    }
+    emit::filtered(EventKind::StateChange);
+}
+
+/// Records the process calling `connect()` on `sk` (this program runs in
+/// it at `SYN_SENT`). A failed insert shows later as a connector unknown.
+#[inline(always)]
+fn remember_connector(sk: u64) {
+    let connector = Connector {
+        // The thread group id is the upper half.
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        reserved: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    let _ = CONNECTORS.insert(sk, connector, 0);
+}
+
+/// Moves the connector recorded for `sk` into the event leaving `SYN_SENT`;
+/// a socket without one is counted (`Stat::ConnectorsUnknown`).
+#[inline(always)]
+fn hand_on_connector(sk: u64, out: &mut Connector) {
+    if let Some(recorded) = CONNECTORS.get_ptr(sk) {
+        // SAFETY: a pointer from a successful lookup to an initialized
+        // value of the map; another CPU can only overwrite it with another
+        // whole connector of a socket at this address.
+        unsafe { *out = *recorded };
+        let _ = CONNECTORS.remove(sk);
+    } else {
+        clear_connector(out);
+        emit::count(Stat::ConnectorsUnknown as u32);
+    }
+}
+
+/// Zeroes a connector in place, a store per word (see `sock::clear`).
+#[inline(always)]
+fn clear_connector(out: &mut Connector) {
+    const WORDS: usize = size_of::<Connector>() / 8;
+    let words = core::ptr::from_mut(out).cast::<u64>();
+    for i in 0..WORDS {
+        // SAFETY: `out` is an exclusive reference to a connector, a whole
+        // number of 8-byte-aligned words (asserted below), so word
+        // `i < WORDS` is inside it and aligned.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+}
+
+const _: () = assert!(size_of::<Connector>().is_multiple_of(8));
+const _: () = assert!(align_of::<Connector>() == 8);
 
 /// Whether the agent needs this transition (see the module comment).
 #[inline(always)]

@@ -495,7 +495,7 @@ impl Metrics {
             )?,
             connectors_unknown: IntCounter::new(
                 "ka_kernel_connectors_unknown_total",
-                "Outbound connections that left SYN_SENT without the kernel having recorded the process that called connect() (it did so before the programs were attached, or more connects were in flight at once than the kernel keeps): their comm label stays empty until an inventory finds their owner.",
+                "Outbound connections that left SYN_SENT without the kernel having recorded the process that called connect() (it did so before the programs were attached, or another socket connecting at the same time took its slot: 1 in 4096 pairs): their comm label stays empty until an inventory finds their owner.",
             )?,
             program_runs: IntCounterVec::new(
                 Opts::new("ka_program_runs_total", "Runs of each kernel program (kernel BPF stats, counted while the run timing is on: --program-run-stats)."),

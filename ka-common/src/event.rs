@@ -210,6 +210,8 @@ pub struct StateChangeEvent {
 /// records it at the socket's `SYN_SENT` transition, which runs in that
 /// process's context (its ESTABLISHED runs in a softirq, any process's),
 /// and sends it with the transition leaving `SYN_SENT`.
+///
+/// Kept for sharing: the agent reads it only in events.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Connector {
@@ -219,10 +221,6 @@ pub struct Connector {
     /// Its thread's name (`comm`), NUL-padded.
     pub comm: [u8; 16],
 }
-
-/// How many outbound sockets in `SYN_SENT` the kernel keeps the connector of
-/// (least recently used first out): connects in flight at once.
-pub const CONNECTOR_SLOTS: u32 = 8192;
 
 /// `tcp:tcp_retransmit_skb`.
 #[repr(C)]

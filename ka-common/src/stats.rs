@@ -23,8 +23,8 @@ pub enum Stat {
     /// from one whose protocol was misread.
     NotTcp = 19,
     /// A socket left `SYN_SENT` without a recorded connector (its `connect()`
-    /// came before the programs were attached, or more connects were in
-    /// flight than `CONNECTOR_SLOTS`): its event carries no process.
+    /// came before the programs were attached, or another socket connecting
+    /// meanwhile took its slot): its event carries no process.
     ConnectorsUnknown = 20,
     /// An event was reserved and submitted. Slots `SubmittedBase + kind`:
     /// what the agent receives plus what it has yet to read, so that

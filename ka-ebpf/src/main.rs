@@ -25,11 +25,11 @@ mod sock;
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use ka_common::{
-    COMMON_SPANS, CONNECTOR_SLOTS, Connector, DEFAULT_RING_BYTES, EventKind, FULL_SPANS,
-    KernelTypes, NET_SPANS, SOCK_COPY_BYTES, STAT_SLOTS, SockCopyPlan, SockOffsets, Span,
+    COMMON_SPANS, DEFAULT_RING_BYTES, EventKind, FULL_SPANS, KernelTypes, NET_SPANS,
+    SOCK_COPY_BYTES, STAT_SLOTS, SockCopyPlan, SockOffsets, Span,
 };
 
 /// Every event, in the order the hooks reserved them. The agent resizes it at
@@ -42,10 +42,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 
-/// Outbound sockets in `SYN_SENT` (by address) and the process that called
-/// `connect()` on each, until the socket leaves `SYN_SENT`.
+/// Who is connecting each outbound socket in `SYN_SENT`, in a slot chosen
+/// by the socket's address (see `hooks::inet_sock_set_state`).
 #[map]
-static CONNECTORS: LruHashMap<u64, Connector> = LruHashMap::with_max_entries(CONNECTOR_SLOTS, 0);
+static CONNECTORS: Array<hooks::ConnectorSlot> = Array::with_max_entries(hooks::CONNECTOR_SLOTS, 0);
 
 /// Socket structure offsets from BTF, set by the agent before load.
 #[unsafe(no_mangle)]

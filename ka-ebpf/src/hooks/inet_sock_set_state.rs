@@ -155,32 +155,88 @@ fn filtered(sk: u64, newstate: i32) {
     emit::filtered(EventKind::StateChange);
 }
 
+/// Slots of connectors: connects in flight at once, spread by address
+/// (two sockets connecting at once share a slot 1 time in 4096; the first
+/// then goes unnamed, and counted).
+pub const CONNECTOR_SLOTS: u32 = 1 << CONNECTOR_SLOT_BITS;
+const CONNECTOR_SLOT_BITS: u32 = 12;
+
+/// A socket connecting and who is connecting it. Not a hash map entry: an
+/// update and a delete of one cost several times the array's stores.
+#[repr(C)]
+pub struct ConnectorSlot {
+    /// The socket's address; 0 while the slot is free or being written.
+    sk: u64,
+    connector: Connector,
+}
+
+/// The slot of `sk`: socket addresses are spread over whole slab objects,
+/// so their high bits, mixed (Fibonacci hashing), pick it.
+#[inline(always)]
+fn slot_of(sk: u64) -> u32 {
+    (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONNECTOR_SLOT_BITS)) as u32
+}
+
 /// Records the process calling `connect()` on `sk` (this program runs in
-/// it at `SYN_SENT`). A failed insert shows later as a connector unknown.
+/// it at `SYN_SENT`).
 #[inline(always)]
 fn remember_connector(sk: u64) {
+    let Some(slot) = CONNECTORS.get_ptr_mut(slot_of(sk)) else {
+        return;
+    };
     let connector = Connector {
         // The thread group id is the upper half.
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         reserved: 0,
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
-    let _ = CONNECTORS.insert(sk, connector, 0);
+    // SAFETY: a pointer from a successful array lookup, to a slot any CPU
+    // may write at once: the socket's address is cleared first and set
+    // last, each a volatile store, so a reader that finds it unchanged
+    // around its copy copied one connector whole (see `hand_on_connector`).
+    unsafe {
+        (&raw mut (*slot).sk).write_volatile(0);
+        copy_connector(&raw const connector, &raw mut (*slot).connector);
+        (&raw mut (*slot).sk).write_volatile(sk);
+    }
 }
 
 /// Moves the connector recorded for `sk` into the event leaving `SYN_SENT`;
 /// a socket without one is counted (`Stat::ConnectorsUnknown`).
 #[inline(always)]
 fn hand_on_connector(sk: u64, out: &mut Connector) {
-    if let Some(recorded) = CONNECTORS.get_ptr(sk) {
-        // SAFETY: a pointer from a successful lookup to an initialized
-        // value of the map; another CPU can only overwrite it with another
-        // whole connector of a socket at this address.
-        unsafe { *out = *recorded };
-        let _ = CONNECTORS.remove(sk);
-    } else {
-        clear_connector(out);
-        emit::count(Stat::ConnectorsUnknown as u32);
+    if let Some(slot) = CONNECTORS.get_ptr_mut(slot_of(sk)) {
+        // SAFETY: as in `remember_connector`; `out` is this program's own
+        // reserved event.
+        unsafe {
+            let at = &raw mut (*slot).sk;
+            if at.read_volatile() == sk {
+                copy_connector(&raw const (*slot).connector, out);
+                if at.read_volatile() == sk {
+                    at.write_volatile(0);
+                    return;
+                }
+            }
+        }
+    }
+    clear_connector(out);
+    emit::count(Stat::ConnectorsUnknown as u32);
+}
+
+/// Copies a connector a volatile word at a time: the order against the
+/// stores of the slot's address is what makes a torn copy detectable.
+///
+/// # Safety
+///
+/// Both pointers are valid for a connector.
+#[inline(always)]
+unsafe fn copy_connector(from: *const Connector, to: *mut Connector) {
+    const WORDS: usize = size_of::<Connector>() / 8;
+    let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
+    for i in 0..WORDS {
+        // SAFETY: a connector is a whole number of 8-byte-aligned words
+        // (asserted below); word `i < WORDS` is inside both.
+        unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
     }
 }
 

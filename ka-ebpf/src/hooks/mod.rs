@@ -11,6 +11,8 @@ mod tcp_send_reset;
 mod timer_expire_entry;
 mod timer_start;
 
+pub use inet_sock_set_state::{CONNECTOR_SLOTS, ConnectorSlot};
+
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 use ka_common::ABSENT;
 

@@ -148,6 +148,20 @@ pub fn header(kind: EventKind) -> EventHeader {
     }
 }
 
+/// Zeroes a value one volatile word store at a time: a plain zeroing
+/// becomes a call to a byte-looping BPF `memset` subprogram.
+#[inline(always)]
+pub fn zero_words<T>(value: &mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() == 8) };
+    let words = core::ptr::from_mut(value).cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: `value` is an exclusive reference to a whole number of
+        // 8-byte-aligned words (asserted above), so word `i` is inside it
+        // and aligned; the callers' types take any bit pattern.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+}
+
 /// Zeroes padding bytes one volatile store each: a plain `[0; N]` becomes
 /// a call to a byte-looping BPF `memset` subprogram (see `sock::clear`).
 #[inline(always)]

@@ -379,23 +379,12 @@ fn errno_byte(errno: i32) -> u8 {
 }
 
 /// Zeroes a snapshot: ring-buffer slots are not zeroed by the kernel, and
-/// every byte of an event goes to user space.
-///
-/// Word by word with volatile stores: LLVM turns plain zeroing (a struct
-/// literal, `write_bytes`) into a call to a BPF `memset` subprogram that
-/// loops byte by byte, which perf showed at a quarter of the program's
-/// own cost.
+/// every byte of an event goes to user space. Word by word (see
+/// [`crate::emit::zero_words`]): perf showed the `memset` subprogram LLVM
+/// makes of plain zeroing at a quarter of the program's own cost.
 #[inline(always)]
 pub fn clear(out: &mut SockSnapshot) {
-    const WORDS: usize = size_of::<SockSnapshot>() / 8;
-    let words = core::ptr::from_mut(out).cast::<u64>();
-    for i in 0..WORDS {
-        // SAFETY: `out` is an exclusive reference to a snapshot that is a
-        // whole number of 8-byte-aligned words (asserted below), so word
-        // `i < WORDS` is inside it and aligned; any bit pattern is a valid
-        // value of its fields.
-        unsafe { words.add(i).write_volatile(0) };
-    }
+    crate::emit::zero_words(out);
 }
 
 const _: () = assert!(size_of::<SockSnapshot>().is_multiple_of(8));

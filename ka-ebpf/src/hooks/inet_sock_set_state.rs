@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_pid_tgid, generated},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
@@ -133,7 +133,7 @@ fn on_state_change(sk: u64, oldstate: i32, newstate: i32, protocol: Protocol) ->
         if oldstate == SYN_SENT {
             hand_on_connector(sk, &mut (*event).connector);
         } else {
-            clear_connector(&mut (*event).connector);
+            emit::zero_words(&mut (*event).connector);
         }
         protocol
     };
@@ -184,19 +184,25 @@ fn remember_connector(sk: u64) {
     let Some(slot) = CONNECTORS.get_ptr_mut(slot_of(sk)) else {
         return;
     };
-    let connector = Connector {
-        // The thread group id is the upper half.
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        reserved: 0,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-    };
+    // The thread group id is the upper half.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a pointer from a successful array lookup, to a slot any CPU
     // may write at once: the socket's address is cleared first and set
-    // last, each a volatile store, so a reader that finds it unchanged
-    // around its copy copied one connector whole (see `hand_on_connector`).
+    // last, each a volatile store (the helper call between them is opaque
+    // to the compiler), so a reader that finds it unchanged around its copy
+    // copied one connector whole (see `hand_on_connector`). The helper
+    // writes at most the 16 bytes of `comm`, NUL-padded.
     unsafe {
         (&raw mut (*slot).sk).write_volatile(0);
-        copy_connector(&raw const connector, &raw mut (*slot).connector);
+        let connector = &raw mut (*slot).connector;
+        (&raw mut (*connector).tgid).write_volatile(tgid);
+        (&raw mut (*connector).reserved).write_volatile(0);
+        // Straight into the slot: aya's wrapper zeroes a byte array first,
+        // which LLVM makes a call to its byte-looping `memset`.
+        generated::bpf_get_current_comm(
+            (&raw mut (*connector).comm).cast(),
+            u32::try_from(size_of::<[u8; 16]>()).unwrap_or(0),
+        );
         (&raw mut (*slot).sk).write_volatile(sk);
     }
 }
@@ -219,7 +225,7 @@ fn hand_on_connector(sk: u64, out: &mut Connector) {
             }
         }
     }
-    clear_connector(out);
+    emit::zero_words(out);
     emit::count(Stat::ConnectorsUnknown as u32);
 }
 
@@ -237,19 +243,6 @@ unsafe fn copy_connector(from: *const Connector, to: *mut Connector) {
         // SAFETY: a connector is a whole number of 8-byte-aligned words
         // (asserted below); word `i < WORDS` is inside both.
         unsafe { to.add(i).write_volatile(from.add(i).read_volatile()) };
-    }
-}
-
-/// Zeroes a connector in place, a store per word (see `sock::clear`).
-#[inline(always)]
-fn clear_connector(out: &mut Connector) {
-    const WORDS: usize = size_of::<Connector>() / 8;
-    let words = core::ptr::from_mut(out).cast::<u64>();
-    for i in 0..WORDS {
-        // SAFETY: `out` is an exclusive reference to a connector, a whole
-        // number of 8-byte-aligned words (asserted below), so word
-        // `i < WORDS` is inside it and aligned.
-        unsafe { words.add(i).write_volatile(0) };
     }
 }
 

@@ -1088,7 +1088,8 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          `direction` (`inbound`/`outbound`), `port` (service port: local for inbound, remote for outbound; \
          never an ephemeral port), `comm` (process name: the socket's owner as the last inventory found \
          it; until then an accepted connection's listener, or the process that called connect() for \
-         an outbound one, as the kernel recorded it; empty when none is known: an outbound connection \
+         an outbound one, as the kernel recorded it (the process's name, not the calling thread's, \
+         unless the process is gone); empty when none is known: an outbound connection \
          whose connect() came before the agent started, see ka_kernel_connectors_unknown_total; \
          `pod`, `namespace` and `container` come from the owner or the listener alone), `peer` (remote address or \
          network, only with \

@@ -9,7 +9,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
 
 use common::{
     Agent,
@@ -69,9 +73,22 @@ fn ordinary_http_traffic_is_all_normal() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // One request from a thread of this test, whose name (the test's) is
+    // not its process's: named after the process, as an inventory would.
+    let thread = client.run_in(|| {
+        let mut stream = TcpStream::connect("198.18.10.2:8088").expect("connect");
+        stream
+            .write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .expect("request");
+        stream.read_to_end(&mut Vec::new()).expect("answer");
+        std::fs::read_to_string("/proc/thread-self/comm").expect("thread name")
+    });
+    let process = std::fs::read_to_string("/proc/self/comm").expect("process name");
+    let names = (process.trim_end(), thread.trim_end());
+    assert_ne!(names.0, names.1, "the test needs a thread named apart");
     std::thread::sleep(Duration::from_secs(2)); // nginx's keep-alive timeout
     let m = agent.wait_metrics(Duration::from_secs(10), "every connection closed", |m| {
-        m.count("ka_connections_closed_total", &[("netns", &cn)]) >= 39
+        m.count("ka_connections_closed_total", &[("netns", &cn)]) >= 40
             && m.count("ka_connections_opened_total", &[("netns", &cn)])
                 == m.count("ka_connections_closed_total", &[("netns", &cn)])
     });
@@ -108,12 +125,17 @@ fn ordinary_http_traffic_is_all_normal() {
             &[("netns", &sn), ("closer", "local")]
         ) >= 5
     );
-    every_connection_is_named(&m, &cn, &sn);
+    every_connection_is_named(&m, &cn, &sn, names);
 }
 
 /// Every connection carries its process's name, on both sides, though no
 /// inventory saw any of them (the next is 30 s away).
-fn every_connection_is_named(m: &common::Metrics, cn: &str, sn: &str) {
+fn every_connection_is_named(
+    m: &common::Metrics,
+    cn: &str,
+    sn: &str,
+    (process, thread): (&str, &str),
+) {
     // Every accepted connection carries nginx's name, also the 30 that
     // lived a few milliseconds.
     let inbound = [("netns", sn), ("direction", "inbound")];
@@ -136,8 +158,9 @@ fn every_connection_is_named(m: &common::Metrics, cn: &str, sn: &str) {
         )
     };
     assert_eq!(by("curl"), 35, "{}", m.text);
+    assert_eq!((by(process), by(thread)), (1, 0), "{}", m.text);
     assert_eq!(
-        by("curl") + by("wrk"),
+        by("curl") + by("wrk") + by(process),
         m.count("ka_connections_closed_total", &outbound),
         "{}",
         m.text

@@ -2,6 +2,7 @@
 //! interpreter of each hook (one file per hook here), emitting
 //! [`Observation`]s that the exporter turns into metrics.
 
+mod connector;
 mod dead_held;
 mod destroy_sock;
 mod error_report;
@@ -529,9 +530,8 @@ pub struct Tracker {
     dead_held: hashbrown::HashMap<u64, dead_held::DeadHeld>,
     /// Such connections not watched: the watch was full.
     dead_held_unwatched: u64,
-    /// Connectors' names as the kernel sent them, shared by every
-    /// connection of one process name (see `state_change`).
-    connector_names: hashbrown::HashMap<[u8; 16], Comm>,
+    /// The names of the processes connecting outbound sockets.
+    connector_names: connector::ConnectorNames,
 }
 
 impl Tracker {
@@ -547,7 +547,7 @@ impl Tracker {
             inventory: inventory::InventoryState::default(),
             dead_held: hashbrown::HashMap::new(),
             dead_held_unwatched: 0,
-            connector_names: hashbrown::HashMap::new(),
+            connector_names: connector::ConnectorNames::new(),
         }
     }
 

@@ -1,16 +1,12 @@
 //! Interprets `sock:inet_sock_set_state`.
 
-use ka_common::{Connector, StateChangeEvent};
+use ka_common::StateChangeEvent;
 
 use super::{Connection, NameSource, Observation, Tracker};
 use crate::{
     classify::{self, DeathEvidence},
-    model::{Closer, Comm, Direction, TcpState},
+    model::{Closer, Direction, TcpState},
 };
-
-/// Distinct connector names kept for sharing; past that the cache starts
-/// over (thread names can be many: `worker-1234`).
-const CONNECTOR_NAMES: usize = 4096;
 
 /// A death inside the keepalive timer follows its expiry on the same CPU
 /// within the same softirq: microseconds. The bound only has to exclude the
@@ -56,7 +52,9 @@ impl Tracker {
         if old == TcpState::Listen && new == TcpState::Close {
             return;
         }
-        let connector = self.connector_name(&event.connector);
+        let connector = self
+            .connector_names
+            .name(&event.connector, event.header.ktime_ns);
         let hz = self.config.hz;
         let Some(conn) = self.adopt(snap, ktime) else {
             if new == TcpState::Close {
@@ -120,28 +118,6 @@ impl Tracker {
             }
             _ => {}
         }
-    }
-
-    /// The name of the process that connected a socket leaving `SYN_SENT`,
-    /// when the kernel recorded one.
-    fn connector_name(&mut self, connector: &Connector) -> Option<Comm> {
-        if connector.tgid == 0 {
-            return None;
-        }
-        if let Some(comm) = self.connector_names.get(&connector.comm) {
-            return Some(comm.clone());
-        }
-        if self.connector_names.len() >= CONNECTOR_NAMES {
-            self.connector_names.clear();
-        }
-        let len = connector
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(connector.comm.len());
-        let comm = Comm::new(&String::from_utf8_lossy(&connector.comm[..len]));
-        self.connector_names.insert(connector.comm, comm.clone());
-        Some(comm)
     }
 
     /// Gives the verdict on a connection that reached CLOSE.
@@ -342,10 +318,12 @@ mod tests {
         }));
     }
 
-    /// What the kernel records of a process calling `connect()`.
-    fn connector(comm: &str) -> Connector {
+    /// Process `n`, whose thread `comm` connects: above any `pid_max`
+    /// (2^22), so no such process is in `/proc` and the thread's name
+    /// stands (see `connector`).
+    fn connector(n: u32, comm: &str) -> Connector {
         let mut connector = Connector {
-            tgid: 4242,
+            tgid: 0x7fff_0000 + n,
             ..Connector::default()
         };
         connector.comm[..comm.len()].copy_from_slice(comm.as_bytes());
@@ -366,11 +344,11 @@ mod tests {
         ) else {
             unreachable!("a transition is a state change");
         };
-        opened.connector = connector("curl");
+        opened.connector = connector(1, "curl");
         tracker.handle(&Event::StateChange(opened));
         // A connect refused on another socket; then one whose `connect()`
         // came before the programs were attached: nobody to name.
-        refused_from(&mut tracker, 9, 2_000, connector("a-full-15-chars"));
+        refused_from(&mut tracker, 9, 2_000, connector(2, "a-full-15-chars"));
         tracker.handle(&transition(
             ka_common::SockSnapshot {
                 sk: 0xB,

@@ -1090,11 +1090,10 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          it; until then an accepted connection's listener, or the process that called connect() for \
          an outbound one, as the kernel recorded it (the process's name, not the calling thread's, \
          unless the process is gone); empty when none is known: an outbound connection \
-         whose connect() came before the agent started, see ka_kernel_connectors_unknown_total; \
-         `pod`, `namespace` and `container` come from the owner or the listener alone), `peer` (remote address or \
-         network, only with \
-         `--peer-label ip|cidr`), and in Kubernetes (`--node-name`) `namespace`, `pod` and `container` \
-         (absent elsewhere). Past `--max-series` label sets, new ones fold into `other` \
+         whose connect() came before the agent started, see ka_kernel_connectors_unknown_total), \
+         `peer` (remote address or network, only with `--peer-label ip|cidr`), and in Kubernetes \
+         (`--node-name`) `namespace`, `pod` and `container` (absent elsewhere), of the same process \
+         as `comm` (for a connector, from its cgroup, once this node's pods are listed). Past `--max-series` label sets, new ones fold into `other` \
          (`ka_series_overflow_total`), as does a set whose values, run together, equal another's \
          (\"python3\" + \"1.2.3.4\", \"python\" + \"31.2.3.4\": the prometheus crate tells series apart \
          by that alone); sets unused for `--series-ttl` are removed.\n\n\

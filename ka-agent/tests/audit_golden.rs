@@ -133,6 +133,7 @@ fn prepared() -> InventoryUpdate {
         took: Duration::ZERO,
         dump_took: Duration::ZERO,
         pod_list_failed: false,
+        pods: None,
         own_namespace_only: false,
         trigger: ka_agent::inventory::Trigger::Start,
         holds: ka_agent::inventory::HeldSockets::default(),

@@ -3,7 +3,9 @@
 //! agent in its in-cluster configuration (service address in the
 //! environment, service account token and CA certificate in their files)
 //! lists this node's pods over TLS and labels the connection's series
-//! with the pod's namespace, name and container.
+//! with the pod's namespace, name and container. A connect the process
+//! makes afterwards, refused at once, carries the pod's labels too: no
+//! inventory sees such a connection, the kernel program names its process.
 //!
 //! The API server is the one fake: no Kubernetes API server can run on
 //! this machine, so a python3 HTTPS server with a CA made for the test
@@ -75,13 +77,19 @@ server.serve_forever()
 "#;
 
 /// Waits for "go", connects, says "ready", holds the connection until its
-/// input closes.
+/// input closes; meanwhile connects to each port it is sent a line with,
+/// and says whether it was refused.
 const CONTAINER_PY: &str = r"
 import socket, sys
 sys.stdin.readline()
 connection = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
 print('ready', flush=True)
-sys.stdin.readline()
+for line in sys.stdin:
+    try:
+        socket.create_connection(('127.0.0.1', int(line))).close()
+        print('connected', flush=True)
+    except ConnectionRefusedError:
+        print('refused', flush=True)
 ";
 
 /// A directory tree removed on drop, deepest first; `rmdir` for cgroups
@@ -89,6 +97,16 @@ sys.stdin.readline()
 struct CreatedDirs {
     dirs: Vec<PathBuf>,
     cgroup: bool,
+}
+
+impl Container {
+    /// Has the process connect to `port`; what it says of it.
+    fn connect_to(&mut self, port: u16) -> String {
+        writeln!(self.process.0.stdin.as_mut().unwrap(), "{port}").unwrap();
+        let mut said = String::new();
+        self.said.read_line(&mut said).unwrap();
+        said.trim().to_owned()
+    }
 }
 
 impl Drop for CreatedDirs {
@@ -173,6 +191,7 @@ fn unified_hierarchy() -> PathBuf {
 /// A process in the container's cgroup, connected to a local port.
 struct Container {
     process: ChildGuard,
+    said: BufReader<std::process::ChildStdout>,
     port: u16,
     _accepted: std::net::TcpStream,
     /// Kept listening: the inventory tells each end's direction by the
@@ -195,14 +214,14 @@ fn container_connected(cgroup: &Path) -> Container {
     );
     std::fs::write(cgroup.join("cgroup.procs"), process.0.id().to_string()).unwrap();
     writeln!(process.0.stdin.as_mut().unwrap(), "go").unwrap();
+    let mut said = BufReader::new(process.0.stdout.take().unwrap());
     let mut ready = String::new();
-    BufReader::new(process.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    said.read_line(&mut ready).unwrap();
     assert_eq!(ready.trim(), "ready");
     let (accepted, _) = server.accept().unwrap();
     Container {
         process,
+        said,
         port,
         _accepted: accepted,
         _server: server,
@@ -286,7 +305,7 @@ fn a_pods_connections_carry_its_namespace_pod_and_container() {
         cgroup: true,
     };
     std::fs::create_dir_all(&container).unwrap();
-    let connected = container_connected(&container);
+    let mut connected = container_connected(&container);
 
     let agent = Agent::start_via(
         &[],
@@ -330,7 +349,37 @@ fn a_pods_connections_carry_its_namespace_pod_and_container() {
         body.contains("\"cart-0\"") && body.contains("\"shop\""),
         "{body}"
     );
+    a_refused_connect_is_labelled_with_its_pod(&agent, &mut connected);
     drop(agent);
     // Killed before its cgroup is removed (the guards drop in reverse).
     drop(connected.process);
+}
+
+/// A connect refused within microseconds, which no inventory can see: the
+/// kernel program names its process, whose cgroup gives the pod.
+fn a_refused_connect_is_labelled_with_its_pod(agent: &Agent, container: &mut Container) {
+    let refusing = TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused_port = refusing.local_addr().unwrap().port();
+    drop(refusing);
+    assert_eq!(container.connect_to(refused_port), "refused");
+    let refused_port = refused_port.to_string();
+    let pod_of_refused = [
+        ("namespace", "shop"),
+        ("pod", "cart-0"),
+        ("container", "app"),
+        ("comm", "python3"),
+        ("direction", "outbound"),
+        ("port", refused_port.as_str()),
+    ];
+    let m = agent.wait_metrics(
+        Duration::from_secs(10),
+        "the refused connect labelled with its pod",
+        |m| m.count("ka_connections_closed_total", &pod_of_refused) == 1,
+    );
+    assert_eq!(
+        m.count("ka_connections_closed_total", &[("port", &refused_port)]),
+        1,
+        "{}",
+        m.text
+    );
 }

@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    sync::{
+        Arc,
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError},
+    },
     time::{Duration, Instant},
 };
 
@@ -27,6 +30,10 @@ pub struct InventoryUpdate {
     /// Pod labels were asked for (`--node-name`) but this node's pods could
     /// not be listed for this inventory.
     pub pod_list_failed: bool,
+    /// This node's pods as last listed (`--node-name`), for the event loop
+    /// to label what no inventory sees: the connections a pod's process
+    /// opens and closes between two (see `track::connector`).
+    pub pods: Option<Arc<PodsByUid>>,
     /// Only the agent's own network namespace could be dumped: it may not
     /// enter the others (no `CAP_SYS_ADMIN`) or read them.
     pub own_namespace_only: bool,
@@ -219,6 +226,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
         took: started.elapsed(),
         dump_took,
         pod_list_failed: false,
+        pods: None,
         own_namespace_only,
         trigger: Trigger::Start,
         holds: HeldSockets::default(),
@@ -229,7 +237,7 @@ pub fn take(index: &mut ProcessIndex) -> Result<InventoryUpdate, super::Inventor
 /// inventory; the last good answer stays when the API does not answer.
 struct PodDirectory {
     client: KubernetesClient,
-    pods: PodsByUid,
+    pods: Arc<PodsByUid>,
 }
 
 impl PodDirectory {
@@ -242,7 +250,7 @@ impl PodDirectory {
                 );
                 Some(Self {
                     client,
-                    pods: PodsByUid::new(),
+                    pods: Arc::new(PodsByUid::new()),
                 })
             }
             Err(error) => {
@@ -254,7 +262,7 @@ impl PodDirectory {
 
     fn label(&mut self, update: &mut InventoryUpdate) {
         match self.client.pods_on_node() {
-            Ok(pods) => self.pods = pods,
+            Ok(pods) => self.pods = Arc::new(pods),
             Err(error) => {
                 tracing::warn!(%error, "listing this node's pods failed; keeping the last list");
                 update.pod_list_failed = true;
@@ -263,6 +271,7 @@ impl PodDirectory {
         for owner in update.owners.values_mut() {
             owner.pod = PodLabels::of(&owner.workload, &self.pods);
         }
+        update.pods = Some(Arc::clone(&self.pods));
     }
 }
 
@@ -286,7 +295,7 @@ mod tests {
         )]);
         let mut directory = PodDirectory {
             client: KubernetesClient::with_base_url(&url, None, "node-a"),
-            pods: last.clone(),
+            pods: Arc::new(last.clone()),
         };
         let mut update = InventoryUpdate {
             inventory: Inventory {
@@ -296,12 +305,14 @@ mod tests {
             took: Duration::ZERO,
             dump_took: Duration::ZERO,
             pod_list_failed: false,
+            pods: None,
             own_namespace_only: false,
             trigger: Trigger::Start,
             holds: HeldSockets::default(),
         };
         directory.label(&mut update);
         assert!(update.pod_list_failed);
-        assert_eq!(directory.pods, last);
+        assert_eq!(*directory.pods, last);
+        assert_eq!(update.pods.as_deref(), Some(&last));
     }
 }

@@ -6,28 +6,57 @@
 //! Envoy's `wrk:worker_0`), while an inventory names a socket's owner by
 //! its process: so the process's own name is read from `/proc` once in a
 //! while, and the thread's is only what is left when the process is gone.
+//! In Kubernetes the process's cgroup is read with it, for its pod: a
+//! connection opened and closed between two inventories is otherwise
+//! never labelled with one.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use ka_common::Connector;
 
-use crate::model::Comm;
+use crate::{
+    attribution::{PodLabels, Workload, kubernetes::PodsByUid, parse_proc_cgroup},
+    model::Comm,
+};
 
 /// How long a process's name is taken as read: it changes only at `exec`
-/// or when the process sets it.
+/// or when the process sets it (and its cgroup hardly ever).
 const NAME_KEPT_NS: u64 = 10_000_000_000;
 
 /// Processes and distinct names kept; past that the caches start over.
 const NAMES_KEPT: usize = 4096;
 
+/// What a connection is named after its connector.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ConnectorName {
+    pub(super) comm: Comm,
+    /// Its pod, in Kubernetes (`--node-name`), once this node's pods are
+    /// listed.
+    pub(super) pod: Option<PodLabels>,
+}
+
+/// One process as read from `/proc`.
+#[derive(Debug)]
+struct ProcessSeen {
+    comm: Comm,
+    /// Read only while pods are listed (`None` before).
+    workload: Option<Workload>,
+    read_at_ns: u64,
+}
+
 /// The caches behind [`ConnectorNames::name`].
 #[derive(Debug)]
 pub(super) struct ConnectorNames {
     proc: PathBuf,
-    /// By process id: its name and when it was read.
-    by_process: hashbrown::HashMap<u32, (Comm, u64)>,
+    by_process: hashbrown::HashMap<u32, ProcessSeen>,
     /// One shared name per distinct text.
     interned: hashbrown::HashMap<String, Comm>,
+    /// This node's pods, from the last inventory (`None` outside
+    /// Kubernetes).
+    pods: Option<Arc<PodsByUid>>,
 }
 
 impl ConnectorNames {
@@ -40,32 +69,61 @@ impl ConnectorNames {
             proc: proc.to_owned(),
             by_process: hashbrown::HashMap::new(),
             interned: hashbrown::HashMap::new(),
+            pods: None,
         }
     }
 
-    /// The name of the process `connector` describes, as of `now_ns`;
-    /// `None` when the program recorded none.
-    pub(super) fn name(&mut self, connector: &Connector, now_ns: u64) -> Option<Comm> {
+    /// This node's pods as the last inventory listed them.
+    pub(super) fn set_pods(&mut self, pods: Option<Arc<PodsByUid>>) {
+        self.pods = pods;
+    }
+
+    /// The name (and pod) of the process `connector` describes, as of
+    /// `now_ns`; `None` when the program recorded none.
+    pub(super) fn name(&mut self, connector: &Connector, now_ns: u64) -> Option<ConnectorName> {
         if connector.tgid == 0 {
             return None;
         }
-        if let Some((comm, read_at)) = self.by_process.get(&connector.tgid)
-            && now_ns.saturating_sub(*read_at) < NAME_KEPT_NS
-        {
-            return Some(comm.clone());
+        let pods = self.pods.as_deref();
+        let fresh = self.by_process.get(&connector.tgid).filter(|seen| {
+            now_ns.saturating_sub(seen.read_at_ns) < NAME_KEPT_NS
+                && (pods.is_none() || seen.workload.is_some())
+        });
+        if let Some(seen) = fresh {
+            return Some(ConnectorName {
+                comm: seen.comm.clone(),
+                pod: pod_of(seen, pods),
+            });
         }
-        let path = self.proc.join(connector.tgid.to_string()).join("comm");
-        let text = std::fs::read_to_string(path).map_or_else(
-            |_| thread_name(&connector.comm),
-            |text| text.trim_end_matches('\n').to_owned(),
-        );
-        let comm = self.intern(text);
+        let seen = self.read(connector, now_ns);
+        let name = ConnectorName {
+            comm: seen.comm.clone(),
+            pod: pod_of(&seen, self.pods.as_deref()),
+        };
         if self.by_process.len() >= NAMES_KEPT {
             self.by_process.clear();
         }
-        self.by_process
-            .insert(connector.tgid, (comm.clone(), now_ns));
-        Some(comm)
+        self.by_process.insert(connector.tgid, seen);
+        Some(name)
+    }
+
+    /// Reads the process from `/proc`; the thread's name when it is gone.
+    fn read(&mut self, connector: &Connector, now_ns: u64) -> ProcessSeen {
+        let dir = self.proc.join(connector.tgid.to_string());
+        let text = std::fs::read_to_string(dir.join("comm")).map_or_else(
+            |_| thread_name(&connector.comm),
+            |text| text.trim_end_matches('\n').to_owned(),
+        );
+        let workload = self.pods.is_some().then(|| {
+            std::fs::read_to_string(dir.join("cgroup"))
+                .map(|text| parse_proc_cgroup(&text))
+                .unwrap_or_default()
+        });
+        ProcessSeen {
+            comm: self.intern(text),
+            workload,
+            read_at_ns: now_ns,
+        }
     }
 
     fn intern(&mut self, text: String) -> Comm {
@@ -79,6 +137,11 @@ impl ConnectorNames {
         self.interned.insert(text, comm.clone());
         comm
     }
+}
+
+/// The pod of a process seen, among this node's pods.
+fn pod_of(seen: &ProcessSeen, pods: Option<&PodsByUid>) -> Option<PodLabels> {
+    PodLabels::of(seen.workload.as_ref()?, pods?)
 }
 
 /// A `comm` as the kernel sends it: NUL-padded bytes.
@@ -107,17 +170,21 @@ mod tests {
         std::fs::create_dir_all(proc.join("4242")).unwrap();
         std::fs::write(proc.join("4242/comm"), "envoy\n").unwrap();
         let mut names = ConnectorNames::with_proc(&proc);
-        let worker = names.name(&connector(4242, "wrk:worker_0"), 1_000);
-        assert_eq!(worker.as_ref().map(Comm::as_str), Some("envoy"));
+        let comm = |names: &mut ConnectorNames, tgid, thread, at| {
+            let name = names.name(&connector(tgid, thread), at);
+            name.map(|n| n.comm.as_str().to_owned())
+        };
+        let worker = comm(&mut names, 4242, "wrk:worker_0", 1_000);
+        assert_eq!(worker.as_deref(), Some("envoy"));
         // A process gone: the thread's name is what is left.
-        let gone = names.name(&connector(4343, "curl"), 1_000);
-        assert_eq!(gone.as_ref().map(Comm::as_str), Some("curl"));
+        let gone = comm(&mut names, 4343, "curl", 1_000);
+        assert_eq!(gone.as_deref(), Some("curl"));
         // Read again only after a while: a renamed process shows then.
         std::fs::write(proc.join("4242/comm"), "envoy-1.30\n").unwrap();
-        let kept = names.name(&connector(4242, "wrk:worker_1"), 2_000);
-        assert_eq!(kept.as_ref().map(Comm::as_str), Some("envoy"));
-        let reread = names.name(&connector(4242, "wrk:worker_1"), 1_000 + NAME_KEPT_NS);
-        assert_eq!(reread.as_ref().map(Comm::as_str), Some("envoy-1.30"));
+        let kept = comm(&mut names, 4242, "wrk:worker_1", 2_000);
+        assert_eq!(kept.as_deref(), Some("envoy"));
+        let reread = comm(&mut names, 4242, "wrk:worker_1", 1_000 + NAME_KEPT_NS);
+        assert_eq!(reread.as_deref(), Some("envoy-1.30"));
         // Nothing recorded: no name.
         assert!(names.name(&Connector::default(), 1_000).is_none());
         let _ = std::fs::remove_dir_all(&proc);
@@ -129,6 +196,64 @@ mod tests {
         let mut names = ConnectorNames::new();
         let tgid = std::process::id();
         let this = names.name(&connector(tgid, "some-thread"), 1);
-        assert_eq!(this.as_ref().map(Comm::as_str), Some(own.trim_end()));
+        assert_eq!(this.as_ref().map(|n| n.comm.as_str()), Some(own.trim_end()));
+    }
+
+    /// In Kubernetes a connector's pod comes from its cgroup, read with its
+    /// name, and this node's pods as the last inventory listed them.
+    #[test]
+    fn a_connector_in_a_pod_is_labelled_with_it() {
+        const UID: &str = "7c0e2a4d-3f1b-4c5d-9e8f-0a1b2c3d4e5f";
+        const ID: &str = "9d1f4b2c6e8a0b3d5f7e9c1a2b4d6f8e0a1c3e5b7d9f1a3c5e7b9d1f3a5c7e9b";
+        let proc = std::env::temp_dir().join(format!("ka-connector-pod-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&proc);
+        for (pid, cgroup) in [
+            (
+                "4242",
+                format!(
+                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
+                    UID.replace('-', "_")
+                ),
+            ),
+            ("4343", "0::/system.slice/cron.service\n".to_owned()),
+        ] {
+            std::fs::create_dir_all(proc.join(pid)).unwrap();
+            std::fs::write(proc.join(pid).join("comm"), "cart\n").unwrap();
+            std::fs::write(proc.join(pid).join("cgroup"), cgroup).unwrap();
+        }
+        let mut names = ConnectorNames::with_proc(&proc);
+        // Outside Kubernetes, or before the first pod list: no pod.
+        let before = names.name(&connector(4242, "cart"), 1_000).unwrap();
+        assert_eq!(before.pod, None);
+        let pods = PodsByUid::from([(
+            UID.to_owned(),
+            crate::attribution::kubernetes::PodRef {
+                namespace: "shop".to_owned(),
+                name: "cart-0".to_owned(),
+                containers: std::collections::BTreeMap::from([(ID.to_owned(), "app".to_owned())]),
+            },
+        )]);
+        names.set_pods(Some(Arc::new(pods)));
+        // Listed since: the process is read again for its cgroup, at once.
+        let in_pod = names.name(&connector(4242, "cart"), 2_000).unwrap();
+        assert_eq!(
+            in_pod.pod,
+            Some(PodLabels {
+                namespace: "shop".to_owned(),
+                pod: "cart-0".to_owned(),
+                container: "app".to_owned(),
+            })
+        );
+        assert_eq!(in_pod.comm.as_str(), "cart");
+        // A process outside any pod, and one gone: no pod.
+        assert_eq!(
+            names.name(&connector(4343, "cron"), 2_000).unwrap().pod,
+            None
+        );
+        assert_eq!(
+            names.name(&connector(4444, "gone"), 2_000).unwrap().pod,
+            None
+        );
+        let _ = std::fs::remove_dir_all(&proc);
     }
 }

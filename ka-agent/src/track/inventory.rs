@@ -149,6 +149,7 @@ impl Tracker {
     /// (see [`Self::close_gone_namespaces`]).
     pub fn reconcile(&mut self, update: &InventoryUpdate) -> ReconcileReport {
         let mut report = ReconcileReport::default();
+        self.connector_names.set_pods(update.pods.clone());
         for namespace in &update.inventory.namespaces {
             self.reconcile_namespace(namespace, &update.owners, &mut report);
             report.namespaces += 1;
@@ -686,6 +687,7 @@ mod tests {
             dump_took: std::time::Duration::ZERO,
             took: std::time::Duration::ZERO,
             pod_list_failed: false,
+            pods: None,
             own_namespace_only: false,
             trigger: crate::inventory::Trigger::Interval,
             holds: crate::inventory::HeldSockets::default(),

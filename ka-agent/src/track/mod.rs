@@ -752,6 +752,13 @@ impl Tracker {
     }
 
     fn guess_direction(&self, snap: &SockSnapshot) -> Direction {
+        // Still opening: its state says who opened it (a connect refused or
+        // timed out has no other record).
+        match TcpState::from_raw(snap.state) {
+            TcpState::SynSent => return Direction::Outbound,
+            TcpState::SynRecv => return Direction::Inbound,
+            _ => {}
+        }
         let (low, high) = self.config.ephemeral_ports;
         let ephemeral = |port: u16| (low..=high).contains(&port);
         match (ephemeral(snap.sport), ephemeral(snap.dport)) {

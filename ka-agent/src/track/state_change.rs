@@ -69,10 +69,11 @@ impl Tracker {
             }
             return;
         };
-        if let Some(comm) = connector
+        if let Some(named) = connector
             && conn.comm.is_empty()
         {
-            conn.comm = comm;
+            conn.comm = named.comm;
+            conn.pod = named.pod.map(Box::new);
             conn.name_source = NameSource::Connector;
         }
         conn.state = new;
@@ -328,6 +329,42 @@ mod tests {
         };
         connector.comm[..comm.len()].copy_from_slice(comm.as_bytes());
         connector
+    }
+
+    /// Its state says a connecting socket is outbound, whatever its ports
+    /// (here both ephemeral, the lower one local, which alone reads as
+    /// inbound); its port label is the one it connected to.
+    #[test]
+    fn a_refused_connect_is_outbound_whatever_its_ports() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let sock = ka_common::SockSnapshot {
+            sport: 40_001,
+            dport: 50_000,
+            ..socket(9, tcp_state::SYN_SENT)
+        };
+        tracker.handle(&Event::ReceiveReset(ReceiveResetEvent {
+            header: header(EventKind::ReceiveReset, 1_000),
+            sock,
+        }));
+        tracker.handle(&Event::StateChange(StateChangeEvent {
+            header: header(EventKind::StateChange, 1_001),
+            sock,
+            oldstate: tcp_state::SYN_SENT,
+            newstate: tcp_state::CLOSE,
+            reserved: [0; 2],
+            socket_inode: 0,
+            connector: connector(1, "client"),
+        }));
+        tracker.settle_closes(u64::MAX);
+        let closed: Vec<(crate::model::Direction, u16)> = tracker
+            .drain_observations()
+            .into_iter()
+            .filter_map(|o| match o {
+                Observation::Closed { labels, .. } => Some((labels.direction, labels.port)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, [(crate::model::Direction::Outbound, 50_000)]);
     }
 
     #[test]

@@ -501,3 +501,58 @@ fn a_peer_that_closed_its_window_and_vanished_is_a_dead_peer() {
     );
     assert_eq!(death.closed["error"], "Connection timed out");
 }
+
+/// A socket whose `connect()` came before the agent: the kernel program
+/// never saw the process connecting it, which the transition leaving
+/// `SYN_SENT` counts (`ka_kernel_connectors_unknown_total`) instead of
+/// leaving it silently unnamed.
+#[test]
+fn a_connect_begun_before_the_agent_is_counted_as_unnamed() {
+    const TEST: &str = "a_connect_begun_before_the_agent_is_counted_as_unnamed";
+    if !require_root(TEST) {
+        return;
+    }
+    let (client, server) = pair("cu");
+    let addr: SocketAddr = "198.18.10.2:8082".parse().unwrap();
+    let listener = server.listen(addr);
+    // The SYN goes unanswered, so the socket waits in SYN_SENT.
+    server.drop_everything();
+    let connecting = client.run_in(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let started = socket.connect(&addr.into());
+        // EINPROGRESS: the SYN is sent, the answer pending.
+        assert_eq!(
+            started.as_ref().map_err(std::io::Error::raw_os_error),
+            Err(Some(115)),
+            "{started:?}"
+        );
+        socket
+    });
+    let agent = Agent::start(&[]);
+    let unknown_before = agent
+        .metrics()
+        .count("ka_kernel_connectors_unknown_total", &[]);
+    // The next SYN the kernel retransmits (1 s, then 3 s after the first)
+    // is answered.
+    server.nft("delete table inet kalab_drop\n");
+    let cn = client.inode().to_string();
+    let opened = [
+        ("netns", cn.as_str()),
+        ("direction", "outbound"),
+        ("port", "8082"),
+    ];
+    // The kernel's counts are read every second, after the event.
+    let m = agent.wait_metrics(
+        Duration::from_secs(20),
+        "the connection begun before the agent established, and counted",
+        |m| {
+            m.count("ka_connections_opened_total", &opened) == 1
+                && m.count("ka_kernel_connectors_unknown_total", &[]) > unknown_before
+        },
+    );
+    assert_eq!(m.count("ka_connections_opened_total", &opened), 1);
+    drop(connecting);
+    drop(listener);
+}

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub build_info: IntGaugeVec,
     pub hook_attached: IntGaugeVec,
+    pub own_pid_namespace: IntGauge,
     pub events: IntCounterVec,
     pub events_lost: IntCounter,
     pub events_unreceived: IntCounterVec,
@@ -395,6 +396,10 @@ impl Metrics {
                 Opts::new("ka_hook_attached", "1 when the kernel hook is attached, 0 when this kernel or these privileges do not allow it."),
                 &["hook"],
             )?,
+            own_pid_namespace: IntGauge::new(
+                "ka_own_pid_namespace",
+                "1 when the agent runs in a PID namespace of its own (a container without hostPID), as the kernel program's record of the agent's start-up connect shows: its /proc does not show the kernel's process ids, so outbound connections are named after the connecting thread, without pod labels, and inventories find no process outside its namespace.",
+            )?,
             events: IntCounterVec::new(
                 Opts::new("ka_events_total", "Events received from the kernel programs."),
                 &["type"],
@@ -538,6 +543,7 @@ impl Metrics {
         for collector in [
             Box::new(metrics.build_info.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.hook_attached.clone()),
+            Box::new(metrics.own_pid_namespace.clone()),
             Box::new(metrics.events.clone()),
             Box::new(metrics.events_lost.clone()),
             Box::new(metrics.events_unreceived.clone()),
@@ -1089,7 +1095,8 @@ pub fn reference_markdown() -> Result<String, MetricsError> {
          never an ephemeral port), `comm` (process name: the socket's owner as the last inventory found \
          it; until then an accepted connection's listener, or the process that called connect() for \
          an outbound one, as the kernel recorded it (the process's name, not the calling thread's, \
-         unless the process is gone); empty when none is known: an outbound connection \
+         unless the process is gone or the agent runs in a PID namespace of its own: \
+         ka_own_pid_namespace); empty when none is known: an outbound connection \
          whose connect() came before the agent started, see ka_kernel_connectors_unknown_total), \
          `peer` (remote address or network, only with `--peer-label ip|cidr`), and in Kubernetes \
          (`--node-name`) `namespace`, `pod` and `container` (absent elsewhere), of the same process \

@@ -168,6 +168,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ready: AtomicBool::new(false),
         queries,
     });
+    let serving = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: args.listen,
+        source,
+    })?;
     let server = axum::serve(listener, http::router(Arc::clone(&shared)));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut server_stop = stop_tx.subscribe();
@@ -195,6 +199,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ephemeral_ports: ephemeral_ports(),
         peer_label: args.peer_label,
     });
+    probe_own_pid(serving);
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|e| RunError::Events(e.into()))?;
@@ -269,6 +274,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     .dead_held_unwatched
                     .inc_by(tracker.dead_held_unwatched().saturating_sub(dead_held_unwatched_seen));
                 dead_held_unwatched_seen = tracker.dead_held_unwatched();
+                metrics.own_pid_namespace.set(i64::from(tracker.own_pid_namespace()));
                 let missed = program_stats.update(&probes, &metrics, bpf_stats.is_some());
                 let lost = stats.lost();
                 let unreceived = delivery.missing_total();
@@ -358,6 +364,33 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(RunError::Http(e)),
         Err(e) => Err(RunError::Http(std::io::Error::other(e))),
+    }
+}
+
+/// Connects once to the agent's own server from a thread named after the
+/// agent's id in `/proc`: the kernel program records that connect with the
+/// kernel's id, which tells whether `/proc` shows the kernel's process ids
+/// (see `track::connector`). Nothing to learn when `/proc` has no `self`.
+fn probe_own_pid(serving: std::net::SocketAddr) {
+    let Some(pid) = crate::track::own_pid_in(std::path::Path::new("/proc")) else {
+        tracing::warn!("/proc/self unreadable: connectors named from /proc unchecked");
+        return;
+    };
+    let mut target = serving;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let spawned = std::thread::Builder::new()
+        .name(crate::track::self_probe_thread(pid))
+        .spawn(move || {
+            // Refused or not, the connect is recorded: only its id matters.
+            let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the probe of the agent's own process id");
     }
 }
 

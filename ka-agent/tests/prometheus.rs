@@ -300,6 +300,7 @@ fn every_dashboard_panel_and_alert_rule_shows_the_scenario() {
         ("KaSeriesOverflow", "inactive"),
         ("KaInventoryStale", "inactive"),
         ("KaInventoryOwnNamespaceOnly", "inactive"),
+        ("KaOwnPidNamespace", "inactive"),
         ("KaAgentFileDescriptors", "inactive"),
         ("KaAgentDown", "inactive"),
     ];

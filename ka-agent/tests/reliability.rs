@@ -914,3 +914,65 @@ fn transitions_of_sockets_that_are_not_tcp_are_counted_not_sent() {
         }
     }
 }
+
+/// An agent in a PID namespace of its own (a container without `hostPID`)
+/// reads a `/proc` whose ids are not the kernel's: the kernel program's
+/// record of its start-up probe tells it so. It says so, and names
+/// outbound connections after the connecting thread, as the kernel
+/// recorded it, not after whatever its `/proc` holds under the kernel's
+/// id. An agent in the host's namespace finds the ids agree.
+#[test]
+fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
+    const TEST: &str = "an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads";
+    const WARNING: &str = "the agent runs in a PID namespace of its own";
+    if !require_root(TEST) || common::lab::require_program("unshare", TEST).is_none() {
+        return;
+    }
+    // `--kill-child`: `unshare` ignores SIGTERM, and takes the agent (the
+    // namespace's first process) with it when killed.
+    let agent = Agent::start_via(
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        &[],
+        &[],
+    );
+    assert!(
+        ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            agent.log().contains(WARNING)
+        }),
+        "{}",
+        agent.log()
+    );
+    let addr = agent.addr;
+    std::thread::Builder::new()
+        .name("ka-test-conn".to_owned())
+        .spawn(move || drop(std::net::TcpStream::connect(addr).unwrap()))
+        .unwrap()
+        .join()
+        .unwrap();
+    let port = addr.port().to_string();
+    let from_thread = [
+        ("comm", "ka-test-conn"),
+        ("direction", "outbound"),
+        ("port", port.as_str()),
+    ];
+    let m = agent.wait_metrics(
+        Duration::from_secs(10),
+        "the test's connection named after its thread",
+        |m| m.count("ka_connections_opened_total", &from_thread) == 1,
+    );
+    assert_eq!(m.count("ka_own_pid_namespace", &[]), 1, "{}", m.text);
+    agent.kill_hard();
+
+    let agent = Agent::start(&[]);
+    assert!(
+        ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            agent.log().contains("the kernel's process ids are /proc's")
+        }),
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().contains(WARNING), "{}", agent.log());
+    let m = agent.metrics();
+    assert_eq!(m.count("ka_own_pid_namespace", &[]), 0, "{}", m.text);
+    assert!(m.has("ka_own_pid_namespace"), "{}", m.text);
+}

@@ -9,6 +9,13 @@
 //! In Kubernetes the process's cgroup is read with it, for its pod: a
 //! connection opened and closed between two inventories is otherwise
 //! never labelled with one.
+//!
+//! All of it holds only where `/proc` shows the kernel's process ids: an
+//! agent in a PID namespace of its own (a container without `hostPID`)
+//! would read another process's, or none. The agent connects once at
+//! start-up from a thread named after its own id in `/proc`
+//! ([`self_probe_thread`]); the kernel program's record of that connect
+//! tells which case holds.
 
 use std::{
     path::{Path, PathBuf},
@@ -47,10 +54,34 @@ struct ProcessSeen {
     read_at_ns: u64,
 }
 
+/// The agent's own process id as `proc` (a procfs mount) shows it.
+pub fn own_pid_in(proc: &Path) -> Option<u32> {
+    std::fs::read_link(proc.join("self"))
+        .ok()?
+        .to_str()?
+        .parse()
+        .ok()
+}
+
+/// The name of the thread the agent connects from once at start-up: its
+/// own process id as `/proc` shows it (`pid`), in hex to fit a thread
+/// name's 15 bytes. Unique to this agent on its host, whose other agents
+/// (tests run many) see that connect too.
+pub fn self_probe_thread(pid: u32) -> String {
+    format!("ka-probe-{pid:x}")
+}
+
 /// The caches behind [`ConnectorNames::name`].
 #[derive(Debug)]
 pub(super) struct ConnectorNames {
     proc: PathBuf,
+    /// The agent's process id in `proc`, and its probe thread's name as the
+    /// kernel records a `comm` (NUL-padded).
+    own: Option<(u32, [u8; 16])>,
+    /// The agent's probe came with another process id than `proc` shows
+    /// for it: `/proc/<pid>` of a connector is not that process. Names are
+    /// then the threads' own, as the kernel recorded them, without pods.
+    foreign_pids: bool,
     by_process: hashbrown::HashMap<u32, ProcessSeen>,
     /// One shared name per distinct text.
     interned: hashbrown::HashMap<String, Comm>,
@@ -65,12 +96,26 @@ impl ConnectorNames {
     }
 
     pub(super) fn with_proc(proc: &Path) -> Self {
+        let own = own_pid_in(proc).map(|pid| {
+            let mut comm = [0u8; 16];
+            let name = self_probe_thread(pid);
+            let len = name.len().min(15);
+            comm[..len].copy_from_slice(&name.as_bytes()[..len]);
+            (pid, comm)
+        });
         Self {
             proc: proc.to_owned(),
+            own,
+            foreign_pids: false,
             by_process: hashbrown::HashMap::new(),
             interned: hashbrown::HashMap::new(),
             pods: None,
         }
+    }
+
+    /// The agent's probe came with another process id than `/proc` shows.
+    pub(super) fn foreign_pids(&self) -> bool {
+        self.foreign_pids
     }
 
     /// This node's pods as the last inventory listed them.
@@ -83,6 +128,15 @@ impl ConnectorNames {
     pub(super) fn name(&mut self, connector: &Connector, now_ns: u64) -> Option<ConnectorName> {
         if connector.tgid == 0 {
             return None;
+        }
+        if let Some((pid, probe)) = self.own
+            && connector.comm == probe
+        {
+            self.check_own_pid(pid, connector.tgid);
+        }
+        if self.foreign_pids {
+            let comm = self.intern(thread_name(&connector.comm));
+            return Some(ConnectorName { comm, pod: None });
         }
         let pods = self.pods.as_deref();
         let fresh = self.by_process.get(&connector.tgid).filter(|seen| {
@@ -105,6 +159,27 @@ impl ConnectorNames {
         }
         self.by_process.insert(connector.tgid, seen);
         Some(name)
+    }
+
+    /// Compares the id the kernel recorded for the agent's probe with the
+    /// one `/proc` shows for the agent.
+    fn check_own_pid(&mut self, in_proc: u32, in_kernel: u32) {
+        if in_proc == in_kernel {
+            tracing::debug!(
+                pid = in_proc,
+                "the kernel's process ids are /proc's: connections named after their process"
+            );
+        } else if !self.foreign_pids {
+            self.foreign_pids = true;
+            self.by_process.clear();
+            tracing::warn!(
+                in_proc,
+                in_kernel,
+                "the agent runs in a PID namespace of its own (a container without hostPID): \
+                 outbound connections are named after the connecting thread, without pod \
+                 labels, and inventories find no process outside this namespace"
+            );
+        }
     }
 
     /// Reads the process from `/proc`; the thread's name when it is gone.
@@ -197,6 +272,50 @@ mod tests {
         let tgid = std::process::id();
         let this = names.name(&connector(tgid, "some-thread"), 1);
         assert_eq!(this.as_ref().map(|n| n.comm.as_str()), Some(own.trim_end()));
+    }
+
+    /// The agent's probe, recorded with another id than `/proc` shows for
+    /// the agent: from then on connectors are named after their thread,
+    /// without reading `/proc`, whose ids are another namespace's.
+    #[test]
+    fn a_probe_with_a_foreign_pid_turns_to_thread_names() {
+        let proc = std::env::temp_dir().join(format!("ka-connector-ns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&proc);
+        std::fs::create_dir_all(proc.join("1")).unwrap();
+        std::fs::write(proc.join("1/comm"), "ka-agent\n").unwrap();
+        std::os::unix::fs::symlink("1", proc.join("self")).unwrap();
+        let mut names = ConnectorNames::with_proc(&proc);
+        let comm = |names: &mut ConnectorNames, tgid, thread: &str| {
+            let name = names.name(&connector(tgid, thread), 1_000);
+            name.map(|n| n.comm.as_str().to_owned())
+        };
+        // Before the probe: the host's process 1 read as this /proc's 1.
+        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("ka-agent"));
+        // Another agent's probe changes nothing.
+        assert_eq!(
+            comm(&mut names, 777, "ka-probe-2").as_deref(),
+            Some("ka-probe-2")
+        );
+        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("ka-agent"));
+        // This agent's probe (process 1 here) with the kernel's id 4242.
+        assert_eq!(self_probe_thread(1), "ka-probe-1");
+        comm(&mut names, 4242, "ka-probe-1");
+        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("systemd"));
+        let _ = std::fs::remove_dir_all(&proc);
+    }
+
+    /// The live agent's probe: this process, as the kernel would record it.
+    #[test]
+    fn a_probe_with_this_procs_pid_keeps_process_names() {
+        let pid = own_pid_in(Path::new("/proc")).unwrap();
+        assert_eq!(pid, std::process::id());
+        let mut names = ConnectorNames::new();
+        let probe = self_probe_thread(pid);
+        names.name(&connector(pid, &probe), 1);
+        assert!(!names.foreign_pids);
+        let own = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let this = names.name(&connector(pid, "some-thread"), 2).unwrap();
+        assert_eq!(this.comm.as_str(), own.trim_end());
     }
 
     /// In Kubernetes a connector's pod comes from its cgroup, read with its

@@ -26,7 +26,10 @@ use ka_common::{
 };
 use serde::Serialize;
 
-pub use self::inventory::{KeepaliveSource, ReconcileReport};
+pub use self::{
+    connector::{own_pid_in, self_probe_thread},
+    inventory::{KeepaliveSource, ReconcileReport},
+};
 use crate::{
     attribution::PodLabels,
     decode::Event,
@@ -549,6 +552,12 @@ impl Tracker {
             dead_held_unwatched: 0,
             connector_names: connector::ConnectorNames::new(),
         }
+    }
+
+    /// Whether the agent runs in a PID namespace of its own (see
+    /// `connector`): its `/proc` does not show the kernel's process ids.
+    pub fn own_pid_namespace(&self) -> bool {
+        self.connector_names.foreign_pids()
     }
 
     pub fn config(&self) -> &TrackerConfig {

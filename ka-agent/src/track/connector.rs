@@ -238,17 +238,41 @@ mod tests {
         connector
     }
 
+    /// The name given to a connector, as text.
+    fn comm(names: &mut ConnectorNames, tgid: u32, thread: &str, at: u64) -> Option<String> {
+        let name = names.name(&connector(tgid, thread), at);
+        name.map(|n| n.comm.as_str().to_owned())
+    }
+
+    /// A procfs of the test's making: a directory per process, with the
+    /// files given; removed on drop, also when the test fails.
+    struct FakeProc(std::path::PathBuf);
+
+    impl FakeProc {
+        fn new(test: &str, processes: &[(&str, &[(&str, &str)])]) -> Self {
+            let root = std::env::temp_dir().join(format!("ka-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            for (pid, files) in processes {
+                std::fs::create_dir_all(root.join(pid)).unwrap();
+                for (file, text) in *files {
+                    std::fs::write(root.join(pid).join(file), text).unwrap();
+                }
+            }
+            Self(root)
+        }
+    }
+
+    impl Drop for FakeProc {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn a_connector_is_named_after_its_process_not_its_thread() {
-        let proc = std::env::temp_dir().join(format!("ka-connector-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&proc);
-        std::fs::create_dir_all(proc.join("4242")).unwrap();
-        std::fs::write(proc.join("4242/comm"), "envoy\n").unwrap();
-        let mut names = ConnectorNames::with_proc(&proc);
-        let comm = |names: &mut ConnectorNames, tgid, thread, at| {
-            let name = names.name(&connector(tgid, thread), at);
-            name.map(|n| n.comm.as_str().to_owned())
-        };
+        let fake = FakeProc::new("connector", &[("4242", &[("comm", "envoy\n")])]);
+        let proc = &fake.0;
+        let mut names = ConnectorNames::with_proc(proc);
         let worker = comm(&mut names, 4242, "wrk:worker_0", 1_000);
         assert_eq!(worker.as_deref(), Some("envoy"));
         // A process gone: the thread's name is what is left.
@@ -262,7 +286,6 @@ mod tests {
         assert_eq!(reread.as_deref(), Some("envoy-1.30"));
         // Nothing recorded: no name.
         assert!(names.name(&Connector::default(), 1_000).is_none());
-        let _ = std::fs::remove_dir_all(&proc);
     }
 
     #[test]
@@ -279,29 +302,20 @@ mod tests {
     /// without reading `/proc`, whose ids are another namespace's.
     #[test]
     fn a_probe_with_a_foreign_pid_turns_to_thread_names() {
-        let proc = std::env::temp_dir().join(format!("ka-connector-ns-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&proc);
-        std::fs::create_dir_all(proc.join("1")).unwrap();
-        std::fs::write(proc.join("1/comm"), "ka-agent\n").unwrap();
-        std::os::unix::fs::symlink("1", proc.join("self")).unwrap();
-        let mut names = ConnectorNames::with_proc(&proc);
-        let comm = |names: &mut ConnectorNames, tgid, thread: &str| {
-            let name = names.name(&connector(tgid, thread), 1_000);
-            name.map(|n| n.comm.as_str().to_owned())
-        };
+        let fake = FakeProc::new("connector-ns", &[("1", &[("comm", "ka-agent\n")])]);
+        std::os::unix::fs::symlink("1", fake.0.join("self")).unwrap();
+        let mut names = ConnectorNames::with_proc(&fake.0);
         // Before the probe: the host's process 1 read as this /proc's 1.
-        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("ka-agent"));
+        let host_init = |names: &mut ConnectorNames| comm(names, 1, "systemd", 1_000);
+        assert_eq!(host_init(&mut names).as_deref(), Some("ka-agent"));
         // Another agent's probe changes nothing.
-        assert_eq!(
-            comm(&mut names, 777, "ka-probe-2").as_deref(),
-            Some("ka-probe-2")
-        );
-        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("ka-agent"));
+        let other = comm(&mut names, 777, "ka-probe-2", 1_000);
+        assert_eq!(other.as_deref(), Some("ka-probe-2"));
+        assert_eq!(host_init(&mut names).as_deref(), Some("ka-agent"));
         // This agent's probe (process 1 here) with the kernel's id 4242.
         assert_eq!(self_probe_thread(1), "ka-probe-1");
-        comm(&mut names, 4242, "ka-probe-1");
-        assert_eq!(comm(&mut names, 1, "systemd").as_deref(), Some("systemd"));
-        let _ = std::fs::remove_dir_all(&proc);
+        comm(&mut names, 4242, "ka-probe-1", 1_000);
+        assert_eq!(host_init(&mut names).as_deref(), Some("systemd"));
     }
 
     /// The live agent's probe: this process, as the kernel would record it.
@@ -324,23 +338,24 @@ mod tests {
     fn a_connector_in_a_pod_is_labelled_with_it() {
         const UID: &str = "7c0e2a4d-3f1b-4c5d-9e8f-0a1b2c3d4e5f";
         const ID: &str = "9d1f4b2c6e8a0b3d5f7e9c1a2b4d6f8e0a1c3e5b7d9f1a3c5e7b9d1f3a5c7e9b";
-        let proc = std::env::temp_dir().join(format!("ka-connector-pod-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&proc);
-        for (pid, cgroup) in [
-            (
-                "4242",
-                format!(
-                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
-                    UID.replace('-', "_")
+        let in_pod = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{ID}.scope\n",
+            UID.replace('-', "_")
+        );
+        let fake = FakeProc::new(
+            "connector-pod",
+            &[
+                ("4242", &[("comm", "cart\n"), ("cgroup", &in_pod)]),
+                (
+                    "4343",
+                    &[
+                        ("comm", "cron\n"),
+                        ("cgroup", "0::/system.slice/cron.service\n"),
+                    ],
                 ),
-            ),
-            ("4343", "0::/system.slice/cron.service\n".to_owned()),
-        ] {
-            std::fs::create_dir_all(proc.join(pid)).unwrap();
-            std::fs::write(proc.join(pid).join("comm"), "cart\n").unwrap();
-            std::fs::write(proc.join(pid).join("cgroup"), cgroup).unwrap();
-        }
-        let mut names = ConnectorNames::with_proc(&proc);
+            ],
+        );
+        let mut names = ConnectorNames::with_proc(&fake.0);
         // Outside Kubernetes, or before the first pod list: no pod.
         let before = names.name(&connector(4242, "cart"), 1_000).unwrap();
         assert_eq!(before.pod, None);
@@ -373,6 +388,5 @@ mod tests {
             names.name(&connector(4444, "gone"), 2_000).unwrap().pod,
             None
         );
-        let _ = std::fs::remove_dir_all(&proc);
     }
 }

@@ -386,8 +386,17 @@ fn probe_own_pid(serving: std::net::SocketAddr) {
     let spawned = std::thread::Builder::new()
         .name(crate::track::self_probe_thread(pid))
         .spawn(move || {
-            // Refused or not, the connect is recorded: only its id matters.
-            let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2));
+            // Refused or timed out, the connect left SYN_SENT and was
+            // recorded: only its id matters. Other errors come before the
+            // SYN, which leaves nothing to check.
+            if let Err(error) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                && !matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+                )
+            {
+                tracing::warn!(%error, %target, "the probe of the agent's own process id could not connect: process ids unchecked");
+            }
         });
     if let Err(error) = spawned {
         tracing::warn!(%error, "cannot start the probe of the agent's own process id");

@@ -444,7 +444,31 @@ impl Stopped {
         let pid_t = libc::pid_t::try_from(pid).unwrap();
         // SAFETY: kill(2) on a child process of this test.
         assert_eq!(unsafe { libc::kill(pid_t, libc::SIGSTOP) }, 0);
-        Self(pid)
+        // kill(2) returns before every thread has stopped: the ring's
+        // reader could still drain what the test means it to lose.
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the parenthesised name.
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
+                    })
+                })
+        };
+        let stopped = Self(pid);
+        assert!(
+            ka_lab::wait_until(
+                Duration::from_secs(10),
+                Duration::from_millis(5),
+                all_stopped
+            ),
+            "the agent (pid {pid}) did not stop"
+        );
+        stopped
     }
 }
 
@@ -469,40 +493,31 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
     }
     let _serial = serial();
     let agent = Agent::start(&["--ring-buffer-bytes", "4096", "--inventory-interval", "2s"]);
-    let ns = Netns::new("gn");
-    let netns = ns.inode().to_string();
-    let pairs: usize = 40;
-    let held = hold(&ns, "127.0.0.1:7206".parse().unwrap(), pairs);
-    let both_ends = i64::try_from(2 * pairs).unwrap();
-    let before = agent.wait_metrics(
-        Duration::from_secs(20),
-        "the held connections tracked",
-        |m| m.count("ka_connections", &[("netns", &netns)]) == both_ends,
-    );
+    let lost = |m: &common::Metrics| m.count("ka_events_lost_total", &[]);
     let vanished =
         |m: &common::Metrics| m.count("ka_inventory_connections_total", &[("outcome", "vanished")]);
-    {
-        let _stopped = Stopped::new(agent.pid());
-        // Four events or more per pair into a ring of 32 nobody reads.
-        drop(held);
-        // On a loaded host loopback's softirq work waits for ksoftirqd,
-        // and the closes then happened after the agent ran again: no
-        // loss (seen once under a parallel build).
-        let closed = || {
-            // `ss -e` continues a socket's line on an indented one.
-            ns.sockets()
-                .lines()
-                .skip(1)
-                .filter(|line| !line.starts_with(char::is_whitespace))
-                .all(|line| line.starts_with("TIME-WAIT"))
-        };
-        assert!(
-            ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(20), closed),
-            "{}",
-            ns.sockets()
-        );
-        drop(ns);
-    }
+    // On a loaded host loopback's softirq work can wait for ksoftirqd
+    // until after the agent runs again: then every close arrives, nothing
+    // is lost, and there is nothing for this test to prove (seen twice in
+    // CI). Such an attempt is made again, with a namespace of its own.
+    let attempts = 3;
+    let (netns, before) = (1..=attempts)
+        .find_map(|attempt| {
+            let (netns, before) = lose_the_closes_of_a_deleted_namespace(&agent, attempt);
+            let after = agent.wait_metrics(
+                Duration::from_secs(30),
+                "the loss counted, or every close received",
+                |m| {
+                    lost(m) > lost(&before) || !m.has_series("ka_connections", &[("netns", &netns)])
+                },
+            );
+            if lost(&after) > lost(&before) {
+                return Some((netns, before));
+            }
+            eprintln!("attempt {attempt}: every close reached the agent, none lost; again");
+            None
+        })
+        .unwrap_or_else(|| panic!("no close was lost in {attempts} attempts\n{}", agent.log()));
     // The log until then, not /metrics: each scrape is a new TCP socket,
     // which can take the kernel address of one of the closed sockets and
     // close its record first, as a reused address (the likely cause of a
@@ -518,10 +533,7 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
     let m = agent.wait_metrics_explained(
         Duration::from_secs(30),
         "no record of the deleted namespace left",
-        |m| {
-            m.count("ka_events_lost_total", &[]) > before.count("ka_events_lost_total", &[])
-                && !m.has_series("ka_connections", &[("netns", &netns)])
-        },
+        |m| lost(m) > lost(&before) && !m.has_series("ka_connections", &[("netns", &netns)]),
         || {
             // Whether anything on the host still leads to that namespace.
             let holders: Vec<String> = std::fs::read_dir("/proc")
@@ -539,6 +551,43 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
     );
     // Closed unseen: found gone, not received.
     assert!(vanished(&m) > vanished(&before), "{}", m.text);
+}
+
+/// Holds 40 connection pairs in a new namespace, closes them while the
+/// agent is stopped (so its one-page ring overflows), and deletes the
+/// namespace; returns its inode and the metrics from before the closes.
+fn lose_the_closes_of_a_deleted_namespace(
+    agent: &Agent,
+    attempt: usize,
+) -> (String, common::Metrics) {
+    let ns = Netns::new(&format!("gn{attempt}"));
+    let netns = ns.inode().to_string();
+    let pairs: usize = 40;
+    let held = hold(&ns, "127.0.0.1:7206".parse().unwrap(), pairs);
+    let both_ends = i64::try_from(2 * pairs).unwrap();
+    let before = agent.wait_metrics(
+        Duration::from_secs(20),
+        "the held connections tracked",
+        |m| m.count("ka_connections", &[("netns", &netns)]) == both_ends,
+    );
+    let _stopped = Stopped::new(agent.pid());
+    // Four events or more per pair into a ring of 32 nobody reads.
+    drop(held);
+    let closed = || {
+        // `ss -e` continues a socket's line on an indented one.
+        ns.sockets()
+            .lines()
+            .skip(1)
+            .filter(|line| !line.starts_with(char::is_whitespace))
+            .all(|line| line.starts_with("TIME-WAIT"))
+    };
+    assert!(
+        ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(20), closed),
+        "{}",
+        ns.sockets()
+    );
+    drop(ns);
+    (netns, before)
 }
 
 #[test]

@@ -991,16 +991,9 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
         "{}",
         agent.log()
     );
-    let addr = agent.addr;
-    std::thread::Builder::new()
-        .name("ka-test-conn".to_owned())
-        .spawn(move || drop(std::net::TcpStream::connect(addr).unwrap()))
-        .unwrap()
-        .join()
-        .unwrap();
-    let port = addr.port().to_string();
+    let port = connect_from_a_named_thread().to_string();
     let from_thread = [
-        ("comm", "ka-test-conn"),
+        ("comm", CONNECTING_THREAD),
         ("direction", "outbound"),
         ("port", port.as_str()),
     ];
@@ -1021,7 +1014,46 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
         agent.log()
     );
     assert!(!agent.log().contains(WARNING), "{}", agent.log());
-    let m = agent.metrics();
+    // The same connect, in the host's namespace: named after the process,
+    // read from /proc, not after the thread.
+    let port = connect_from_a_named_thread().to_string();
+    let process = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let from_process = [
+        ("comm", process.trim_end()),
+        ("direction", "outbound"),
+        ("port", port.as_str()),
+    ];
+    let m = agent.wait_metrics(
+        Duration::from_secs(10),
+        "the test's connection named after its process",
+        |m| m.count("ka_connections_opened_total", &from_process) == 1,
+    );
+    assert!(
+        !m.has_series(
+            "ka_connections_opened_total",
+            &[("comm", CONNECTING_THREAD)]
+        ),
+        "{}",
+        m.text
+    );
     assert_eq!(m.count("ka_own_pid_namespace", &[]), 0, "{}", m.text);
     assert!(m.has("ka_own_pid_namespace"), "{}", m.text);
+}
+
+/// The name of the thread [`connect_from_a_named_thread`] connects from.
+const CONNECTING_THREAD: &str = "ka-test-conn";
+
+/// Connects once to a listener of its own, from a thread of its own name
+/// (the test's scrapes connect from other threads); returns the port.
+fn connect_from_a_named_thread() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::Builder::new()
+        .name(CONNECTING_THREAD.to_owned())
+        .spawn(move || drop(std::net::TcpStream::connect(addr).unwrap()))
+        .unwrap()
+        .join()
+        .unwrap();
+    drop(listener.accept().unwrap());
+    addr.port()
 }

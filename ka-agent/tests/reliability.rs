@@ -1040,6 +1040,35 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
     assert!(m.has("ka_own_pid_namespace"), "{}", m.text);
 }
 
+/// An agent whose own connect cannot even send its SYN (here: serving on
+/// every address of a namespace without loopback) cannot check its
+/// process ids, and says so, once; it serves all the same.
+#[test]
+fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
+    const TEST: &str = "an_agent_that_cannot_probe_its_own_process_id_says_so";
+    if !require_root(TEST) {
+        return;
+    }
+    let ns = Netns::new("np");
+    // Down is not enough: its local routes stay, and a SYN leaves.
+    ns.ip(&["address", "flush", "dev", "lo"]);
+    ns.ip(&["link", "set", "lo", "down"]);
+    let listen: SocketAddr = "0.0.0.0:9464".parse().unwrap();
+    let agent = Agent::spawn_via(&["ip", "netns", "exec", ns.name()], &[], listen, &[]);
+    let warning = "the probe of the agent's own process id could not connect";
+    assert!(
+        ka_lab::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            agent.log().contains(warning)
+        }),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    assert!(log.contains("unreachable"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 /// The name of the thread [`connect_from_a_named_thread`] connects from.
 const CONNECTING_THREAD: &str = "ka-test-conn";
 

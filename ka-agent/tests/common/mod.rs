@@ -47,8 +47,43 @@ impl Agent {
     /// that runs the rest, such as `setpriv` with fewer capabilities), with
     /// `env` added to its environment.
     pub fn start_via(wrapper: &[&str], env: &[(&str, &str)], args: &[&str]) -> Self {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut agent = Self::spawn_via(wrapper, env, addr, args);
+        // Software emulation (`cargo xtask vm-test`) is many times slower.
+        let ready_secs = std::env::var("KA_TEST_READY_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
+        let deadline = Instant::now() + Duration::from_secs(ready_secs);
+        loop {
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("ka-agent exited early with {status}:\n{}", agent.log());
+            }
+            if http_get(addr, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ka-agent not ready in {ready_secs} s:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the agent as [`Agent::start_via`] does, serving on `listen`,
+    /// without waiting for it: for an agent the test cannot reach.
+    pub fn spawn_via(
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+        addr: SocketAddr,
+        args: &[&str],
+    ) -> Self {
+        let port = addr.port();
         let stderr_path =
             std::env::temp_dir().join(format!("ka-agent-test-{}-{port}.log", std::process::id()));
         let stderr = std::fs::File::create(&stderr_path).expect("log file");
@@ -74,34 +109,10 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .expect("spawn ka-agent");
-        let mut agent = Self {
+        Self {
             child: Some(child),
             addr,
             stderr_path,
-        };
-        // Software emulation (`cargo xtask vm-test`) is many times slower.
-        let ready_secs = std::env::var("KA_TEST_READY_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(30);
-        let deadline = Instant::now() + Duration::from_secs(ready_secs);
-        loop {
-            if let Some(status) = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("ka-agent exited early with {status}:\n{}", agent.log());
-            }
-            if http_get(addr, "/readyz").is_some_and(|(code, _)| code == 200) {
-                return agent;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ka-agent not ready in {ready_secs} s:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

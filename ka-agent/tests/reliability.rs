@@ -1042,7 +1042,7 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
 
 /// An agent whose own connect cannot even send its SYN (here: serving on
 /// every address of a namespace without loopback) cannot check its
-/// process ids, and says so, once; it serves all the same.
+/// process ids, and says so, once; it runs on all the same.
 #[test]
 fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
     const TEST: &str = "an_agent_that_cannot_probe_its_own_process_id_says_so";
@@ -1067,6 +1067,11 @@ fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
     assert_eq!(log.matches(warning).count(), 1, "{log}");
     assert!(log.contains("unreachable"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
+    assert!(log.contains("serving /metrics"), "{log}");
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", agent.pid())).exists(),
+        "{log}"
+    );
 }
 
 /// The name of the thread [`connect_from_a_named_thread`] connects from.

@@ -1068,9 +1068,12 @@ fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
     assert!(log.contains("unreachable"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     assert!(log.contains("serving /metrics"), "{log}");
+    // Alive: not exited, not even unreaped (state Z).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).unwrap_or_default();
     assert!(
-        std::path::Path::new(&format!("/proc/{}", agent.pid())).exists(),
-        "{log}"
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])),
+        "{stat}\n{log}"
     );
 }
 

@@ -451,13 +451,7 @@ impl Stopped {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .all(|task| {
-                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-                        // The state follows the parenthesised name.
-                        stat.rsplit_once(") ")
-                            .is_some_and(|(_, rest)| rest.starts_with(['T', 't']))
-                    })
-                })
+                .all(|task| matches!(run_state(&task.path()), Some('T' | 't')))
         };
         let stopped = Self(pid);
         assert!(
@@ -470,6 +464,13 @@ impl Stopped {
         );
         stopped
     }
+}
+
+/// The run state letter of a process or thread directory in /proc (`R`,
+/// `S`, `T`, `Z`...): it follows the parenthesised name in `stat`.
+fn run_state(dir: &std::path::Path) -> Option<char> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 impl Drop for Stopped {
@@ -991,17 +992,7 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
         "{}",
         agent.log()
     );
-    let port = connect_from_a_named_thread().to_string();
-    let from_thread = [
-        ("comm", CONNECTING_THREAD),
-        ("direction", "outbound"),
-        ("port", port.as_str()),
-    ];
-    let m = agent.wait_metrics(
-        Duration::from_secs(10),
-        "the test's connection named after its thread",
-        |m| m.count("ka_connections_opened_total", &from_thread) == 1,
-    );
+    let m = connect_and_wait_for_the_name(&agent, CONNECTING_THREAD);
     assert_eq!(m.count("ka_own_pid_namespace", &[]), 1, "{}", m.text);
     agent.kill_hard();
 
@@ -1016,18 +1007,8 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
     assert!(!agent.log().contains(WARNING), "{}", agent.log());
     // The same connect, in the host's namespace: named after the process,
     // read from /proc, not after the thread.
-    let port = connect_from_a_named_thread().to_string();
     let process = std::fs::read_to_string("/proc/self/comm").unwrap();
-    let from_process = [
-        ("comm", process.trim_end()),
-        ("direction", "outbound"),
-        ("port", port.as_str()),
-    ];
-    let m = agent.wait_metrics(
-        Duration::from_secs(10),
-        "the test's connection named after its process",
-        |m| m.count("ka_connections_opened_total", &from_process) == 1,
-    );
+    let m = connect_and_wait_for_the_name(&agent, process.trim_end());
     assert!(
         !m.has_series(
             "ka_connections_opened_total",
@@ -1069,16 +1050,31 @@ fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
     assert!(!log.contains("ERROR"), "{log}");
     assert!(log.contains("serving /metrics"), "{log}");
     // Alive: not exited, not even unreaped (state Z).
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).unwrap_or_default();
+    let state = run_state(std::path::Path::new(&format!("/proc/{}", agent.pid())));
     assert!(
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])),
-        "{stat}\n{log}"
+        state.is_some_and(|state| !matches!(state, 'Z' | 'X')),
+        "{state:?}\n{log}"
     );
 }
 
 /// The name of the thread [`connect_from_a_named_thread`] connects from.
 const CONNECTING_THREAD: &str = "ka-test-conn";
+
+/// Connects from [`CONNECTING_THREAD`] and waits until `agent` counts that
+/// one connection opened under the name `comm`.
+fn connect_and_wait_for_the_name(agent: &Agent, comm: &str) -> common::Metrics {
+    let port = connect_from_a_named_thread().to_string();
+    let opened = [
+        ("comm", comm),
+        ("direction", "outbound"),
+        ("port", port.as_str()),
+    ];
+    agent.wait_metrics(
+        Duration::from_secs(10),
+        &format!("the test's connection named {comm}"),
+        |m| m.count("ka_connections_opened_total", &opened) == 1,
+    )
+}
 
 /// Connects once to a listener of its own, from a thread of its own name
 /// (the test's scrapes connect from other threads); returns the port.

@@ -524,13 +524,7 @@ fn the_connections_of_a_namespace_deleted_unseen_are_closed() {
     // close its record first, as a reused address (the likely cause of a
     // failure under load, where no record was found gone).
     let gone = "network namespaces gone: their remaining connections closed";
-    assert!(
-        ka_lab::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
-            agent.log().contains(gone)
-        }),
-        "{}",
-        agent.log()
-    );
+    agent.wait_log(Duration::from_secs(30), gone);
     let m = agent.wait_metrics_explained(
         Duration::from_secs(30),
         "no record of the deleted namespace left",
@@ -985,24 +979,15 @@ fn an_agent_in_a_pid_namespace_of_its_own_says_so_and_names_threads() {
         &[],
         &[],
     );
-    assert!(
-        ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-            agent.log().contains(WARNING)
-        }),
-        "{}",
-        agent.log()
-    );
+    agent.wait_log(Duration::from_secs(10), WARNING);
     let m = connect_and_wait_for_the_name(&agent, CONNECTING_THREAD);
     assert_eq!(m.count("ka_own_pid_namespace", &[]), 1, "{}", m.text);
     agent.kill_hard();
 
     let agent = Agent::start(&[]);
-    assert!(
-        ka_lab::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-            agent.log().contains("the kernel's process ids are /proc's")
-        }),
-        "{}",
-        agent.log()
+    agent.wait_log(
+        Duration::from_secs(10),
+        "the kernel's process ids are /proc's",
     );
     assert!(!agent.log().contains(WARNING), "{}", agent.log());
     // The same connect, in the host's namespace: named after the process,
@@ -1037,13 +1022,7 @@ fn an_agent_that_cannot_probe_its_own_process_id_says_so() {
     let listen: SocketAddr = "0.0.0.0:9464".parse().unwrap();
     let agent = Agent::spawn_via(&["ip", "netns", "exec", ns.name()], &[], listen, &[]);
     let warning = "the probe of the agent's own process id could not connect";
-    assert!(
-        ka_lab::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
-            agent.log().contains(warning)
-        }),
-        "{}",
-        agent.log()
-    );
+    agent.wait_log(Duration::from_secs(30), warning);
     let log = agent.log();
     assert_eq!(log.matches(warning).count(), 1, "{log}");
     assert!(log.contains("unreachable"), "{log}");

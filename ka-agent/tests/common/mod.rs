@@ -132,6 +132,18 @@ impl Agent {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Waits (bounded) until the agent's log contains `text`; fails with
+    /// the log otherwise.
+    pub fn wait_log(&self, timeout: Duration, text: &str) {
+        assert!(
+            ka_lab::wait_until(timeout, Duration::from_millis(100), || self
+                .log()
+                .contains(text)),
+            "timed out waiting for {text:?} in the log:\n{}",
+            self.log()
+        );
+    }
+
     pub fn metrics(&self) -> Metrics {
         let (code, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
         assert_eq!(code, 200, "{body}");

@@ -21,6 +21,7 @@ const BPF_CRATE: &str = "ka-ebpf";
 pub fn test(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::setup(true)?;
+    warn_when_disk_is_short();
     let mut test_command = cmd::cargo();
     test_command.args(["test", "--no-fail-fast"]);
     if !selects_packages(args) {
@@ -128,6 +129,38 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("{failed} step(s) failed");
     }
     Ok(())
+}
+
+/// What a whole run from a fresh clone leaves under `target/`, measured
+/// (about 3.5 GiB), with a margin.
+const DISK_A_RUN_NEEDS: u64 = 5 << 30;
+
+/// Says so up front when `target/`'s file system has less room than a whole
+/// run needs: a build that runs out of space fails late, in the middle of a
+/// step, with an error that names no cause in this project.
+fn warn_when_disk_is_short() {
+    let target = cmd::root().join("target");
+    let directory = if target.exists() { target } else { cmd::root() };
+    let Ok(path) = std::ffi::CString::new(directory.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stats` a writable
+    // `statvfs` that outlives the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &raw mut stats) } != 0 {
+        return;
+    }
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if free < DISK_A_RUN_NEEDS {
+        eprintln!(
+            "xtask: WARNING: {} MiB free under {}; a whole run from a fresh clone needs \
+             about {} GiB: steps may fail with `No space left on device`",
+            free >> 20,
+            directory.display(),
+            DISK_A_RUN_NEEDS >> 30,
+        );
+    }
 }
 
 /// `cargo xtask demo --ci` in a process of its own (its own Ctrl-C

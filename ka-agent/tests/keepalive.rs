@@ -82,7 +82,8 @@ fn dead_peer_keepalive(tag: &str, addr: &str) {
     assert_eq!(
         m.count("ka_keepalive_probes_total", &[("netns", &cn)]),
         probes,
-        "{}",
+        "{}\n{}",
+        common::losses(&m),
         m.text
     );
     assert_eq!(
@@ -299,7 +300,10 @@ fn agent_started_late_still_classifies_the_death() {
     );
     assert_eq!(
         m.count("ka_keepalive_probes_total", &[("netns", &cn)]) - counted_before,
-        after["TcpExt.TCPKeepAlive"] - probes_before
+        after["TcpExt.TCPKeepAlive"] - probes_before,
+        "probes since the baseline (agent {counted_before}, kernel {probes_before}); {}\n{}",
+        common::losses(&m),
+        agent.log()
     );
     assert_eq!(
         timeout_deaths(&m, &cn),

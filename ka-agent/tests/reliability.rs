@@ -178,7 +178,9 @@ fn sigkill_leaves_nothing_and_a_new_agent_takes_over() {
     );
     assert_eq!(
         m.count("ka_keepalive_probes_total", &[("netns", &cn)]) - counted_before,
-        client.counters()["TcpExt.TCPKeepAlive"] - probes_before
+        client.counters()["TcpExt.TCPKeepAlive"] - probes_before,
+        "probes since the baseline (agent {counted_before}, kernel {probes_before}); {}",
+        common::losses(&m)
     );
 }
 

@@ -290,6 +290,28 @@ pub fn wait_api(
     }
 }
 
+/// Every count of events the agent did not get that is not zero (lost on
+/// the ring, never read, program runs the kernel skipped), one per line:
+/// what to know first when the agent's count disagrees with the kernel's.
+pub fn losses(m: &Metrics) -> String {
+    const LOSSES: [&str; 3] = [
+        "ka_events_lost_total",
+        "ka_events_unreceived_total",
+        "ka_program_misses_total",
+    ];
+    let nonzero: Vec<String> = LOSSES
+        .iter()
+        .flat_map(|name| m.matching(name, &[]))
+        .filter(|sample| sample.value != 0.0)
+        .map(|sample| format!("{} {:?} {}", sample.name, sample.labels, sample.value))
+        .collect();
+    if nonzero.is_empty() {
+        "the agent counted no lost event and no skipped program run".to_owned()
+    } else {
+        format!("the agent's losses:\n{}", nonzero.join("\n"))
+    }
+}
+
 /// The kernel's counter `key` in `ns` and the agent's `metric` for that
 /// namespace, read at one quiet moment (no change of the kernel counter
 /// while the agent was scraped): the baseline of an exact comparison.

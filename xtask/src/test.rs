@@ -142,26 +142,31 @@ const DISK_A_RUN_NEEDS: u64 = 5 << 30;
 fn warn_when_disk_is_short() {
     let target = cmd::root().join("target");
     let directory = if target.exists() { target } else { cmd::root() };
-    let Ok(path) = std::ffi::CString::new(directory.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `stats` a writable
-    // `statvfs` that outlives the call.
-    if unsafe { libc::statvfs(path.as_ptr(), &raw mut stats) } != 0 {
-        return;
+    match rustix::fs::statvfs(&directory) {
+        Ok(stats) => {
+            let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+            if let Some(warning) = disk_warning(free, &directory) {
+                eprintln!("{warning}");
+            }
+        }
+        Err(error) => eprintln!(
+            "xtask: WARNING: cannot read the free space under {}: {error}",
+            directory.display()
+        ),
     }
-    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
-    if free < DISK_A_RUN_NEEDS {
-        eprintln!(
+}
+
+/// The warning for `free` bytes under `directory`, if they are too few.
+fn disk_warning(free: u64, directory: &std::path::Path) -> Option<String> {
+    (free < DISK_A_RUN_NEEDS).then(|| {
+        format!(
             "xtask: WARNING: {} MiB free under {}; a whole run from a fresh clone needs \
              about {} GiB: steps may fail with `No space left on device`",
             free >> 20,
             directory.display(),
             DISK_A_RUN_NEEDS >> 30,
-        );
-    }
+        )
+    })
 }
 
 /// `cargo xtask demo --ci` in a process of its own (its own Ctrl-C
@@ -252,7 +257,9 @@ fn shown(command: &Command) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::selects_packages;
+    use std::path::Path;
+
+    use super::{DISK_A_RUN_NEEDS, disk_warning, selects_packages};
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(ToString::to_string).collect()
@@ -271,5 +278,21 @@ mod tests {
             "--nocapture"
         ])));
         assert!(!selects_packages(&[]));
+    }
+
+    #[test]
+    fn too_little_disk_is_one_warning_naming_the_need() {
+        let target = Path::new("/r/target");
+        let warning = disk_warning(300 << 20, target).expect("a warning");
+        assert!(warning.starts_with("xtask: WARNING: 300 MiB free under /r/target;"));
+        assert!(warning.contains("about 5 GiB"));
+        assert!(!warning.contains('\n'));
+        assert_eq!(disk_warning(DISK_A_RUN_NEEDS, target), None);
+    }
+
+    #[test]
+    fn the_free_space_of_this_checkout_can_be_read() {
+        let stats = rustix::fs::statvfs(crate::cmd::root()).expect("statvfs");
+        assert!(stats.f_frsize > 0 && stats.f_blocks > 0);
     }
 }

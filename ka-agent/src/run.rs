@@ -227,6 +227,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let mut gauges = GaugeState::default();
     let mut kernel_counts = KernelCounts::default();
     let mut evictions_seen = 0u64;
+    let mut expiries_unseen_seen = 0u64;
     let mut dead_held_unwatched_seen = 0u64;
     let mut tick_count = 0u64;
     let mut program_stats = ProgramStats::default();
@@ -262,6 +263,11 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 let _ = drain(ring.get_mut(), &mut tracker, &metrics, &mut delivery);
                 let now = monotonic_ns();
                 tracker.sweep(now);
+                if tracker.take_overdue_timers() > 0 {
+                    // An expiry went unseen, perhaps a death: only a dump
+                    // tells now.
+                    inventory.request_now();
+                }
                 tracker.flush_observations(|batch| metrics.apply_all(batch));
                 kernel_counts.update(&stats, &metrics);
                 #[expect(clippy::cast_precision_loss, reason = "ring sizes are far below 2^52")]
@@ -270,6 +276,10 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 );
                 metrics.evictions.inc_by(tracker.evictions().saturating_sub(evictions_seen));
                 evictions_seen = tracker.evictions();
+                metrics.keepalive_expiries_unseen.inc_by(
+                    tracker.keepalive_expiries_unseen().saturating_sub(expiries_unseen_seen),
+                );
+                expiries_unseen_seen = tracker.keepalive_expiries_unseen();
                 metrics
                     .dead_held_unwatched
                     .inc_by(tracker.dead_held_unwatched().saturating_sub(dead_held_unwatched_seen));

@@ -82,9 +82,10 @@ fn dead_peer_keepalive(tag: &str, addr: &str) {
     assert_eq!(
         m.count("ka_keepalive_probes_total", &[("netns", &cn)]),
         probes,
-        "{}\n{}",
+        "{}\n{}\n--- log ---\n{}",
         common::losses(&m),
-        m.text
+        m.text,
+        agent.log()
     );
     assert_eq!(
         timeout_deaths(&m, &cn),

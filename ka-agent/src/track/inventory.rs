@@ -825,6 +825,64 @@ mod tests {
             .collect()
     }
 
+    /// Seen in the test suite: the last probe's re-arm was the last event
+    /// the agent got for a connection; the kernel killed it at the next
+    /// expiry, and no event of that (expiry, reset, error, CLOSE) came.
+    /// Found gone after that expiry was due, it died of keepalive.
+    #[test]
+    fn a_connection_gone_after_its_last_probe_went_unanswered_died_of_keepalive() {
+        use ka_common::{EventKind, KeepaliveArmedEvent, SNAP_KEEPALIVE_ON, SockSnapshot};
+        const S: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let jiffies = 250;
+        tracker.handle(&crate::decode::Event::KeepaliveArmed(KeepaliveArmedEvent {
+            header: crate::track::fixtures::header(EventKind::KeepaliveArmed, S),
+            sock: SockSnapshot {
+                flags: SNAP_KEEPALIVE_ON,
+                keepalive_probes: 3,
+                keepalive_intvl: 250,
+                probes_out: 3,
+                jiffies,
+                ..crate::track::fixtures::socket(9000, ka_common::tcp_state::ESTABLISHED)
+            },
+            expires: jiffies + 250,
+        }));
+        let _ = tracker.drain_observations();
+        let report = tracker.reconcile(&update(vec![], 3 * S));
+        assert_eq!(report.vanished, 1);
+        assert_eq!(
+            closes(&mut tracker),
+            [crate::model::CloseCause::KeepaliveTimeout]
+        );
+        assert_eq!(tracker.keepalive_expiries_unseen(), 1);
+    }
+
+    /// Found gone before its timer was due: nothing says how it ended.
+    #[test]
+    fn a_connection_gone_before_its_last_expiry_was_due_is_not_called_a_keepalive_death() {
+        use ka_common::{EventKind, KeepaliveArmedEvent, SNAP_KEEPALIVE_ON, SockSnapshot};
+        const S: u64 = 1_000_000_000;
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let jiffies = 250;
+        tracker.handle(&crate::decode::Event::KeepaliveArmed(KeepaliveArmedEvent {
+            header: crate::track::fixtures::header(EventKind::KeepaliveArmed, S),
+            sock: SockSnapshot {
+                flags: SNAP_KEEPALIVE_ON,
+                keepalive_probes: 3,
+                keepalive_intvl: 2500,
+                probes_out: 3,
+                jiffies,
+                ..crate::track::fixtures::socket(9000, ka_common::tcp_state::ESTABLISHED)
+            },
+            expires: jiffies + 2500,
+        }));
+        let _ = tracker.drain_observations();
+        let report = tracker.reconcile(&update(vec![], 3 * S));
+        assert_eq!(report.vanished, 1);
+        assert_eq!(closes(&mut tracker), [crate::model::CloseCause::Other]);
+        assert_eq!(tracker.keepalive_expiries_unseen(), 0);
+    }
+
     /// A namespace deleted after its connections' closes were lost: no
     /// dump of it will find them gone, so the records of a namespace two
     /// inventories in a row miss are closed, as `other`.

@@ -5,7 +5,7 @@
 
 use ka_common::KeepaliveArmedEvent;
 
-use super::{Observation, Tracker};
+use super::{ArmedTimer, Observation, Tracker};
 
 impl Tracker {
     pub(super) fn on_keepalive_armed(&mut self, event: &KeepaliveArmedEvent) {
@@ -21,6 +21,21 @@ impl Tracker {
         #[expect(clippy::cast_precision_loss, reason = "jiffies deltas are small")]
         let armed_in = event.expires.wrapping_sub(event.sock.jiffies).cast_signed() as f64 / hz;
         ka.armed_in_secs = Some(armed_in);
+        // The classic tracepoint's record may lack the expiry (0).
+        conn.armed_timer = (event.expires != 0 && armed_in >= 0.0).then(|| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a non-negative delay in seconds, far below 2^64 ns"
+            )]
+            let delay_ns = (armed_in * 1e9) as u64;
+            ArmedTimer {
+                due_ns: event.header.ktime_ns.saturating_add(delay_ns),
+                delay_ns,
+                probes_out,
+                overdue: false,
+            }
+        });
         if probe_sent {
             ka.probes_sent += 1;
             ka.probe_outstanding = true;

@@ -309,6 +309,22 @@ struct PendingFire {
     probes_out: u8,
 }
 
+/// The keepalive timer as last armed, seen by `timer_start`: when it is
+/// due, and what the next expiry's lateness says (see
+/// `keepalive_fired::unseen_expiry_probes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ArmedTimer {
+    /// Monotonic time the timer is due.
+    due_ns: u64,
+    /// How far ahead it was armed.
+    delay_ns: u64,
+    /// `icsk_probes_out` when it was armed.
+    probes_out: u8,
+    /// A sweep found it a whole interval overdue and asked for an
+    /// inventory.
+    overdue: bool,
+}
+
 /// One tracked connection.
 #[derive(Clone, Debug, Serialize)]
 pub struct Connection {
@@ -367,6 +383,8 @@ pub struct Connection {
     pending_fire: Option<PendingFire>,
     #[serde(skip)]
     last_fire: Option<(u16, u64)>,
+    #[serde(skip)]
+    armed_timer: Option<ArmedTimer>,
     #[serde(skip)]
     close_wait_counted: bool,
     #[serde(skip)]
@@ -479,6 +497,7 @@ impl Connection {
             reset_sent: None,
             pending_fire: None,
             last_fire: None,
+            armed_timer: None,
             close_wait_counted: false,
             name_source: NameSource::Owner,
             peer_label: PeerLabel::None,
@@ -521,6 +540,12 @@ pub struct Tracker {
     connections: hashbrown::HashMap<u64, Box<Connection>>,
     observations: Vec<Observation>,
     evictions: u64,
+    /// Keepalive timer expiries the kernel made and no program reported
+    /// (see `keepalive_fired`).
+    keepalive_expiries_unseen: u64,
+    /// Keepalive timers found a whole interval overdue since the last
+    /// [`Tracker::take_overdue_timers`].
+    overdue_timers: usize,
     /// The last [`RECENTLY_CLOSED`] normal closes, and apart from them the
     /// last as many of every other cause: on a busy host normal churn
     /// would push a dead peer out within seconds.
@@ -544,6 +569,8 @@ impl Tracker {
             connections: hashbrown::HashMap::new(),
             observations: Vec::new(),
             evictions: 0,
+            keepalive_expiries_unseen: 0,
+            overdue_timers: 0,
             recently_closed: std::collections::VecDeque::new(),
             recently_closed_abnormally: std::collections::VecDeque::new(),
             closing: hashbrown::HashMap::new(),
@@ -639,7 +666,20 @@ impl Tracker {
         self.evictions
     }
 
-    /// Periodic work: `CLOSE_WAIT` leaks, closes waiting for a verdict.
+    /// Keepalive timer expiries the kernel made that no program reported.
+    pub fn keepalive_expiries_unseen(&self) -> u64 {
+        self.keepalive_expiries_unseen
+    }
+
+    /// How many keepalive timers the sweeps found a whole interval overdue
+    /// since the last call: their expiry went unseen, and with it perhaps
+    /// the connection's death, which only an inventory can tell now.
+    pub fn take_overdue_timers(&mut self) -> usize {
+        std::mem::take(&mut self.overdue_timers)
+    }
+
+    /// Periodic work: `CLOSE_WAIT` leaks, closes waiting for a verdict,
+    /// keepalive timers overdue.
     pub fn sweep(&mut self, now_ns: u64) {
         self.settle_closes(now_ns);
         self.forget_old_closes(now_ns);
@@ -648,6 +688,13 @@ impl Tracker {
             .close_wait_leak_secs
             .saturating_mul(1_000_000_000);
         for conn in self.connections.values_mut() {
+            if let Some(timer) = conn.armed_timer.as_mut()
+                && !timer.overdue
+                && keepalive_fired::overdue(timer, conn.keepalive.interval_secs, now_ns)
+            {
+                timer.overdue = true;
+                self.overdue_timers += 1;
+            }
             if conn.state == TcpState::CloseWait
                 && !conn.close_wait_counted
                 && conn.state_since_ns != 0
@@ -812,6 +859,10 @@ fn refresh(conn: &mut Connection, snap: &SockSnapshot, ktime_ns: u64, hz: u32) -
     ka.interval_from_socket = snap.flags & SNAP_INTVL_FROM_SOCKET != 0;
     ka.probes_from_socket = snap.flags & SNAP_CNT_FROM_SOCKET != 0;
     ka.user_timeout_ms = snap.user_timeout_ms;
+    if !ka.enabled {
+        // `SO_KEEPALIVE` off deletes the timer, unseen.
+        conn.armed_timer = None;
+    }
     conn.soft_error = snap.sk_err_soft;
     #[expect(clippy::cast_possible_truncation, reason = "jiffies64 low bits")]
     let now = snap.jiffies as u32;

@@ -188,7 +188,20 @@ impl Tracker {
             found,
             "connection gone without its close event: closed from its record"
         );
-        let evidence = self.evidence_of(&conn);
+        let mut evidence = self.evidence_of(&conn);
+        if let Some(timer) = conn.armed_timer.filter(|timer| {
+            closed_at_ns >= timer.due_ns && super::keepalive_fired::kills(timer, &conn.keepalive)
+        }) {
+            // Its keepalive timer was due with the last probe unanswered
+            // before the socket was found gone: that expiry, unseen too,
+            // ended it (`tcp_write_err`, ETIMEDOUT unless a soft error).
+            self.keepalive_expiries_unseen += 1;
+            evidence.in_keepalive_timer = true;
+            if evidence.sk_err == 0 {
+                evidence.sk_err = libc::ETIMEDOUT;
+            }
+            evidence.probes_out = evidence.probes_out.max(timer.probes_out);
+        }
         self.conclude(conn, &evidence, closed_at_ns);
     }
 

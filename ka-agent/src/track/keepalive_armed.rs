@@ -32,6 +32,8 @@ impl Tracker {
             ArmedTimer {
                 due_ns: event.header.ktime_ns.saturating_add(delay_ns),
                 delay_ns,
+                #[expect(clippy::cast_possible_truncation, reason = "jiffies64 low bits")]
+                due_jiffies: event.expires as u32,
                 probes_out,
                 overdue: false,
             }

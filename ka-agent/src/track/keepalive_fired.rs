@@ -32,7 +32,8 @@ impl Tracker {
         let ka = &mut conn.keepalive;
         let mut probes_found = u64::from(missed_probe);
         if let Some(timer) = unseen {
-            let (sent, answered) = unseen_expiry_probes(&timer, probes_out);
+            let (sent, answered) =
+                unseen_expiry_probes(&timer, probes_out, answered_since_due(&timer, &event.sock));
             probes_found += u64::from(sent);
             if answered && ka.probe_outstanding {
                 ka.probes_answered += 1;
@@ -109,15 +110,34 @@ pub(super) fn overdue(timer: &ArmedTimer, interval_secs: f64, now_ns: u64) -> bo
     now_ns.saturating_sub(timer.due_ns) >= late_bound_ns(timer, interval_secs) + 1_000_000_000
 }
 
-/// What the unseen expiries since `timer` was armed did, from the count of
-/// unanswered probes now: the probes they sent, and whether the peer
-/// answered in between. Only the handler raises the count, one per probe;
-/// only an acceptable ACK lowers it, to zero. A count above the armed one
-/// is that many probes more (any answer before them is not told); a count
-/// not above it was reset by an answer, and is the probes sent since.
-pub(super) fn unseen_expiry_probes(timer: &ArmedTimer, probes_out: u8) -> (u8, bool) {
+/// Whether the socket received an ACK without data since `timer` was due,
+/// and sent no data since: the answer to a probe sent then (an answer
+/// moves `rcv_tstamp` only; data received moves `lrcvtime` too, and an ACK
+/// of data sent is no answer).
+fn answered_since_due(timer: &ArmedTimer, snap: &ka_common::SockSnapshot) -> bool {
+    let since_due = |jiffy: u32| jiffy.wrapping_sub(timer.due_jiffies).cast_signed() >= 0;
+    since_due(snap.rcv_tstamp) && !since_due(snap.lrcvtime) && !since_due(snap.lsndtime)
+}
+
+/// What the unseen expiries since `timer` was armed did: the probes they
+/// sent, and whether the peer answered one armed before. Only the
+/// handler raises the count of unanswered probes, one per probe; only an
+/// acceptable ACK lowers it, to zero.
+/// - A count above the armed one is that many probes more (any answer
+///   before them is not told).
+/// - Else an answer reset it. One that came after the timer was due
+///   (`answered_since_due`) answered a probe sent then, and the count is
+///   the probes sent since; one that came before answered the armed
+///   probes, and the count is the probes sent since.
+pub(super) fn unseen_expiry_probes(
+    timer: &ArmedTimer,
+    probes_out: u8,
+    answered_since_due: bool,
+) -> (u8, bool) {
     if probes_out > timer.probes_out {
         (probes_out - timer.probes_out, false)
+    } else if answered_since_due {
+        (probes_out.saturating_add(1), timer.probes_out > 0)
     } else {
         (probes_out, timer.probes_out > 0)
     }
@@ -301,17 +321,60 @@ mod tests {
         let armed_with = |probes_out| ArmedTimer {
             due_ns: 0,
             delay_ns: SECOND,
+            due_jiffies: 0,
             probes_out,
             overdue: false,
         };
         // No answer: the count rose by the probes sent.
-        assert_eq!(unseen_expiry_probes(&armed_with(1), 3), (2, false));
-        assert_eq!(unseen_expiry_probes(&armed_with(0), 1), (1, false));
-        // An answer reset it: what it shows was sent since.
-        assert_eq!(unseen_expiry_probes(&armed_with(2), 1), (1, true));
-        assert_eq!(unseen_expiry_probes(&armed_with(1), 0), (0, true));
+        assert_eq!(unseen_expiry_probes(&armed_with(1), 3, false), (2, false));
+        assert_eq!(unseen_expiry_probes(&armed_with(0), 1, false), (1, false));
+        // An answer before the timer was due reset it: what it shows was
+        // sent since.
+        assert_eq!(unseen_expiry_probes(&armed_with(2), 1, false), (1, true));
+        assert_eq!(unseen_expiry_probes(&armed_with(1), 0, false), (0, true));
         // Re-armed without a probe (recent traffic), nothing outstanding.
-        assert_eq!(unseen_expiry_probes(&armed_with(0), 0), (0, false));
+        assert_eq!(unseen_expiry_probes(&armed_with(0), 0, false), (0, false));
+        // An answer after it was due: the expiry then sent a probe.
+        assert_eq!(unseen_expiry_probes(&armed_with(0), 0, true), (1, false));
+        assert_eq!(unseen_expiry_probes(&armed_with(1), 1, true), (2, true));
+    }
+
+    /// Seen in the test suite once the agent looked for unseen expiries:
+    /// the unseen one sent the first probe and the peer answered it, so
+    /// the next expiry found no probe unanswered. The answer moved the
+    /// socket's last ACK past the due time; no data came or went.
+    #[test]
+    fn an_unseen_expiry_whose_probe_was_answered_is_found_from_the_ack() {
+        let answered_at = |probes_out, ktime_ns, ack_ns: u64| {
+            Event::KeepaliveFired(KeepaliveFiredEvent {
+                header: header(EventKind::KeepaliveFired, ktime_ns),
+                sock: SockSnapshot {
+                    #[expect(clippy::cast_possible_truncation, reason = "small test jiffies")]
+                    rcv_tstamp: (ack_ns / JIFFY_NS) as u32,
+                    ..idle_socket(probes_out)
+                },
+            })
+        };
+        let events = [
+            armed_for(0, SECOND, 1000),
+            // Unseen: fired(0) and armed(1) at 2 s, the answer at 2.001 s.
+            answered_at(0, 3 * SECOND, 2 * SECOND + 1_000_000),
+        ];
+        let (tracker, probes) = track(&events);
+        assert_eq!((probes, tracker.keepalive_expiries_unseen()), (1, 1));
+        let ka = &tracker.connection(0xA).unwrap().keepalive;
+        assert_eq!((ka.probes_sent, ka.probes_answered), (1, 1));
+        // Data received since: that re-armed the timer, no probe needed.
+        let with_data = Event::KeepaliveFired(KeepaliveFiredEvent {
+            header: header(EventKind::KeepaliveFired, 3 * SECOND),
+            sock: SockSnapshot {
+                rcv_tstamp: 500,
+                lrcvtime: 500,
+                ..idle_socket(0)
+            },
+        });
+        let (tracker, probes) = track(&[armed_for(0, SECOND, 1000), with_data]);
+        assert_eq!((probes, tracker.keepalive_expiries_unseen()), (0, 1));
     }
 
     /// Three quarters of an interval and a second past due, a sweep asks

@@ -318,6 +318,8 @@ struct ArmedTimer {
     due_ns: u64,
     /// How far ahead it was armed.
     delay_ns: u64,
+    /// The jiffy it is due (low 32 bits, as the socket keeps its times).
+    due_jiffies: u32,
     /// `icsk_probes_out` when it was armed.
     probes_out: u8,
     /// A sweep found it a whole interval overdue and asked for an

@@ -825,30 +825,37 @@ mod tests {
             .collect()
     }
 
+    /// A tracker that saw a connection's keepalive timer re-armed at 1 s,
+    /// `interval` jiffies ahead (250 a second), after its third and last
+    /// probe; then nothing more of it.
+    fn last_probe_armed(interval: u32) -> Tracker {
+        use ka_common::{EventKind, KeepaliveArmedEvent, SNAP_KEEPALIVE_ON, SockSnapshot};
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let jiffies = 250;
+        tracker.handle(&crate::decode::Event::KeepaliveArmed(KeepaliveArmedEvent {
+            header: crate::track::fixtures::header(EventKind::KeepaliveArmed, 1_000_000_000),
+            sock: SockSnapshot {
+                flags: SNAP_KEEPALIVE_ON,
+                keepalive_probes: 3,
+                keepalive_intvl: interval,
+                probes_out: 3,
+                jiffies,
+                ..crate::track::fixtures::socket(9000, ka_common::tcp_state::ESTABLISHED)
+            },
+            expires: jiffies + u64::from(interval),
+        }));
+        let _ = tracker.drain_observations();
+        tracker
+    }
+
     /// Seen in the test suite: the last probe's re-arm was the last event
     /// the agent got for a connection; the kernel killed it at the next
     /// expiry, and no event of that (expiry, reset, error, CLOSE) came.
     /// Found gone after that expiry was due, it died of keepalive.
     #[test]
     fn a_connection_gone_after_its_last_probe_went_unanswered_died_of_keepalive() {
-        use ka_common::{EventKind, KeepaliveArmedEvent, SNAP_KEEPALIVE_ON, SockSnapshot};
-        const S: u64 = 1_000_000_000;
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let jiffies = 250;
-        tracker.handle(&crate::decode::Event::KeepaliveArmed(KeepaliveArmedEvent {
-            header: crate::track::fixtures::header(EventKind::KeepaliveArmed, S),
-            sock: SockSnapshot {
-                flags: SNAP_KEEPALIVE_ON,
-                keepalive_probes: 3,
-                keepalive_intvl: 250,
-                probes_out: 3,
-                jiffies,
-                ..crate::track::fixtures::socket(9000, ka_common::tcp_state::ESTABLISHED)
-            },
-            expires: jiffies + 250,
-        }));
-        let _ = tracker.drain_observations();
-        let report = tracker.reconcile(&update(vec![], 3 * S));
+        let mut tracker = last_probe_armed(250);
+        let report = tracker.reconcile(&update(vec![], 3_000_000_000));
         assert_eq!(report.vanished, 1);
         assert_eq!(
             closes(&mut tracker),
@@ -860,24 +867,8 @@ mod tests {
     /// Found gone before its timer was due: nothing says how it ended.
     #[test]
     fn a_connection_gone_before_its_last_expiry_was_due_is_not_called_a_keepalive_death() {
-        use ka_common::{EventKind, KeepaliveArmedEvent, SNAP_KEEPALIVE_ON, SockSnapshot};
-        const S: u64 = 1_000_000_000;
-        let mut tracker = Tracker::new(TrackerConfig::default());
-        let jiffies = 250;
-        tracker.handle(&crate::decode::Event::KeepaliveArmed(KeepaliveArmedEvent {
-            header: crate::track::fixtures::header(EventKind::KeepaliveArmed, S),
-            sock: SockSnapshot {
-                flags: SNAP_KEEPALIVE_ON,
-                keepalive_probes: 3,
-                keepalive_intvl: 2500,
-                probes_out: 3,
-                jiffies,
-                ..crate::track::fixtures::socket(9000, ka_common::tcp_state::ESTABLISHED)
-            },
-            expires: jiffies + 2500,
-        }));
-        let _ = tracker.drain_observations();
-        let report = tracker.reconcile(&update(vec![], 3 * S));
+        let mut tracker = last_probe_armed(2500);
+        let report = tracker.reconcile(&update(vec![], 3_000_000_000));
         assert_eq!(report.vanished, 1);
         assert_eq!(closes(&mut tracker), [crate::model::CloseCause::Other]);
         assert_eq!(tracker.keepalive_expiries_unseen(), 0);

@@ -99,7 +99,7 @@ fn late_bound_ns(timer: &ArmedTimer, interval_secs: f64) -> u64 {
 
 /// Whether an expiry at `at_ns` of `timer` shows that an earlier one went
 /// unseen.
-pub(super) fn missed_expiry(timer: &ArmedTimer, interval_secs: f64, at_ns: u64) -> bool {
+fn missed_expiry(timer: &ArmedTimer, interval_secs: f64, at_ns: u64) -> bool {
     at_ns.saturating_sub(timer.due_ns) >= late_bound_ns(timer, interval_secs)
 }
 
@@ -129,7 +129,7 @@ fn answered_since_due(timer: &ArmedTimer, snap: &ka_common::SockSnapshot) -> boo
 ///   (`answered_since_due`) answered a probe sent then, and the count is
 ///   the probes sent since; one that came before answered the armed
 ///   probes, and the count is the probes sent since.
-pub(super) fn unseen_expiry_probes(
+fn unseen_expiry_probes(
     timer: &ArmedTimer,
     probes_out: u8,
     answered_since_due: bool,

@@ -319,7 +319,8 @@ pub fn wait_api(
 }
 
 /// Every count of events the agent did not get that is not zero (lost on
-/// the ring, never read, program runs the kernel skipped), one per line:
+/// the ring, never read, program runs the kernel skipped, keepalive
+/// expiries the kernel reported to no program), one per line:
 /// what to know first when the agent's count disagrees with the kernel's.
 pub fn losses(m: &Metrics) -> String {
     const LOSSES: [&str; 4] = [
@@ -335,7 +336,7 @@ pub fn losses(m: &Metrics) -> String {
         .map(|sample| format!("{} {:?} {}", sample.name, sample.labels, sample.value))
         .collect();
     if nonzero.is_empty() {
-        "the agent counted no lost event and no skipped program run".to_owned()
+        "the agent counted no lost event, no skipped program run and no unseen expiry".to_owned()
     } else {
         format!("the agent's losses:\n{}", nonzero.join("\n"))
     }
